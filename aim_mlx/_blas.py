@@ -51,11 +51,12 @@ def _unprefixed_copy() -> Path:
         lib, rename_map = Path(tmp) / dst.name, Path(tmp) / "rename.txt"
         shutil.copyfile(src, lib)
         symbols = _defined_dynamic_symbols(lib.read_bytes())
-        pairs = [f"{s} {s[len('scipy_'):]}" for s in symbols if s.startswith("scipy_")]
+        pairs = [f"{s} {s[len('scipy_') :]}" for s in symbols if s.startswith("scipy_")]
         rename_map.write_text("\n".join(pairs) + "\n")
         subprocess.run(
             [patchelf, "--rename-dynamic-symbols", str(rename_map), "--set-soname", dst.name, str(lib)],
-            check=True, capture_output=True,
+            check=True,
+            capture_output=True,
         )
         os.replace(lib, dst)  # atomic: a concurrent process sees either nothing or the finished file
     return dst
@@ -65,7 +66,7 @@ def _defined_dynamic_symbols(elf: bytes) -> list[str]:
     """Names in an ELF64 little-endian .dynsym that the library defines (st_shndx != 0)."""
     if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
         raise RuntimeError("not a 64-bit little-endian ELF library")
-    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    (shoff,) = struct.unpack_from("<Q", elf, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", elf, 0x3A)
     sections = [struct.unpack_from("<IIQQQQIIQQ", elf, shoff + i * shentsize) for i in range(shnum)]
     for _, sh_type, _, _, offset, size, link, _, _, entsize in sections:
@@ -76,7 +77,7 @@ def _defined_dynamic_symbols(elf: bytes) -> list[str]:
         for pos in range(offset + entsize, offset + size, entsize):  # entry 0 is the null symbol
             st_name, _, _, st_shndx = struct.unpack_from("<IBBH", elf, pos)
             if st_shndx:
-                names.append(elf[strtab + st_name: elf.index(b"\0", strtab + st_name)].decode())
+                names.append(elf[strtab + st_name : elf.index(b"\0", strtab + st_name)].decode())
         return names
     raise RuntimeError("the library has no dynamic symbol table")
 
@@ -91,7 +92,9 @@ def enable() -> str | None:
         _state["path"] = str(path)
     except Exception as exc:  # never fatal: MLX still works on its reference BLAS, only slower
         _state["error"] = f"{type(exc).__name__}: {exc}"
-        logger.warning("aim-mlx: fast BLAS unavailable, MLX stays on its reference BLAS (%s)", _state["error"])
+        logger.warning(
+            "aim-mlx: fast BLAS unavailable, MLX stays on its reference BLAS (%s)", _state["error"]
+        )
     return _state["path"]
 
 

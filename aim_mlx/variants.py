@@ -1,7 +1,8 @@
 """Every published AIMv2 checkpoint as data: architecture, pinned hub revision, preprocessing, license.
 
 The revisions are the ones Apple's ml-aim pins (aim-v2/aim/v2/utils.py): at those commits the hub repos hold
-Apple's own weight layout; their `main` branches have since moved to the transformers-native layout. Both load.
+Apple's own weight layout; their `main` branches have since moved to the transformers-native layout.
+Both load.
 """
 
 from dataclasses import dataclass
@@ -16,9 +17,18 @@ FAMILIES = {
 
 # ImageNet-1k top-1 with a frozen trunk and attentive probe, from the AIMv2 paper / model cards.
 PUBLISHED_TOP1 = {
-    ("large", 224): 86.6, ("huge", 224): 87.5, ("1B", 224): 88.1, ("3B", 224): 88.5,
-    ("large", 336): 87.6, ("huge", 336): 88.2, ("1B", 336): 88.7, ("3B", 336): 89.2,
-    ("large", 448): 87.9, ("huge", 448): 88.6, ("1B", 448): 89.0, ("3B", 448): 89.5,
+    ("large", 224): 86.6,
+    ("huge", 224): 87.5,
+    ("1B", 224): 88.1,
+    ("3B", 224): 88.5,
+    ("large", 336): 87.6,
+    ("huge", 336): 88.2,
+    ("1B", 336): 88.7,
+    ("3B", 336): 89.2,
+    ("large", 448): 87.9,
+    ("huge", 448): 88.6,
+    ("1B", 448): 89.0,
+    ("3B", 448): 89.5,
 }
 
 PINNED_REVISIONS = {
@@ -48,8 +58,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_PREPROCESSOR = {
     "image_processor_type": "CLIPImageProcessor",
-    "do_resize": True, "resample": 3, "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255,
-    "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True,
+    "do_resize": True,
+    "resample": 3,
+    "do_center_crop": True,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": list(CLIP_MEAN),
+    "image_std": list(CLIP_STD),
+    "do_convert_rgb": True,
 }
 DEFAULT_MODEL = "apple/aimv2-large-patch14-224"
 
@@ -82,8 +99,12 @@ class Variant:
         """The architecture as config.json keys (for building a model when a folder's config is partial)."""
         hidden, heads, mlp, layers = self.dims
         return {
-            "hidden_size": hidden, "num_attention_heads": heads, "intermediate_size": mlp,
-            "num_hidden_layers": layers, "patch_size": 14, "image_size": self.image_size or 224,
+            "hidden_size": hidden,
+            "num_attention_heads": heads,
+            "intermediate_size": mlp,
+            "num_hidden_layers": layers,
+            "patch_size": 14,
+            "image_size": self.image_size or 224,
             "is_native": self.image_size is None,
         }
 
@@ -92,21 +113,31 @@ class Variant:
         if self.image_size is None:  # native: no resize and no crop; see preprocess.native_size
             return {**CLIP_PREPROCESSOR, "do_resize": False, "do_center_crop": False}
         size = self.image_size
-        return {**CLIP_PREPROCESSOR, "size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+        return {
+            **CLIP_PREPROCESSOR,
+            "size": {"shortest_edge": size},
+            "crop_size": {"height": size, "width": size},
+        }
 
 
 def _variant(name: str, revision: str) -> Variant:
     parts = name.split("-")  # aimv2-{family}-patch14-{size}[-distilled|-lit]
     size = parts[3]
     return Variant(
-        repo_id=f"apple/{name}", family=parts[1], image_size=None if size == "native" else int(size),
-        revision=revision, distilled=name.endswith("-distilled"), lit=name.endswith("-lit"),
+        repo_id=f"apple/{name}",
+        family=parts[1],
+        image_size=None if size == "native" else int(size),
+        revision=revision,
+        distilled=name.endswith("-distilled"),
+        lit=name.endswith("-lit"),
     )
 
 
 # The LiT (zero-shot) checkpoint needs the text tower; it joins this table with that support.
 VARIANTS = {
-    f"apple/{name}": _variant(name, rev) for name, rev in PINNED_REVISIONS.items() if not name.endswith("-lit")
+    f"apple/{name}": _variant(name, rev)
+    for name, rev in PINNED_REVISIONS.items()
+    if not name.endswith("-lit")
 }
 
 

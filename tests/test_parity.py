@@ -1,0 +1,94 @@
+"""aim-mlx's encoder against transformers' Aimv2VisionModel: patch embedding, every hidden state, output."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from checkpoints import LARGE, TINY, make_reference, reference_outputs, write_checkpoint
+
+from aim_mlx import weights
+from aim_mlx.config import VisionConfig
+from aim_mlx.models.aimv2 import AIMv2VisionEncoder
+
+
+def rel_err(ours, ref) -> float:
+    return float(np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max())
+
+
+def build_ours(folder, native: bool | None = None) -> AIMv2VisionEncoder:
+    import json
+
+    raw = json.loads((folder / "config.json").read_text())
+    config = VisionConfig.from_dict(raw)
+    state = weights.load_folder(folder)
+    config.is_native = "pos_embed" not in state if native is None else native
+    model = AIMv2VisionEncoder(config)
+    weights.load_into(model, state)
+    return model
+
+
+def assert_parity(model, ref_model, pixels, tol):
+    ref = reference_outputs(ref_model, pixels)
+    x = mx.array(pixels)
+    out = model(x, output_hidden_states=True)
+    assert rel_err(model.patch_embed(x), ref["patch_embed"]) < tol
+    assert len(out.hidden_states) == len(ref["hidden_states"])
+    for i, (ours, theirs) in enumerate(zip(out.hidden_states, ref["hidden_states"], strict=True)):
+        assert rel_err(ours, theirs) < tol, f"hidden state {i}"
+    assert rel_err(out.last_hidden_state, ref["last_hidden_state"]) < tol
+    pooled = ref["last_hidden_state"].mean(axis=1)
+    assert rel_err(model.encode_image(x), pooled) < tol
+
+
+@pytest.mark.parametrize("family", list(TINY))
+@pytest.mark.parametrize("layout", ["hf", "apple", "mlx"])
+def test_tiny_families(tmp_path, family, layout):
+    ref = make_reference(seed=hash(family) % 1000, image_size=56, **TINY[family])
+    model = build_ours(write_checkpoint(ref, tmp_path, layout))
+    pixels = np.random.default_rng(1).standard_normal((2, 56, 56, 3)).astype(np.float32)
+    assert_parity(model, ref, pixels, tol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["hf", "apple"])
+@pytest.mark.parametrize("hw", [(70, 42), (42, 98), (84, 84)])
+def test_native_non_square_grids(tmp_path, layout, hw):
+    ref = make_reference(seed=3, is_native=True, **TINY["large"])
+    model = build_ours(write_checkpoint(ref, tmp_path, layout))
+    assert model.config.is_native and "pos_embed" not in dict(model.parameters())
+    pixels = np.random.default_rng(2).standard_normal((1, *hw, 3)).astype(np.float32)
+    assert_parity(model, ref, pixels, tol=1e-4)
+
+
+def test_conv_floors_trailing_pixels(tmp_path):
+    """Like the reference conv, pixels that fill no whole patch are dropped (native, 75x50 -> 5x3 grid)."""
+    ref = make_reference(seed=4, is_native=True, **TINY["large"])
+    model = build_ours(write_checkpoint(ref, tmp_path, "hf"))
+    pixels = np.random.default_rng(3).standard_normal((1, 75, 50, 3)).astype(np.float32)
+    assert_parity(model, ref, pixels, tol=1e-4)
+
+
+def test_three_layouts_identical(tmp_path):
+    ref = make_reference(seed=5, **TINY["huge"])
+    pixels = mx.array(np.random.default_rng(4).standard_normal((1, 56, 56, 3)).astype(np.float32))
+    outs = [
+        build_ours(write_checkpoint(ref, tmp_path / lay, lay))(pixels).last_hidden_state
+        for lay in ("hf", "apple", "mlx")
+    ]
+    assert all(mx.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_sanitize_is_idempotent(tmp_path):
+    ref = make_reference(seed=6, **TINY["large"])
+    for layout in ("hf", "apple", "mlx"):
+        once = weights.load_folder(write_checkpoint(ref, tmp_path / layout, layout))
+        twice = weights.sanitize(once)
+        assert once.keys() == twice.keys()
+        assert all(mx.array_equal(once[k], twice[k]) for k in once)
+
+
+@pytest.mark.slow
+def test_full_size_large_224(tmp_path):
+    """One real-size AIMv2-L/14-224 (random weights), Apple torch layout, 1e-3 relative."""
+    ref = make_reference(seed=7, image_size=224, **LARGE)
+    model = build_ours(write_checkpoint(ref, tmp_path, "apple"))
+    pixels = np.random.default_rng(5).standard_normal((1, 224, 224, 3)).astype(np.float32)
+    assert_parity(model, ref, pixels, tol=1e-3)
