@@ -8,6 +8,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..config import VisionConfig
 
@@ -71,6 +72,20 @@ class Attention(nn.Module):
         return self.proj(out.transpose(0, 2, 1, 3).reshape(b, n, d))
 
 
+def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up. On the CPU in float32 numpy computes it: MLX's CPU `exp` is scalar (about 8x slower
+    than numpy's SIMD one here), which made this activation cost a third of the MLP's matmul time."""
+    if gate.dtype != mx.float32 or mx.default_device() != mx.cpu:
+        return nn.silu(gate) * up
+    g, u = np.asarray(gate), np.asarray(up)  # evaluates both; zero-copy views of MLX's buffers
+    out = np.negative(g)
+    np.exp(out, out=out)
+    out += 1
+    np.divide(g, out, out=out)  # g * sigmoid(g)
+    out *= u
+    return mx.array(out)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -80,7 +95,7 @@ class SwiGLU(nn.Module):
         self.fc3 = nn.Linear(d, m, bias=bias)  # up
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.silu(self.fc1(x)) * self.fc3(x))
+        return self.fc2(silu_mul(self.fc1(x), self.fc3(x)))
 
 
 class Block(nn.Module):
