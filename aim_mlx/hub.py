@@ -88,14 +88,25 @@ def _resolve(path_or_id: str, revision: str | None, cache_dir, local_files_only:
     label = f"{repo_id}@{revision[:7] if _COMMIT.fullmatch(revision) else revision}"
     from huggingface_hub import snapshot_download
 
-    try:
-        folder = snapshot_download(
+    def fetch(local_only: bool) -> str:
+        return snapshot_download(
             repo_id,
             revision=revision,
             cache_dir=cache_dir,
             allow_patterns=list(ALLOW_PATTERNS),
-            local_files_only=local_files_only,
+            local_files_only=local_only,
         )
+
+    try:
+        folder = None
+        if _COMMIT.fullmatch(revision) and not local_files_only:
+            # A commit never changes: a complete cached copy needs no network round trip.
+            try:
+                folder = fetch(local_only=True)
+                _check_complete(Path(folder), label, "")
+            except (*_hub_failures(), ModelNotFoundError):
+                folder = None
+        folder = folder or fetch(local_only=local_files_only)
     except _hub_failures() as exc:
         raise ModelNotFoundError(_explain(exc, repo_id, revision, label)) from exc
     folder = Path(folder)

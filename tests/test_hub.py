@@ -276,3 +276,10 @@ def test_the_network_guard_catches_a_download(cache, network_attempts, monkeypat
         hub.resolve(REPO)
     assert network_attempts
     network_attempts.clear()
+
+
+def test_a_cached_pinned_commit_needs_no_network_even_online(apple, network_attempts, monkeypatch):
+    """Commits never change, so the pinned default loads from the cache without asking the hub."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert hub.resolve(REPO) == apple[0]
+    assert not network_attempts
