@@ -134,7 +134,8 @@ def test_help_imports_nothing_heavy():
         "import sys\n"
         "from aim_mlx.cli import app\n"
         "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('mlx.core', 'numpy', 'torch', 'PIL', 'huggingface_hub') if m in sys.modules))"
+        "heavy = ('mlx.core', 'numpy', 'torch', 'PIL', 'huggingface_hub')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "embed" in done.stdout and done.stdout.strip().endswith("[]")
