@@ -7,6 +7,7 @@ from checkpoints import LARGE, TINY, make_reference, reference_outputs, write_ch
 
 from aim_mlx import weights
 from aim_mlx.config import VisionConfig
+from aim_mlx.models import aimv2
 from aim_mlx.models.aimv2 import AIMv2VisionEncoder
 
 
@@ -83,6 +84,27 @@ def test_sanitize_is_idempotent(tmp_path):
         twice = weights.sanitize(once)
         assert once.keys() == twice.keys()
         assert all(mx.array_equal(once[k], twice[k]) for k in once)
+
+
+def test_mlx_kernels_path(tmp_path, monkeypatch):
+    """The path Apple GPUs and half precision take (mx.fast.sdpa, MLX's silu) against the reference too."""
+    monkeypatch.setattr(aimv2, "numpy_exp_path", lambda x: False)
+    ref = make_reference(seed=8, image_size=56, **TINY["1B"])
+    model = build_ours(write_checkpoint(ref, tmp_path, "hf"))
+    pixels = np.random.default_rng(6).standard_normal((2, 56, 56, 3)).astype(np.float32)
+    assert_parity(model, ref, pixels, tol=1e-4)
+
+
+def test_half_precision_stays_close(tmp_path):
+    ref = make_reference(seed=9, image_size=56, **TINY["large"])
+    model = build_ours(write_checkpoint(ref, tmp_path, "hf"))
+    pixels = mx.array(np.random.default_rng(7).standard_normal((2, 56, 56, 3)).astype(np.float32))
+    expected = reference_outputs(ref, np.asarray(pixels))["last_hidden_state"]
+    for dtype in (mx.float16, mx.bfloat16):
+        model.set_dtype(dtype)
+        out = model(pixels).last_hidden_state
+        assert out.dtype == dtype
+        assert rel_err(out.astype(mx.float32), expected) < 5e-2
 
 
 @pytest.mark.slow
