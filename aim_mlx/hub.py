@@ -146,9 +146,11 @@ def _check_complete(folder: Path, label: str, hint: str) -> None:
 def _missing_shards(index: Path) -> list[str]:
     try:
         shards = set(json.loads(index.read_text())["weight_map"].values())
+        if not all(isinstance(s, str) and s == Path(s).name for s in shards):
+            return []
+        return sorted(s for s in shards if not (index.parent / s).is_file())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []  # a malformed index is a weights error, reported by weights.py when it loads
-    return sorted(s for s in shards if not (index.parent / s).is_file())
 
 
 def _hub_failures() -> tuple[type[BaseException], ...]:

@@ -108,7 +108,11 @@ def check_safetensors(path: Path) -> None:
             if n > size - 8:
                 raise ValueError(f"header claims {n} bytes but the file has {size}")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if not isinstance(end, int):
+            raise ValueError(f"data offset {end!r} is not an integer")
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
         raise WeightsError(f"{path} is not a valid safetensors file ({exc}); download it again") from exc
     if 8 + n + end > size:
@@ -123,7 +127,9 @@ def weight_files(folder: Path) -> list[Path]:
     if index.exists():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as exc:
+            if not all(isinstance(s, str) and s == Path(s).name for s in shards):
+                raise TypeError("its weight_map values must be file names in the same folder")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise WeightsError(f"{index} is not a valid safetensors index ({exc})") from exc
         return [folder / s for s in shards]
     for name in WEIGHT_FILES:
