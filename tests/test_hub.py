@@ -1,13 +1,11 @@
 """aim_mlx.hub against a fake Hugging Face cache in huggingface_hub's on-disk layout, never the network."""
 
-import hashlib
 import json
-import socket
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from fakehub import add_snapshot, add_tree_listing
 from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
@@ -23,33 +21,8 @@ MAIN = "0123456789abcdef0123456789abcdef01234567"  # what refs/main points at in
 
 
 @pytest.fixture(autouse=True)
-def network_attempts(monkeypatch):
-    """Every test runs with sockets refused, and fails if anything tried one, even if it caught the error."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args[1:] or args)
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    yield attempts
-    assert not attempts, f"tried the network: {attempts}"
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An empty hub cache under tmp_path, offline."""
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(cache.parent))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads these variables once, when it is imported; its functions read the module values.
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
+def _no_network(network_attempts):
+    """Every test here runs with sockets refused (conftest's guard)."""
 
 
 def checkpoint(**extra: bytes) -> dict[str, bytes]:
@@ -65,32 +38,6 @@ def checkpoint(**extra: bytes) -> dict[str, bytes]:
 # What Apple's repos hold at the pinned revisions, and a pickle: resolve returns the snapshot folder whatever
 # it holds; the allow-list is what keeps the duplicates from being downloaded.
 APPLE_FILES = {"mlx_model.safetensors": b"mlx copy", "pytorch_model.bin": b"pickle"}
-
-
-def add_snapshot(cache: Path, repo_id: str, commit: str, files: dict[str, bytes], ref: str | None = None):
-    """Store `files` as huggingface_hub does: content-addressed blobs, snapshot symlinks, refs/<branch>."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        if name.endswith((".safetensors", ".bin")):  # LFS files are named by sha256, others by git blob sha1
-            blob = hashlib.sha256(data).hexdigest()
-        else:
-            blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        (repo / "blobs" / blob).write_bytes(data)
-        (repo / "snapshots" / commit / name).symlink_to(Path("..", "..", "blobs", blob))
-    if ref is not None:
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)  # no newline, as huggingface_hub writes it
-    return repo / "snapshots" / commit
-
-
-def add_tree_listing(cache: Path, repo_id: str, commit: str, names) -> None:
-    """The per-commit file listing newer huggingface_hub versions keep (trees/<commit>.json)."""
-    trees = cache / f"models--{repo_id.replace('/', '--')}" / "trees"
-    trees.mkdir(parents=True, exist_ok=True)
-    files = {name: {"size": 1, "blob_id": "0" * 40} for name in names}
-    (trees / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": files}))
 
 
 @pytest.fixture

@@ -1,16 +1,13 @@
 """aim_mlx.load(): local folders in each layout, dtypes, native detection, the processor, hub ids offline."""
 
-import hashlib
 import json
 import logging
-import socket
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import TINY, make_reference, reference_outputs, write_checkpoint
-from huggingface_hub import constants
+from fakehub import add_folder
 from mlx.utils import tree_flatten
 from PIL import Image
 from transformers import CLIPImageProcessorPil
@@ -239,49 +236,9 @@ def test_bad_preprocessor_config_is_a_config_error(ref, tmp_path):
 # --- hub ids through a fake local Hugging Face cache -----------------------------------------------------
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An empty hub cache under tmp_path, offline, with every socket refused (and each attempt recorded)."""
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(cache.parent))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads these variables once, when it is imported; its functions read the module values.
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    yield cache
-    assert not attempts, f"tried the network: {attempts}"
-
-
-def add_snapshot(cache: Path, repo_id: str, commit: str, folder: Path, ref: str | None = "main") -> Path:
-    """Store `folder`'s files as huggingface_hub does: content-addressed blobs, snapshot symlinks, refs."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for path in folder.iterdir():
-        data = path.read_bytes()
-        blob = hashlib.sha256(data).hexdigest()
-        (repo / "blobs" / blob).write_bytes(data)
-        (snapshot / path.name).symlink_to(Path("..", "..", "blobs", blob))
-    if ref is not None:
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
-
-
 @pytest.mark.parametrize("layout", ["hf", "apple"])
 def test_hub_id_loads_offline_from_the_cache(cache, folders, pixels, layout):
-    snapshot = add_snapshot(cache, "someone/tiny-aimv2", COMMIT, folders[layout])
+    snapshot = add_folder(cache, "someone/tiny-aimv2", COMMIT, folders[layout])
     assert hub.resolve("someone/tiny-aimv2") == snapshot
     model, processor = aim_mlx.load("someone/tiny-aimv2", dtype="float32")
     local, _ = aim_mlx.load(str(folders[layout]), dtype="float32")
@@ -294,13 +251,13 @@ def test_hub_id_loads_offline_from_the_cache(cache, folders, pixels, layout):
 
 def test_hub_id_reads_the_native_flag_from_the_cached_checkpoint(cache, native_ref, tmp_path):
     folder = write_checkpoint(native_ref, tmp_path / "native", "apple")
-    add_snapshot(cache, "someone/tiny-aimv2-native", COMMIT, folder)
+    add_folder(cache, "someone/tiny-aimv2-native", COMMIT, folder)
     model, processor = aim_mlx.load("someone/tiny-aimv2-native", dtype="float32")
     assert model.config.is_native and processor.native
 
 
 def test_uncached_hub_id(cache, folders):
-    add_snapshot(cache, "someone/tiny-aimv2", COMMIT, folders["hf"])
+    add_folder(cache, "someone/tiny-aimv2", COMMIT, folders["hf"])
     for model_id, revision in (("someone/not-cached", None), ("someone/tiny-aimv2", "v2")):
         with pytest.raises(ModelNotFoundError) as info:
             aim_mlx.load(model_id, revision=revision, dtype="float32")
