@@ -1,15 +1,23 @@
-"""Timing and machine facts shared by `benchmarks/` and the `bench` command: one timing path for all."""
+"""Timing and machine facts shared by `benchmarks/` and the `bench` command: one timing path for all.
 
+`run_isolated` measures one configuration (model, dtype, batch size, engine) in a fresh process, so that its
+load time and peak memory are its own: `python -m aim_mlx.bench '<json spec>'` prints one JSON result.
+"""
+
+import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from .config import VisionConfig
+from .errors import AimMlxError, ConfigError
 
 
 def flops_per_image(config: VisionConfig, grid: tuple[int, int] | None = None) -> float:
@@ -55,6 +63,15 @@ def sgemm_gflops(n: int = 2048, trials: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def reset_peak_rss() -> None:
+    """Start the peak-RSS count afresh (Linux: clear_refs resets VmHWM; elsewhere nothing happens)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far.
 
@@ -73,7 +90,10 @@ def peak_rss_mb() -> float:
 def machine() -> dict:
     """CPU model, cores, OS and library versions, for the header of every result."""
     cpu = platform.processor() or platform.machine()
-    if sys.platform == "linux":
+    if sys.platform == "darwin":  # the chip's name, e.g. "Apple M2 Pro"
+        done = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        cpu = done.stdout.strip() or cpu
+    elif sys.platform == "linux":
         try:
             with open("/proc/cpuinfo") as f:
                 cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -92,5 +112,279 @@ def machine() -> dict:
         "numpy": np.__version__,
         "aim_mlx": __version__,
         "mlx_device": str(mx.default_device()),
-        "mlx_blas": _blas.status()["path"] or "MLX's bundled BLAS",
+        "mlx_blas": _blas.status()["path"] or ("Accelerate" if sys.platform == "darwin" else "MLX's own"),
+        "threads": int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1),
     }
+
+
+def pixels(batch: int, image_size: int) -> np.ndarray:
+    """The benchmark input: seeded normal noise, (B, H, W, 3) float32, the same for every engine."""
+    return np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3), dtype=np.float32)
+
+
+def _measure(spec: dict, load: Callable[[], tuple[object, VisionConfig]], run: Callable) -> dict:
+    """Load, time and report one configuration; `run(model, pixels)` must block until done."""
+    start = time.perf_counter()
+    model, config = load()
+    load_s = time.perf_counter() - start
+    size = spec.get("image_size") or config.image_size
+    if size != config.image_size and not config.is_native:
+        raise ConfigError(
+            f"{spec['model']} takes {config.image_size}x{config.image_size} images; drop --image-size or "
+            "use the native checkpoint"
+        )
+    if size % config.patch_size:
+        raise ConfigError(f"--image-size must be a multiple of {config.patch_size}, got {size}")
+    x = pixels(spec["batch"], size)
+    reset_peak_rss()  # memory while embedding, with the model resident; not the transient peak of loading
+    times = time_calls(lambda: run(model, x), trials=spec["trials"], warmup=spec["warmup"])
+    flops = flops_per_image(config, (size // config.patch_size,) * 2)
+    return {
+        **spec,
+        "image_size": size,
+        **summarize(times, spec["batch"], flops),
+        "flops_per_image": flops,
+        "times": times,
+        "load_s": load_s,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def run_mlx(spec: dict) -> dict:
+    """One aim-mlx configuration in this process."""
+    import mlx.core as mx
+
+    from .loading import load
+
+    def run(model, x):
+        mx.eval(model.encode_image(mx.array(x)))
+
+    def load_model():
+        model, _ = load(spec["model"], revision=spec.get("revision"), dtype=spec.get("dtype"))
+        return model, model.config
+
+    mx.reset_peak_memory()
+    result = _measure(spec, load_model, run)
+    mlx_peak = mx.get_peak_memory() / 2**20
+    on_gpu = mx.default_device() == mx.gpu
+    # On Apple GPUs MLX's allocator sees all the memory that matters; on the CPU numpy buffers and the
+    # process's own footprint count too, so the process peak is the honest figure there.
+    return {
+        **result,
+        "peak_mlx_mb": mlx_peak,
+        "peak_memory_mb": mlx_peak if on_gpu else result["peak_rss_mb"],
+    }
+
+
+def run_torch(spec: dict) -> dict:
+    """The same configuration in transformers' Aimv2VisionModel (torch, CPU, float32)."""
+    try:
+        import torch
+        from transformers import Aimv2VisionConfig, Aimv2VisionModel
+    except ImportError:
+        raise AimMlxError("--compare-torch needs torch and transformers: pip install -e '.[test]'") from None
+    import mlx.core as mx
+
+    from . import hub, weights
+    from .loading import read_config
+
+    def load_model():
+        folder = hub.resolve(spec["model"], spec.get("revision"))
+        config = VisionConfig.from_dict(read_config(folder))
+        state = weights.load_folder(folder, config.num_channels)
+        config.is_native = "pos_embed" not in state
+        hf = Aimv2VisionConfig(**{**config.to_dict(), "use_head": False})
+        hf._attn_implementation = "sdpa"
+        net = Aimv2VisionModel(hf).eval()
+        state = weights.to_transformers(state)
+        net.load_state_dict({k: torch.from_numpy(np.array(v.astype(mx.float32))) for k, v in state.items()})
+        return net, config
+
+    def run(net, x):
+        with torch.inference_mode():
+            net(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).last_hidden_state.mean(1)
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    result = _measure({**spec, "dtype": "float32"}, load_model, run)
+    return {**result, "peak_mlx_mb": None, "peak_memory_mb": result["peak_rss_mb"]}
+
+
+def run_isolated(spec: dict) -> dict:
+    """Run `spec` (engine, model, dtype, batch, ...) in a fresh Python process and return its result."""
+    env = dict(os.environ)
+    if spec["engine"] == "torch":
+        env["AIM_MLX_BLAS"] = "0"  # torch keeps its own BLAS; MLX only reads the weights there
+    cmd = [sys.executable, "-m", "aim_mlx.bench", json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise AimMlxError(lines[-1].removeprefix("error: ") if lines else f"benchmark process failed: {spec}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(
+            f"--batch-sizes takes positive integers separated by commas, e.g. 1,8,32; got {text!r}"
+        )
+    return sizes
+
+
+def configurations(models, dtypes, batch_sizes, image_size, trials, warmup, compare_torch) -> list[dict]:
+    """Every (engine, model, dtype, batch) to measure; torch (float32 only) next to aim-mlx when asked."""
+    specs = []
+    for model in models:
+        for batch in batch_sizes:
+            common = {
+                "model": model,
+                "batch": batch,
+                "image_size": image_size,
+                "trials": trials,
+                "warmup": warmup,
+            }
+            specs += [{"engine": "aim-mlx", "dtype": dtype, **common} for dtype in dtypes]
+            if compare_torch:
+                specs.append({"engine": "torch", "dtype": "float32", **common})
+    return specs
+
+
+def torch_ratios(rows: list[dict]) -> list[dict]:
+    """aim-mlx / torch images/s per model and batch size, for the float32 aim-mlx runs."""
+    torch_speed = {(r["model"], r["batch"]): r["images_per_s"] for r in rows if r["engine"] == "torch"}
+    return [
+        {
+            "model": r["model"],
+            "batch": r["batch"],
+            "ratio": r["images_per_s"] / torch_speed[r["model"], r["batch"]],
+        }
+        for r in rows
+        if r["engine"] == "aim-mlx" and r["dtype"] == "float32" and (r["model"], r["batch"]) in torch_speed
+    ]
+
+
+def table(rows: list[dict]) -> str:
+    """The results as an aligned text table."""
+    head = ("model", "engine", "dtype", "batch", "img/s", "ms/img p50", "p95", "GFLOP/s", "peak MB", "load s")
+    body = [
+        (
+            Path(r["model"]).name,
+            r["engine"],
+            r["dtype"],
+            str(r["batch"]),
+            f"{r['images_per_s']:.3f}",
+            f"{r['ms_per_image_p50']:.1f}",
+            f"{r['ms_per_image_p95']:.1f}",
+            f"{r['gflops']:.1f}",
+            f"{r['peak_memory_mb']:.0f}",
+            f"{r['load_s']:.2f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in (head, *body)
+    )
+
+
+def check_plot_path(path: Path) -> None:
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise ConfigError(f"--plot {path}: use a .png, .svg or .pdf file name")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise AimMlxError("--plot needs matplotlib: pip install 'aim-mlx[plot]'") from None
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """images/s against batch size, one line per (model, engine, dtype)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lines: dict[tuple, list] = {}
+    for r in rows:
+        lines.setdefault((Path(r["model"]).name, r["engine"], r["dtype"]), []).append(r)
+    for (model, engine, dtype), points in lines.items():
+        points.sort(key=lambda r: r["batch"])
+        ax.plot(
+            [r["batch"] for r in points],
+            [r["images_per_s"] for r in points],
+            marker="o",
+            label=f"{model} {engine} {dtype}",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images / s")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp" + path.suffix)
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+COREML_UNITS = ("ALL", "CPU_AND_GPU", "CPU_AND_NE", "CPU_ONLY")
+
+
+def run_coreml(package: Path, trials: int = 5, warmup: int = 1) -> list[dict]:
+    """`MLModel.predict` latency of a Core ML package per compute unit. Core ML runs only on macOS."""
+    if sys.platform != "darwin":
+        raise AimMlxError(f"--coreml needs macOS: Core ML cannot run predictions on {sys.platform}")
+    if not package.exists():
+        raise ConfigError(f"--coreml {package}: no such package")
+    import coremltools as ct
+    from PIL import Image
+
+    rows = []
+    for unit in COREML_UNITS:
+        start = time.perf_counter()
+        model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit[unit])
+        load_s = time.perf_counter() - start
+        feed = {}
+        for item in model.get_spec().description.input:
+            if item.type.WhichOneof("Type") == "imageType":
+                size = (item.type.imageType.width, item.type.imageType.height)
+                feed[item.name] = Image.fromarray(
+                    np.random.default_rng(0).integers(0, 256, (*size[::-1], 3), np.uint8)
+                )
+            else:
+                shape = tuple(item.type.multiArrayType.shape)
+                feed[item.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        times = time_calls(lambda m=model, f=feed: m.predict(f), trials=trials, warmup=warmup)
+        stats = summarize(times, 1, float("nan"))
+        rows.append(
+            {
+                "model": str(package),
+                "engine": f"coreml {unit}",
+                "dtype": "package",
+                **stats,
+                "load_s": load_s,
+                "peak_rss_mb": peak_rss_mb(),
+                "peak_mlx_mb": None,
+                "peak_memory_mb": peak_rss_mb(),
+            }
+        )
+    return rows
+
+
+def _child(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    try:
+        result = (run_torch if spec["engine"] == "torch" else run_mlx)(spec)
+    except AimMlxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))

@@ -184,6 +184,86 @@ def models(as_json: JsonOpt = False):
     typer.echo("top-1: published ImageNet-1k accuracy (frozen trunk); --json for full revisions")
 
 
+@app.command(
+    epilog="Examples:\n\n  aim-mlx bench\n\n"
+    "  aim-mlx bench -m aimv2-large-patch14-224 -m aimv2-huge-patch14-224 --batch-sizes 1,8,32\n\n"
+    "  aim-mlx bench --dtype float32 --dtype bfloat16 --json > results.json\n\n"
+    "  aim-mlx bench --compare-torch --plot curve.png"
+)
+@_one_line_errors
+def bench(
+    model: Annotated[
+        list[str] | None, typer.Option("--model", "-m", help="Hub id or folder; repeat for several.")
+    ] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
+    dtype: Annotated[
+        list[DType] | None, typer.Option(help="Repeat for several. Default: float32 on CPU, float16 on GPU.")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Input size (native checkpoint only). Default: the model's.")
+    ] = None,
+    num_trials: Annotated[int, typer.Option(min=1, help="Timed calls per configuration.")] = 5,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed calls before timing.")] = 1,
+    as_json: JsonOpt = False,
+    plot: Annotated[Path | None, typer.Option(help="Draw images/s against batch size to this PNG.")] = None,
+    compare_torch: Annotated[
+        bool, typer.Option(help="Also run transformers' AIMv2 (torch) on the same inputs; print the ratio.")
+    ] = False,
+    coreml: Annotated[
+        Path | None, typer.Option(help="Benchmark this Core ML package per compute unit (macOS only).")
+    ] = None,
+):
+    """Throughput, latency, peak memory and load time of each configuration, with the machine described.
+
+    Each configuration runs in a fresh process, so its load time and peak memory are its own.
+    """
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from . import bench as benchmark
+
+    sizes = benchmark.parse_batch_sizes(batch_sizes)
+    if plot is not None:
+        benchmark.check_plot_path(plot)
+    if coreml is not None:
+        rows = benchmark.run_coreml(coreml, trials=num_trials, warmup=warmup)
+        specs = []
+    else:
+        from .loading import default_dtype
+
+        dtypes = [d.value for d in dtype] if dtype else [default_dtype()]
+        specs = benchmark.configurations(
+            model or [DEFAULT_MODEL], dtypes, sizes, image_size, num_trials, warmup, compare_torch
+        )
+        rows = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=_stderr(), transient=True) as progress:
+        task = progress.add_task("benchmark", total=len(specs))
+        for spec in specs:
+            name = f"{spec['engine']} {Path(spec['model']).name} {spec['dtype']} batch {spec['batch']}"
+            progress.update(task, description=name)
+            rows.append(benchmark.run_isolated(spec))
+            progress.advance(task)
+    info = benchmark.machine()
+    ratios = benchmark.torch_ratios(rows)
+    if plot is not None:
+        benchmark.plot(rows, plot)
+    if as_json:
+        typer.echo(json.dumps({"machine": info, "results": rows, "torch_ratios": ratios}, indent=2))
+        return
+    typer.echo(f"# {info['cpu']}, {info['cores']} cores, {info['os']}")
+    typer.echo(
+        f"# mlx {info['mlx']} on {info['mlx_device']}, BLAS {info['mlx_blas']}, {info['threads']} threads; "
+        f"aim-mlx {info['aim_mlx']}, numpy {info['numpy']}"
+    )
+    typer.echo(benchmark.table(rows))
+    for r in ratios:
+        typer.echo(f"{r['model']} batch {r['batch']}: aim-mlx / torch images/s = {r['ratio']:.2f}x")
+    if plot is not None:
+        _stderr().print(f"wrote {plot}", highlight=False)
+
+
 def main() -> None:
     """Entry point of the `aim-mlx` script."""
     app()

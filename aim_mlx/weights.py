@@ -186,3 +186,98 @@ def load_into(model, weights: dict[str, mx.array], source: str = "checkpoint") -
         ]
         raise WeightsError(f"{source} does not match config.json; " + "; ".join(parts))
     model.update(tree_unflatten(list(weights.items())))
+
+
+# aim-mlx -> transformers names: the inverse of _HF_RULES (qkv is split separately).
+_TO_HF_RULES = [
+    (r"^patch_embed\.proj\.", "embeddings.patch_embed."),
+    (r"^patch_embed\.norm\.", "embeddings.rms_norm."),
+    (r"^pos_embed$", "embeddings.position_embedding.weight"),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.attention.out_proj."),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"encoder.layers.\1.ffn.gate_proj."),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"encoder.layers.\1.ffn.down_proj."),
+    (r"^blocks\.(\d+)\.mlp\.fc3\.", r"encoder.layers.\1.ffn.up_proj."),
+    (r"^blocks\.(\d+)\.norm_1\.", r"encoder.layers.\1.rms_norm1."),
+    (r"^blocks\.(\d+)\.norm_2\.", r"encoder.layers.\1.rms_norm2."),
+    (r"^post_trunk_norm\.", "rms_norm."),
+]
+_QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
+
+
+def to_transformers(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """aim-mlx's vision layout as transformers' Aimv2VisionModel state dict (for `bench --compare-torch`)."""
+    out = {}
+    for key, value in weights.items():
+        if m := _QKV.match(key):
+            for name, part in zip("qkv", mx.split(value, 3, axis=0), strict=True):
+                out[f"encoder.layers.{m[1]}.attention.{name}_proj.{m[2]}"] = part
+        elif key == "patch_embed.proj.weight":
+            out["embeddings.patch_embed.weight"] = value.transpose(0, 3, 1, 2)  # MLX OHWI -> torch OIHW
+        else:
+            out[_rename(key, _TO_HF_RULES)] = value
+    return out
+
+
+# LiT (zero-shot) checkpoints. aim-mlx's LiT layout is Apple's names with the vision and text towers mapped as
+# above: image_encoder.{patch_embed,pos_embed,blocks,post_trunk_norm,head}, text_encoder.{text_embedding,
+# positional_embedding,blocks,post_trunk_norm}, image_projector, text_projector, log_logit_scale.
+_LIT_TOP_RULES = [
+    (r"^visual_projection\.", "image_projector."),
+    (r"^text_projection\.", "text_projector."),
+    (r"^logit_scale$", "log_logit_scale"),
+]
+_LIT_HEAD_RULES = [  # transformers' attention-pooling head names -> Apple's
+    (r"^head\.k_proj\.", "head.k."),
+    (r"^head\.v_proj\.", "head.v."),
+    (r"^head\.output_proj\.", "head.linear."),
+]
+_LIT_TEXT_RULES = [  # embeddings -> names the vision rules leave alone; positions -> `pos_embed` for them
+    (r"^preprocessor\.text_embedding\.", "text_embedding."),
+    (r"^embeddings\.token_embedding\.", "text_embedding."),
+    (r"^preprocessor\.positional_embedding$", "pos_embed"),
+    (r"^positional_embedding$", "pos_embed"),
+]
+
+
+def is_lit(keys) -> bool:
+    return any(k.startswith(("text_encoder.", "text_model.")) for k in keys)
+
+
+def sanitize_lit(weights: dict[str, mx.array], num_channels: int = 3) -> dict[str, mx.array]:
+    """Map a LiT checkpoint (Apple's torch or MLX layout, or transformers') onto aim-mlx's. Safe to run twice.
+
+    Each tower is renamed by the vision rules above once its prefix is stripped: the text tower's blocks are
+    named exactly like the vision tower's in every layout.
+    """
+    towers: dict[str, dict[str, mx.array]] = {"image_encoder": {}, "text_encoder": {}}
+    out = {}
+    for key, value in weights.items():
+        prefix, _, rest = key.partition(".")
+        tower = {"vision_model": "image_encoder", "text_model": "text_encoder"}.get(prefix, prefix)
+        if tower in towers and rest:
+            towers[tower][rest] = value
+        else:
+            out[_rename(key, _LIT_TOP_RULES)] = value
+    vision = towers["image_encoder"]
+    head = {_rename(k, _LIT_HEAD_RULES): vision.pop(k) for k in [k for k in vision if k.startswith("head.")]}
+    text = {_rename(k, _LIT_TEXT_RULES): v for k, v in towers["text_encoder"].items()}
+    text = sanitize(text, num_channels)
+    if "pos_embed" in text:
+        text["positional_embedding"] = text.pop("pos_embed")
+    for name, tower in (("image_encoder", {**sanitize(vision, num_channels), **head}), ("text_encoder", text)):
+        out.update({f"{name}.{k}": v for k, v in tower.items()})
+    if "log_logit_scale" in out:
+        out["log_logit_scale"] = out["log_logit_scale"].reshape(())  # a scalar, however it was stored
+    return out
+
+
+def load_lit_folder(folder: Path, num_channels: int = 3) -> dict[str, mx.array]:
+    """`load_folder` for a LiT checkpoint."""
+    weights = {}
+    for path in weight_files(folder):
+        if not path.exists():
+            raise WeightsError(f"{path} is listed in {INDEX_FILE} but missing; download the checkpoint again")
+        weights.update(load_file(path))
+    if not is_lit(weights):
+        raise WeightsError(f"{folder}: config.json describes a LiT model but the weights have no text tower")
+    return sanitize_lit(weights, num_channels)

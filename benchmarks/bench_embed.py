@@ -11,44 +11,12 @@ ratio, the machine's numpy sgemm rate (best of the rounds) and the fraction of i
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import aim_mlx  # before anything imports mlx.core: MLX gets the fast BLAS (unless AIM_MLX_BLAS=0)
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-
-
-def run_engine(engine: str, folder: str, batch: int, trials: int) -> dict:
-    if engine == "aim-mlx":
-        import mlx.core as mx
-
-        model, _ = aim_mlx.load(folder, dtype="float32")
-        config = model.config
-        x = mx.random.normal((batch, 224, 224, 3))
-        fn = lambda: mx.eval(model.encode_image(x))  # noqa: E731
-    else:
-        import torch
-        from transformers import Aimv2VisionModel
-
-        from aim_mlx.config import VisionConfig
-
-        torch.set_num_threads(os.cpu_count())
-        net = Aimv2VisionModel.from_pretrained(folder).eval()
-        config = VisionConfig.from_dict(net.config.to_dict())
-        x = torch.randn(batch, 3, 224, 224)
-
-        def fn():
-            with torch.inference_mode():
-                net(pixel_values=x).last_hidden_state.mean(1)
-
-    from aim_mlx.bench import flops_per_image, peak_rss_mb, time_calls
-
-    times = time_calls(fn, trials=trials, warmup=1)
-    return {"times": times, "flops": flops_per_image(config), "peak_rss_mb": peak_rss_mb()}
 
 
 def main():
@@ -57,16 +25,11 @@ def main():
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--trials", type=int, default=4, help="timed calls per engine and round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each starting every engine afresh")
-    parser.add_argument("--child", nargs=3, metavar=("ENGINE", "FOLDER", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        engine, folder, batch = args.child
-        print(json.dumps(run_engine(engine, folder, int(batch), args.trials)))
-        return
 
     from checkpoints import LARGE, make_reference, write_checkpoint
 
-    from aim_mlx.bench import machine, sgemm_gflops, summarize
+    from aim_mlx.bench import machine, run_isolated, sgemm_gflops, summarize
 
     info = machine()
     roofline = sgemm_gflops()
@@ -80,16 +43,14 @@ def main():
             roofline = max(roofline, sgemm_gflops())
             for batch in map(int, args.batch_sizes.split(",")):
                 for engine in engines if round_ % 2 == 0 else engines[::-1]:
-                    child = ["--trials", str(args.trials), "--child", engine, tmp, str(batch)]
-                    # torch keeps its own BLAS: aim-mlx's OpenBLAS is not loaded into its process.
-                    env = {**os.environ, "AIM_MLX_BLAS": "1" if engine == "aim-mlx" else "0"}
-                    cmd = [sys.executable, __file__, *child]
-                    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-                    runs.setdefault((engine, batch), []).append(json.loads(out.strip().splitlines()[-1]))
+                    # `aim-mlx bench`'s own runner: a fresh process per engine; torch keeps its own BLAS.
+                    spec = {"engine": engine, "model": tmp, "dtype": "float32", "batch": batch}
+                    spec.update(image_size=None, trials=args.trials, warmup=1)
+                    runs.setdefault((engine, batch), []).append(run_isolated(spec))
     rows = []
     for (engine, batch), done in runs.items():
         times = [t for run in done for t in run["times"]]  # every timed call of every round
-        stats = summarize(times, batch, done[0]["flops"])
+        stats = summarize(times, batch, done[0]["flops_per_image"])
         rows.append({"engine": engine, **stats, "peak_rss_mb": max(r["peak_rss_mb"] for r in done)})
     print(f"# numpy sgemm roofline: {roofline:.1f} GFLOP/s (best of the rounds), threads: {os.cpu_count()}")
     print(

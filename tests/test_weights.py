@@ -474,3 +474,15 @@ def test_hf_keys_with_vision_model_prefix(ref, tmp_path):
     prefixed = weights.load_folder(folder)
     assert prefixed.keys() == plain.keys()
     assert all(mx.array_equal(plain[k], prefixed[k]) for k in plain)
+
+
+@pytest.mark.parametrize("layout", ["apple", "mlx", "hf"])
+def test_to_transformers_gives_back_the_reference_state_dict(ref, tmp_path, layout):
+    ours = weights.load_folder(write_checkpoint(ref, tmp_path, layout))
+    theirs = {k: v.numpy() for k, v in ref.state_dict().items()}
+    back = weights.to_transformers(ours)
+    assert back.keys() == theirs.keys()
+    for key, value in theirs.items():
+        np.testing.assert_array_equal(np.asarray(back[key]), value, err_msg=key)
+    again = weights.sanitize(back)
+    assert again.keys() == ours.keys() and all(mx.array_equal(again[k], ours[k]) for k in ours)

@@ -1,0 +1,125 @@
+"""`aim-mlx bench` on tiny random checkpoints: table, JSON schema, plot, torch comparison, refusals."""
+
+import json
+import sys
+
+import pytest
+from checkpoints import TINY, make_reference, write_checkpoint
+from typer.testing import CliRunner
+
+from aim_mlx import bench
+from aim_mlx.cli import app
+
+runner = CliRunner()
+ROW_KEYS = {
+    "engine", "model", "dtype", "batch", "image_size", "images_per_s", "ms_per_image_p50", "ms_per_image_p95",
+    "gflops", "flops_per_image", "times", "trials", "load_s", "peak_memory_mb", "peak_rss_mb", "peak_mlx_mb",
+}  # fmt: skip
+MACHINE_KEYS = {
+    "cpu", "cores", "os", "python", "mlx", "numpy", "aim_mlx", "mlx_device", "mlx_blas", "threads",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    return write_checkpoint(make_reference(seed=11, image_size=56, **TINY["large"]), folder, "hf")
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("native")
+    return write_checkpoint(make_reference(seed=12, is_native=True, **TINY["large"]), folder, "apple")
+
+
+@pytest.fixture(scope="module")
+def report(tiny, tmp_path_factory):
+    """One full run: two batch sizes, the torch comparison, JSON and a plot."""
+    plot = tmp_path_factory.mktemp("plot") / "curve.png"
+    args = ["bench", "-m", str(tiny), "--batch-sizes", "1,2", "--num-trials", "3", "--compare-torch"]
+    result = runner.invoke(app, [*args, "--json", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), plot
+
+
+def test_json_schema(report):
+    data, _ = report
+    assert data["machine"].keys() >= MACHINE_KEYS
+    assert [(r["engine"], r["batch"]) for r in data["results"]] == [
+        ("aim-mlx", 1), ("torch", 1), ("aim-mlx", 2), ("torch", 2),
+    ]  # fmt: skip
+    for row in data["results"]:
+        assert row.keys() >= ROW_KEYS
+        assert row["dtype"] == "float32" and row["image_size"] == 56 and len(row["times"]) == 3
+
+
+def test_numbers_are_plausible(report):
+    data, _ = report
+    for r in data["results"]:
+        assert r["images_per_s"] > 0 and r["gflops"] > 0 and r["load_s"] > 0 and r["peak_memory_mb"] > 0
+        assert r["ms_per_image_p95"] >= r["ms_per_image_p50"] > 0
+        # throughput, latency and batch size describe the same median call
+        assert r["images_per_s"] * r["ms_per_image_p50"] / 1e3 == pytest.approx(1, rel=1e-6)
+        assert r["gflops"] == pytest.approx(r["flops_per_image"] * r["images_per_s"] / 1e9, rel=1e-6)
+    expected = bench.flops_per_image(bench.VisionConfig(**TINY["large"], num_hidden_layers=2, image_size=56))
+    assert data["results"][0]["flops_per_image"] == expected
+
+
+def test_torch_ratio(report):
+    data, _ = report
+    rows = {(r["engine"], r["batch"]): r for r in data["results"]}
+    assert [r["batch"] for r in data["torch_ratios"]] == [1, 2]
+    for r in data["torch_ratios"]:
+        ours, theirs = rows["aim-mlx", r["batch"]], rows["torch", r["batch"]]
+        assert r["ratio"] == pytest.approx(ours["images_per_s"] / theirs["images_per_s"])
+
+
+def test_plot_is_written(report):
+    _, plot = report
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_on_stdout(tiny):
+    result = runner.invoke(app, ["bench", "-m", str(tiny), "--batch-sizes", "2", "--num-trials", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("# ") and "cores" in lines[0] and "BLAS" in lines[1]
+    assert lines[2].split()[:5] == ["model", "engine", "dtype", "batch", "img/s"]
+    assert lines[3].split()[:4] == [tiny.name, "aim-mlx", "float32", "2"]
+
+
+def test_native_image_size(native):
+    args = ["-m", str(native), "--batch-sizes", "1", "--num-trials", "1", "--image-size", "84", "--json"]
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)["results"][0]
+    assert row["image_size"] == 84
+    assert row["flops_per_image"] == bench.flops_per_image(
+        bench.VisionConfig(**TINY["large"], num_hidden_layers=2), grid=(6, 6)
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-sizes", "0"], "--batch-sizes takes positive integers"),
+        (["--batch-sizes", "1,x"], "--batch-sizes takes positive integers"),
+        (["--image-size", "84"], "takes 56x56 images"),
+        (["--plot", "curve.txt"], "--plot"),
+    ],
+)
+def test_refusals_are_one_line(tiny, args, message):
+    result = runner.invoke(app, ["bench", "-m", str(tiny), "--num-trials", "1", *args])
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_dtype_is_a_usage_error(tiny):
+    result = runner.invoke(app, ["bench", "-m", str(tiny), "--dtype", "float8"])
+    assert result.exit_code == 2 and "float8" in result.output
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="Core ML runs there; this checks the refusal elsewhere")
+def test_coreml_refused_off_macos(tmp_path):
+    result = runner.invoke(app, ["bench", "--coreml", str(tmp_path / "model.mlpackage")])
+    assert result.exit_code == 1 and "needs macOS" in result.stderr
