@@ -1,0 +1,105 @@
+"""The fast-BLAS loader: MLX's BLAS calls reach OpenBLAS on Linux; absent or failing, nothing breaks."""
+
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from aim_mlx import _blas
+
+linux = pytest.mark.skipif(sys.platform != "linux", reason="the loader acts on Linux only")
+
+# Which library answers `cblas_sgemm` in the process's global scope, where MLX's own lookups go.
+PROBE = """
+import ctypes, json, sys
+import aim_mlx
+import mlx.core as mx
+import numpy as np
+from aim_mlx import _blas
+
+try:
+    address = ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
+except AttributeError:  # no BLAS in the global scope: MLX's bundled one is private to it
+    address = -1
+owner = None
+for line in open("/proc/self/maps"):
+    parts = line.split()
+    start, end = (int(x, 16) for x in parts[0].split("-"))
+    if start <= address < end and len(parts) > 5:
+        owner = parts[5]
+a = np.random.default_rng(0).standard_normal((300, 200), dtype=np.float32)
+b = np.random.default_rng(1).standard_normal((200, 100), dtype=np.float32)
+error = float(np.abs(np.asarray(mx.array(a) @ mx.array(b)) - a @ b).max())
+print(json.dumps({"status": _blas.status(), "owner": owner, "error": error}))
+"""
+
+
+def probe(**env) -> dict:
+    import json
+    import os
+
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, env={**os.environ, **env}, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@linux
+def test_mlx_matmuls_go_to_openblas():
+    result = probe()
+    assert result["status"]["error"] is None
+    assert result["owner"] == result["status"]["path"] and "libopenblas-aim-mlx" in result["owner"]
+    assert result["error"] < 1e-3
+
+
+@linux
+def test_opting_out_leaves_mlx_alone():
+    result = probe(AIM_MLX_BLAS="0")
+    assert result["status"] == {"path": None, "error": None}
+    assert "libopenblas-aim-mlx" not in (result["owner"] or "")
+    assert result["error"] < 1e-3
+
+
+@linux
+def test_the_copy_exports_unprefixed_blas_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path))
+    path = _blas._unprefixed_copy()
+    assert path.parent == tmp_path / "blas"
+    names = set(_blas._defined_dynamic_symbols(path.read_bytes()))
+    assert {"cblas_sgemm", "sgemm_", "cblas_sdot"} <= names
+    assert not any(name.startswith("scipy_") for name in names)
+    assert _blas._unprefixed_copy() == path  # cached: built once
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    monkeypatch.setattr(_blas, "_state", {"path": None, "error": None})
+    monkeypatch.delenv("AIM_MLX_BLAS", raising=False)
+
+
+def test_a_failure_is_logged_not_raised(fresh_state, monkeypatch, caplog):
+    monkeypatch.setattr(sys, "platform", "linux")
+
+    def broken():
+        raise RuntimeError("patchelf not found")
+
+    monkeypatch.setattr(_blas, "_unprefixed_copy", broken)
+    with caplog.at_level(logging.WARNING, logger="aim_mlx"):
+        assert _blas.enable() is None
+    assert _blas.status()["error"] == "RuntimeError: patchelf not found"
+    assert "reference BLAS" in caplog.text
+    assert _blas.enable() is None  # tried once per process, not on every call
+
+
+def test_macos_is_never_touched(fresh_state, monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(_blas, "_unprefixed_copy", lambda: pytest.fail("must not build a BLAS on macOS"))
+    assert _blas.enable() is None and _blas.status() == {"path": None, "error": None}
+
+
+@linux
+def test_importing_mlx_first_warns():
+    code = "import mlx.core, aim_mlx"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "import aim_mlx first" in done.stderr
