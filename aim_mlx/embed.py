@@ -2,8 +2,12 @@
 
 import json
 import logging
+import os
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import mlx.core as mx
@@ -54,12 +58,10 @@ def embed_images(
             on_done(len(batch))
         batch.clear()
 
-    for path in paths:
-        try:
-            pixels = processor.preprocess_one(path)  # (H, W, 3) float32
-        except AimMlxError as exc:
-            result.failures.append((path, str(exc)))
-            logger.info("skipped %s", exc)
+    for path, pixels, error in _read_ahead(processor, paths, lookahead=2 * batch_size):
+        if error is not None:
+            result.failures.append((path, str(error)))
+            logger.info("skipped %s", error)
             if on_done:
                 on_done(1)
             continue
@@ -69,6 +71,22 @@ def embed_images(
     if batch:
         flush()
     return result
+
+
+def _read_ahead(processor, paths: Iterable[Path], lookahead: int):
+    """(path, pixels, None) or (path, None, error) in input order, decoding up to `lookahead` images ahead
+    on worker threads (Pillow and numpy release the GIL) while the model runs on the current batch."""
+    paths = iter(paths)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as workers:
+        pending = deque((p, workers.submit(processor.preprocess_one, p)) for p in islice(paths, lookahead))
+        while pending:
+            path, future = pending.popleft()
+            for nxt in islice(paths, 1):
+                pending.append((nxt, workers.submit(processor.preprocess_one, nxt)))
+            try:
+                yield path, future.result(), None  # (H, W, 3) float32
+            except AimMlxError as exc:
+                yield path, None, exc
 
 
 def save(result: EmbedResult, output: Path) -> None:
