@@ -133,12 +133,7 @@ def _variant(name: str, revision: str) -> Variant:
     )
 
 
-# The LiT (zero-shot) checkpoint needs the text tower; it joins this table with that support.
-VARIANTS = {
-    f"apple/{name}": _variant(name, rev)
-    for name, rev in PINNED_REVISIONS.items()
-    if not name.endswith("-lit")
-}
+VARIANTS = {f"apple/{name}": _variant(name, rev) for name, rev in PINNED_REVISIONS.items()}
 
 
 def find_variant(model_id: str) -> Variant | None:

@@ -264,7 +264,8 @@ def sanitize_lit(weights: dict[str, mx.array], num_channels: int = 3) -> dict[st
     text = sanitize(text, num_channels)
     if "pos_embed" in text:
         text["positional_embedding"] = text.pop("pos_embed")
-    for name, tower in (("image_encoder", {**sanitize(vision, num_channels), **head}), ("text_encoder", text)):
+    vision = {**sanitize(vision, num_channels), **head}
+    for name, tower in (("image_encoder", vision), ("text_encoder", text)):
         out.update({f"{name}.{k}": v for k, v in tower.items()})
     if "log_logit_scale" in out:
         out["log_logit_scale"] = out["log_logit_scale"].reshape(())  # a scalar, however it was stored

@@ -57,8 +57,9 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int) -> mx.array:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: VisionConfig, causal: bool = False):
         super().__init__()
+        self.causal = causal  # the LiT text tower: each token attends to itself and the tokens before it
         self.num_heads = config.num_attention_heads
         self.scale = (config.hidden_size // config.num_attention_heads) ** -0.5
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
@@ -68,7 +69,7 @@ class Attention(nn.Module):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
-        out = attention(q, k, v, self.scale)  # (B, H, N, hd)
+        out = attention(q, k, v, self.scale, self.causal)  # (B, H, N, hd)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(b, n, d))
 
 
@@ -78,14 +79,16 @@ def numpy_exp_path(x: mx.array) -> bool:
     return x.dtype == mx.float32 and mx.default_device() == mx.cpu
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """softmax(q k^T * scale) v over (B, H, N, hd). MLX's fused kernel, except for float32 on the CPU: there
-    the two matmuls stay in MLX (its BLAS) and numpy's SIMD exp does the softmax, which is 2-3x faster than
-    the fused op's CPU fallback on AIMv2-L. numpy never multiplies here: its own OpenBLAS threads would spin
-    against MLX's on a small machine."""
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> mx.array:
+    """softmax(q k^T * scale) v over (B, H, N, hd), `causal`: query i sees keys 0..i only. MLX's fused kernel,
+    except for float32 on the CPU: there the two matmuls stay in MLX (its BLAS) and numpy's SIMD exp does the
+    softmax, which is 2-3x faster than the fused op's CPU fallback on AIMv2-L. numpy never multiplies here:
+    its own OpenBLAS threads would spin against MLX's on a small machine."""
     if not numpy_exp_path(q):
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
     scores = np.asarray((q * scale) @ k.swapaxes(-1, -2))  # (B, H, N, N); evaluates, a view of its buffer
+    if causal:
+        scores[..., ~np.tri(scores.shape[-2], scores.shape[-1], dtype=bool)] = -np.inf
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     total = scores.sum(axis=-1, keepdims=True)
@@ -123,10 +126,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: VisionConfig, causal: bool = False):
         super().__init__()
         self.norm_1 = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, causal)
         self.norm_2 = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 

@@ -1,0 +1,201 @@
+"""AIMv2 LiT in MLX: the AIMv2 vision encoder with an attention-pooling head, a causal text encoder pooled at
+the first end-of-text token, projections into a shared space and a learned logit scale.
+
+Parameter names follow Apple's checkpoint (weights.sanitize_lit maps transformers' names onto them). The
+layers are the vision encoder's: the text tower is the same pre-norm RMSNorm/SwiGLU block, made causal.
+"""
+
+import math
+from dataclasses import dataclass, field, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..config import VisionConfig
+from ..errors import ConfigError
+from .aimv2 import AIMv2VisionEncoder, Block, VisionOutput, attention
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    num_attention_heads: int = 6
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    max_position_embeddings: int = 77  # Apple's configs call it max_context_length
+    eos_token_id: int = 49407
+    rms_norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "TextConfig":
+        config = dict(config)
+        config.setdefault("max_position_embeddings", config.get("max_context_length", 77))
+        config.setdefault("mlp_bias", config.get("use_bias", False))
+        known = {f.name for f in fields(cls)}
+        try:
+            self = cls(**{k: v for k, v in config.items() if k in known})
+        except TypeError as exc:
+            raise ConfigError(
+                f"config.json: text_config does not describe an AIMv2 text encoder: {exc}"
+            ) from exc
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"config.json: text hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        return self
+
+
+@dataclass
+class LiTConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    projection_dim: int = 768
+    max_logit_scale: float = 100.0
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "LiTConfig":
+        """A LiT config.json (Apple's or transformers'): `vision_config` and `text_config` nested."""
+        if not isinstance(config.get("text_config"), dict):
+            raise ConfigError("config.json has no text_config; it is not a LiT (zero-shot) checkpoint")
+        return cls(
+            vision=VisionConfig.from_dict(config.get("vision_config") or {}),
+            text=TextConfig.from_dict(config["text_config"]),
+            projection_dim=int(config.get("projection_dim", 768)),
+            max_logit_scale=float(config.get("max_logit_scale", 100.0)),
+        )
+
+
+class AttentionPoolingHead(nn.Module):
+    """One learned query (no q projection) attends over the token grid; then a linear layer with bias."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.cls_token = mx.zeros((1, 1, d))
+        self.k = nn.Linear(d, d, bias=config.qkv_bias)
+        self.v = nn.Linear(d, d, bias=config.qkv_bias)
+        self.linear = nn.Linear(d, d, bias=True)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, n, d = x.shape
+        h = self.num_heads
+        k = self.k(x).reshape(b, n, h, d // h).transpose(0, 2, 1, 3)  # (B, H, N, hd)
+        v = self.v(x).reshape(b, n, h, d // h).transpose(0, 2, 1, 3)  # (B, H, N, hd)
+        q = mx.broadcast_to(self.cls_token.reshape(1, h, 1, d // h), (b, h, 1, d // h))  # (B, H, 1, hd)
+        out = attention(q, k, v, (d // h) ** -0.5)  # (B, H, 1, hd)
+        return self.linear(out.reshape(b, d))  # (B, D): with one query, (B, H, 1, hd) is already head-major
+
+
+class LiTVisionEncoder(AIMv2VisionEncoder):
+    """The AIMv2 encoder whose pooled output is the attention-pooling head's, as in transformers."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__(config)
+        self.head = AttentionPoolingHead(config)
+
+    def __call__(self, pixel_values: mx.array, output_hidden_states: bool = False) -> VisionOutput:
+        out = super().__call__(pixel_values, output_hidden_states)
+        out.pooler_output = self.head(out.last_hidden_state)  # (B, D)
+        return out
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.text_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.positional_embedding = mx.zeros((config.max_position_embeddings, config.hidden_size))  # (77, D)
+        self.blocks = [Block(config, causal=True) for _ in range(config.num_hidden_layers)]
+        self.post_trunk_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(self, input_ids: mx.array) -> mx.array:
+        """(B, L) token ids -> (B, D): the final-norm hidden state at the first end-of-text token."""
+        b, n = input_ids.shape
+        if n > self.positional_embedding.shape[0]:
+            raise ValueError(
+                f"{n} tokens; this text encoder takes at most {self.positional_embedding.shape[0]}"
+            )
+        x = self.text_embedding(input_ids) + self.positional_embedding[:n]  # (B, L, D)
+        for block in self.blocks:
+            x = block(x)
+        # Causal attention makes the first EOS summarise the text; padding after it never reaches it.
+        first_eos = mx.argmax((input_ids == self.config.eos_token_id).astype(mx.int32), axis=-1)  # (B,)
+        return self.post_trunk_norm(x[mx.arange(b), first_eos])  # (B, D); the norm is per token
+
+
+def l2_normalize(x: mx.array) -> mx.array:
+    return x / mx.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@dataclass
+class LiTOutput:
+    logits_per_image: mx.array  # (B_images, B_texts)
+    logits_per_text: mx.array  # (B_texts, B_images)
+    image_embeds: mx.array  # (B_images, P), L2-normalised
+    text_embeds: mx.array  # (B_texts, P), L2-normalised
+
+
+class AIMv2LiT(nn.Module):
+    def __init__(self, config: LiTConfig):
+        super().__init__()
+        self.config = config
+        self.image_encoder = LiTVisionEncoder(config.vision)
+        self.text_encoder = TextEncoder(config.text)
+        self.image_projector = nn.Linear(config.vision.hidden_size, config.projection_dim, bias=False)
+        self.text_projector = nn.Linear(config.text.hidden_size, config.projection_dim, bias=False)
+        self.log_logit_scale = mx.array(math.log(1 / 0.07))
+        self.tokenizer = None  # set by load(): lets encode_text take strings
+
+    def encode_image(self, pixel_values: mx.array) -> mx.array:
+        """(B, H, W, 3) pixels -> (B, P) L2-normalised embeddings in the shared space."""
+        pooled = self.image_encoder(pixel_values).pooler_output  # (B, D)
+        return l2_normalize(self.image_projector(pooled))
+
+    def encode_text(self, texts) -> mx.array:
+        """Strings (tokenized with the checkpoint's tokenizer) or (B, L) token ids -> (B, P) L2-normalised."""
+        if isinstance(texts, str) or (
+            isinstance(texts, list | tuple) and texts and isinstance(texts[0], str)
+        ):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer attached; pass token ids or use aim_mlx.load()")
+            texts = self.tokenizer([texts] if isinstance(texts, str) else list(texts))
+        ids = np.array(texts, dtype=np.int32, ndmin=2)  # (B, L)
+        is_eos = ids == self.config.text.eos_token_id
+        if is_eos.any(axis=-1).all():
+            # Causal attention: tokens after the last first-EOS cannot change any pooled state, so they are
+            # not computed. Prompts are ~10-20 of the 77 positions, so this is most of the text tower's time.
+            ids = ids[:, : is_eos.argmax(axis=-1).max() + 1]
+        pooled = self.text_encoder(mx.array(ids))  # (B, D)
+        return l2_normalize(self.text_projector(pooled))
+
+    def shared_space_images(self) -> "SharedSpaceImages":
+        """A vision model whose pooled output is `encode_image`'s, for code written for vision encoders."""
+        return SharedSpaceImages(self)
+
+    @property
+    def logit_scale(self) -> mx.array:
+        return mx.exp(mx.clip(self.log_logit_scale, 0.0, math.log(self.config.max_logit_scale)))
+
+    def __call__(self, pixel_values: mx.array, texts) -> LiTOutput:
+        image = self.encode_image(pixel_values)
+        text = self.encode_text(texts)
+        logits_per_text = self.logit_scale.astype(text.dtype) * text @ image.T  # (B_texts, B_images)
+        return LiTOutput(logits_per_text.T, logits_per_text, image, text)
+
+
+class SharedSpaceImages:
+    """`model(pixels)` -> VisionOutput whose pooler_output is the LiT image embedding (as encode_image)."""
+
+    def __init__(self, lit: AIMv2LiT):
+        self.lit = lit
+
+    def __call__(self, pixel_values: mx.array) -> VisionOutput:
+        out = self.lit.image_encoder(pixel_values)
+        out.pooler_output = l2_normalize(self.lit.image_projector(out.pooler_output))  # (B, P)
+        return out

@@ -1,0 +1,237 @@
+"""Zero-shot classification with a LiT model: label sets, prompt templates, a cached text classifier.
+
+A label's text embedding is the mean of its normalised prompt embeddings (one per template), normalised
+again: CLIP's prompt ensemble. The (labels x dim) matrix is cached on disk, keyed by the model, its revision
+or weight files, the labels and the templates, so a repeated label set costs one image forward.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .embed import embed_images
+from .errors import ConfigError
+from .lit import require_lit
+
+logger = logging.getLogger("aim_mlx")
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+CACHE_VERSION = 1
+
+
+@cache
+def _data(name: str) -> tuple[str, ...]:
+    return tuple(json.loads(resources.files("aim_mlx").joinpath("data", name).read_text(encoding="utf-8")))
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet-1k class names as CLIP's prompt-engineering notebook wrote them (two repeat)."""
+    return list(_data("imagenet_classes.json"))
+
+
+def imagenet_templates() -> list[str]:
+    """CLIP's 80 ImageNet prompt templates, `{}` standing for the class name."""
+    return list(_data("imagenet_templates.json"))
+
+
+def check_labels(labels: Sequence[str], allow_duplicates: bool = False) -> list[str]:
+    labels = [label.strip() for label in labels]
+    if not labels:
+        raise ConfigError("no labels given; pass some, e.g. --labels 'cat,dog'")
+    if empty := [i + 1 for i, label in enumerate(labels) if not label]:
+        raise ConfigError(f"label {empty[0]} is empty; remove the stray comma or blank line")
+    if not allow_duplicates:
+        seen = set()
+        for label in labels:
+            if label.lower() in seen:
+                raise ConfigError(f"label {label!r} is given twice; each label must be distinct")
+            seen.add(label.lower())
+    return labels
+
+
+def check_templates(templates: Sequence[str]) -> list[str]:
+    templates = list(templates)
+    if not templates:
+        raise ConfigError("no prompt templates given; use e.g. 'a photo of a {}.'")
+    for template in templates:
+        if template.count("{}") != 1:
+            raise ConfigError(
+                f"template {template!r} must contain exactly one {{}} where the label goes, "
+                "e.g. 'a photo of a {}.'"
+            )
+    return templates
+
+
+def label_set(labels: str | None, labels_file: Path | None, imagenet: bool) -> list[str]:
+    """The labels of exactly one source: comma-separated, a file with one per line, or ImageNet-1k's."""
+    if (labels is not None) + (labels_file is not None) + imagenet != 1:
+        raise ConfigError("give exactly one of --labels, --labels-file or --imagenet")
+    if imagenet:
+        return check_labels(imagenet_classes(), allow_duplicates=True)  # CLIP's names repeat two
+    if labels_file is not None:
+        try:
+            names = Path(labels_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read --labels-file {labels_file} ({exc})") from None
+        while names and not names[-1].strip():  # a trailing newline is not an empty label
+            names.pop()
+        return check_labels(names)
+    return check_labels(labels.split(","))
+
+
+def template_set(template: str | None, ensemble: str | None) -> list[str]:
+    """One template (default 'a photo of a {}.') or a named ensemble ('imagenet': CLIP's 80)."""
+    if template is not None and ensemble is not None:
+        raise ConfigError("give --template or --templates, not both")
+    if ensemble not in (None, "imagenet"):
+        raise ConfigError(f"unknown template set {ensemble!r}; the one available is imagenet")
+    return check_templates(imagenet_templates() if ensemble else [template or DEFAULT_TEMPLATE])
+
+
+def cache_dir() -> Path:
+    """Where label embeddings are cached: beside aim-mlx's other cached files (see _blas.py)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("AIM_MLX_CACHE") or Path(root) / "aim-mlx") / "text-embeddings"
+
+
+def cache_key(model_key: str, labels: Sequence[str], templates: Sequence[str], dtype: str) -> str:
+    payload = json.dumps([CACHE_VERSION, model_key, dtype, list(labels), list(templates)])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _read_cache(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            emb = f["embeddings"]
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # truncated, not an npz, wrong keys: rebuild it
+        logger.warning("ignoring unreadable text-embedding cache %s (%s); rebuilding it", path, exc)
+        return None
+    if emb.shape != shape or not np.isfinite(emb).all():
+        logger.warning("ignoring text-embedding cache %s of shape %s; rebuilding it", path, emb.shape)
+        return None
+    return emb
+
+
+def _write_cache(path: Path, emb: np.ndarray) -> None:
+    """Write to a temporary name and rename: a reader never sees half a file."""
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, embeddings=emb)
+        tmp.replace(path)
+    except OSError as exc:  # a read-only or full cache costs speed, not correctness
+        tmp.unlink(missing_ok=True)
+        logger.warning("could not write the text-embedding cache %s (%s)", path, exc)
+
+
+def encode_prompts(model, processor, labels, templates, batch_size: int = 256) -> np.ndarray:
+    """(labels, dim) float32: per label, the renormalised mean of its normalised template embeddings."""
+    prompts = [template.format(label) for label in labels for template in templates]
+    ids, _ = processor.tokenizer.encode(prompts)  # (N, 77); warns about any truncated prompt
+    # Batches of similar length: encode_text computes only up to a batch's longest prompt.
+    order = np.argsort((ids == processor.tokenizer.eos_id).argmax(axis=-1), kind="stable")
+    emb = np.empty((len(prompts), model.config.projection_dim), np.float32)
+    for start in range(0, len(ids), batch_size):
+        rows = order[start : start + batch_size]
+        emb[rows] = np.asarray(model.encode_text(ids[rows]).astype(mx.float32))  # (b, P), normalised
+    emb = emb.reshape(len(labels), len(templates), -1).mean(axis=1)  # (L, P)
+    return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+
+
+def text_classifier(
+    model, processor, labels, templates, model_key: str | None = None, use_cache: bool = True
+) -> np.ndarray:
+    """The label embeddings, from the disk cache when `model_key` names the model (id@revision or weights)."""
+    if not (use_cache and model_key):
+        return encode_prompts(model, processor, labels, templates)
+    dtype = str(model.text_projector.weight.dtype)
+    path = cache_dir() / f"{cache_key(model_key, labels, templates, dtype)}.npz"
+    emb = _read_cache(path, (len(labels), model.config.projection_dim))
+    if emb is None:
+        emb = encode_prompts(model, processor, labels, templates)
+        _write_cache(path, emb)
+    else:
+        logger.info("text embeddings of %d labels from %s", len(labels), path)
+    return emb
+
+
+def model_key(folder: Path, model_id: str, revision: str | None) -> str:
+    """What identifies a checkpoint for the cache: the id and revision asked for, the resolved folder (a hub
+    snapshot is named by its commit) and its files' names, sizes and times (weights and tokenizer alike)."""
+    stats = []
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        st = path.stat()
+        stats.append(f"{path.name}:{st.st_size}:{st.st_mtime_ns}")
+    return json.dumps([model_id, revision, str(Path(folder).resolve()), stats])
+
+
+@dataclass
+class Prediction:
+    labels: list[str]  # top-k, best first
+    probs: list[float]
+
+    def to_list(self) -> list[dict]:
+        return [{"label": label, "prob": p} for label, p in zip(self.labels, self.probs, strict=True)]
+
+
+def zero_shot(
+    model,
+    processor,
+    images,
+    labels: Sequence[str],
+    templates: Sequence[str] = (DEFAULT_TEMPLATE,),
+    top_k: int = 5,
+    model_key: str | None = None,
+    allow_duplicate_labels: bool = False,
+) -> list[Prediction]:
+    """Classify each image among `labels`: softmax over logit_scale * cosine similarity, top-k per image.
+
+    `images`: paths, PIL images or arrays (see ImageProcessor), or an (B, H, W, 3) pixel array already
+    preprocessed. `model_key` enables the on-disk text-embedding cache.
+    """
+    require_lit(model, "this model", "classify zero-shot")
+    labels = check_labels(labels, allow_duplicates=allow_duplicate_labels)
+    templates = check_templates(templates)
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {top_k}")
+    classifier = text_classifier(model, processor, labels, templates, model_key)  # (L, P)
+    pixels = images if isinstance(images, mx.array) else processor(images)
+    image = np.asarray(model.encode_image(pixels).astype(mx.float32))  # (B, P)
+    return predict(image, classifier, labels, float(model.logit_scale), top_k)
+
+
+def predict(image: np.ndarray, classifier: np.ndarray, labels, logit_scale: float, top_k: int) -> list:
+    """Top-k labels per image from normalised image (B, P) and label (L, P) embeddings."""
+    logits = logit_scale * image @ classifier.T  # (B, L)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    k = min(top_k, len(labels))
+    out = []
+    for row in probs:
+        best = np.argsort(-row, kind="stable")[:k]
+        out.append(Prediction([labels[i] for i in best], [float(row[i]) for i in best]))
+    return out
+
+
+def classify_files(
+    model, processor, paths, labels, templates, top_k: int = 5, batch_size: int = 8, model_key=None
+) -> tuple[list[tuple[Path, Prediction]], list[tuple[Path, str]]]:
+    """`zero_shot` over image files, each unreadable one skipped: ([(path, prediction)], [(path, reason)])."""
+    require_lit(model, "this model", "classify zero-shot")
+    classifier = text_classifier(model, processor, labels, templates, model_key)  # (L, P)
+    result = embed_images(model.shared_space_images(), processor, paths, batch_size)
+    if not result.paths:
+        return [], result.failures
+    preds = predict(np.stack(result.embeddings), classifier, labels, float(model.logit_scale), top_k)
+    return list(zip(result.paths, preds, strict=True)), result.failures
