@@ -1,0 +1,342 @@
+"""Verification of a saved Core ML package where Core ML cannot run: a numpy reference evaluator.
+
+Core ML predicts only on macOS. This reads the package back (its MIL program and weight file, through
+coremltools' milproto loader) and executes each op with numpy, the compressed-weight ops too. Every op
+computes in float32 and rounds its result to the dtype the program declares for it, so a float16 package is
+evaluated with float16 activations between ops (and float32 accumulation inside them, as Core ML's GPU and
+Neural Engine do). It checks the program as written, not Core ML's compiler or kernels: on macOS
+`check_package` also runs `MLModel.predict`.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import AimMlxError
+
+logger = logging.getLogger("aim_mlx")
+
+# (precision, compression) -> the bound each package must meet on real photos against MLX float32.
+# float32: max |error| / max |reference| over every output; the others: the lowest per-image cosine of
+# `image_embeds`. 4-bit bounds are this project's own choice (the issue sets none): they catch a wrong
+# dequantization, which gives cosines near 0, while allowing 4-bit rounding.
+MAX_REL_ERROR_FP32 = 1e-4
+MIN_COSINE = {"none": 0.999, "int8": 0.995, "palettize8": 0.995, "palettize6": 0.99, "int4": 0.95}
+MIN_COSINE_DEFAULT = 0.9  # palettize4
+
+
+def load_program(package: str | Path):
+    """The package's MIL program, with its weights read from the package's weight file."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    package = Path(package)
+    spec = ct.utils.load_spec(str(package))
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise AimMlxError(f"{package} is not an ML program package; the evaluator reads ML programs only")
+    weights = package / "Data" / "com.apple.CoreML" / "weights"
+    return spec, milproto_load(spec, spec.specificationVersion, str(weights))
+
+
+def _np_dtype(var):
+    from coremltools.converters.mil.mil import types
+
+    return types.nptype_from_builtin(var.dtype)
+
+
+def _unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
+    """iOS16 LUT indices: n-bit fields packed from each byte's least significant bit upwards."""
+    bits = np.unpackbits(packed.astype(np.uint8), bitorder="little")[: count * nbits]
+    return (bits.reshape(count, nbits) << np.arange(nbits, dtype=np.uint16)).sum(axis=1)
+
+
+def _blockwise(values: np.ndarray, shape) -> np.ndarray:
+    """Repeat per-block parameters (same rank, each dim dividing the output's) up to the output shape."""
+    for axis, (full, part) in enumerate(zip(shape, values.shape, strict=True)):
+        if part != full:
+            values = np.repeat(values, full // part, axis=axis)
+    return values
+
+
+def _lut_to_dense(args: dict, out_shape) -> np.ndarray:
+    lut, indices = args["lut"].astype(np.float32), args["indices"]
+    if "shape" in args:  # iOS16: one LUT, indices packed into bytes
+        count = int(np.prod(args["shape"]))
+        idx = _unpack_bits(indices, int(np.log2(lut.shape[0])), count)
+        return lut[idx].reshape(tuple(int(s) for s in args["shape"]))
+    if lut.shape[-1] != 1:
+        raise AimMlxError("the evaluator handles scalar palettes only, not vector palettization")
+    # iOS18: lut (*blocks, P, 1); each block of the output has its own palette.
+    lut = lut[..., 0]
+    grids = np.ix_(*[np.arange(n) // (n // b) for n, b in zip(indices.shape, lut.shape[:-1], strict=True)])
+    return lut[(*grids, indices.astype(np.int64))]
+
+
+def _conv(x, weight, bias, strides, pad_type, groups, dilations, **_):
+    """The patch embedding's conv only: kernel == stride, no padding, one group, as a matmul on patches."""
+    o, c, kh, kw = weight.shape
+    if tuple(strides) != (kh, kw) or pad_type != "valid" or groups != 1 or tuple(dilations) != (1, 1):
+        raise AimMlxError("the evaluator runs non-overlapping patch convs only (kernel == stride, valid)")
+    b, _, h, w = x.shape
+    gh, gw = h // kh, w // kw
+    patches = x[:, :, : gh * kh, : gw * kw].reshape(b, c, gh, kh, gw, kw).transpose(0, 2, 4, 1, 3, 5)
+    out = patches.reshape(b, gh * gw, c * kh * kw) @ weight.reshape(o, -1).T  # (B, N, O)
+    if bias is not None:
+        out = out + bias
+    return out.transpose(0, 2, 1).reshape(b, o, gh, gw)
+
+
+def _reshape(x, shape):
+    shape = [int(x.shape[i]) if s == 0 else int(s) for i, s in enumerate(shape)]  # 0: keep that dim
+    return x.reshape(shape)
+
+
+def _softmax(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _reduce(fn):
+    return lambda x, axes=None, keep_dims=False: fn(
+        x, axis=None if axes is None else tuple(int(a) for a in axes), keepdims=bool(keep_dims)
+    )
+
+
+def _matmul(x, y, transpose_x=False, transpose_y=False):
+    return (np.swapaxes(x, -1, -2) if transpose_x else x) @ (np.swapaxes(y, -1, -2) if transpose_y else y)
+
+
+OPS = {
+    "identity": lambda x: x,
+    "cast": lambda x, dtype: x,  # the result is rounded to the declared output dtype below
+    "add": lambda x, y: x + y,
+    "sub": lambda x, y: x - y,
+    "mul": lambda x, y: x * y,
+    "real_div": lambda x, y: x / y,
+    "maximum": lambda x, y: np.maximum(x, y),
+    "minimum": lambda x, y: np.minimum(x, y),
+    "abs": lambda x: np.abs(x),
+    "square": lambda x: np.square(x),
+    "sqrt": lambda x: np.sqrt(x),
+    "rsqrt": lambda x, epsilon=1e-12: 1 / np.sqrt(x + epsilon),
+    "silu": lambda x: x / (1 + np.exp(-x)),
+    "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
+    "softmax": _softmax,
+    "reduce_mean": _reduce(np.mean),
+    "reduce_max": _reduce(np.max),
+    "reduce_sum": _reduce(np.sum),
+    "reshape": _reshape,
+    "transpose": lambda x, perm: x.transpose([int(p) for p in perm]),
+    "expand_dims": lambda x, axes: np.expand_dims(x, tuple(int(a) for a in axes)),
+    "squeeze": lambda x, axes=None: np.squeeze(x, None if axes is None else tuple(int(a) for a in axes)),
+    "matmul": _matmul,
+    "linear": lambda x, weight, bias=None: x @ weight.T + (0 if bias is None else bias),
+    "conv": lambda x, weight, bias=None, **kw: _conv(x, weight, bias, **kw),
+    "batch_norm": lambda x, mean, variance, gamma=None, beta=None, epsilon=1e-5: (
+        (x - mean.reshape(1, -1, 1, 1))
+        / np.sqrt(variance.reshape(1, -1, 1, 1) + epsilon)
+        * (1 if gamma is None else gamma.reshape(1, -1, 1, 1))
+        + (0 if beta is None else beta.reshape(1, -1, 1, 1))
+    ),
+    "gather": lambda x, indices, axis=0, batch_dims=0, validate_indices=False: np.take(
+        x, indices.astype(np.int64), axis=int(axis)
+    ),
+    "equal": lambda x, y: x == y,
+    "greater_equal": lambda x, y: x >= y,
+    "less": lambda x, y: x < y,
+    "select": lambda cond, a, b: np.where(cond, a, b),
+    "cumsum": lambda x, axis=0, exclusive=False, reverse=False: _cumsum(x, int(axis), exclusive, reverse),
+    # Compressed weights (iOS16 and iOS18 forms).
+    "constexpr_affine_dequantize": lambda quantized_data, zero_point, scale, axis: (
+        (quantized_data.astype(np.float32) - _along(zero_point, axis, quantized_data.ndim))
+        * _along(scale, axis, quantized_data.ndim)
+    ),
+    "constexpr_blockwise_shift_scale": lambda data, scale, offset=None: (
+        (
+            data.astype(np.float32)
+            - (0 if offset is None else _blockwise(offset.astype(np.float32), data.shape))
+        )
+        * _blockwise(scale.astype(np.float32), data.shape)
+    ),
+}
+
+
+def _cumsum(x, axis: int, exclusive: bool, reverse: bool):
+    if reverse:
+        x = np.flip(x, axis)
+    out = np.cumsum(x, axis=axis)
+    if exclusive:
+        out = out - x
+    return np.flip(out, axis) if reverse else out
+
+
+def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """A scalar, or a vector laid along `axis` for broadcasting (constexpr_affine_dequantize)."""
+    values = np.asarray(values, np.float32)
+    if values.ndim == 0:
+        return values
+    shape = [1] * ndim
+    shape[int(axis)] = -1
+    return values.reshape(shape)
+
+
+def run_program(program, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Execute the program's main function on `feeds` (input name -> array); returns its outputs."""
+    main = program.functions["main"]
+    env = {}
+    for name, var in main.inputs.items():
+        if name not in feeds:
+            raise AimMlxError(f"the program needs input {name!r}; got {', '.join(feeds) or 'none'}")
+        env[name] = np.asarray(feeds[name]).astype(_np_dtype(var))
+    for op in main.operations:
+        out = op.outputs[0]
+        if op.op_type == "const":
+            env[out.name] = out.val
+            continue
+        args = {}
+        for key, var in op.inputs.items():
+            if isinstance(var, (list, tuple)):
+                args[key] = [env[v.name] for v in var]
+            else:
+                args[key] = env[var.name]
+        if op.op_type == "constexpr_lut_to_dense":
+            result = _lut_to_dense(args, out.shape)
+        elif op.op_type in OPS:
+            numeric = {k: v.astype(np.float32) if _is_float(v) else v for k, v in args.items()}
+            result = OPS[op.op_type](**numeric)
+        else:
+            raise AimMlxError(f"the evaluator has no numpy version of the {op.op_type!r} op ({op.name})")
+        if len(op.outputs) != 1:
+            raise AimMlxError(f"the evaluator expects one output from {op.op_type!r} ({op.name})")
+        env[out.name] = np.asarray(result).astype(_np_dtype(out))
+    return {var.name: env[var.name] for var in main.outputs}
+
+
+def _is_float(value) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype.kind == "f"
+
+
+def photos() -> list:
+    """Real photos from scikit-image's data module (no download)."""
+    try:
+        from skimage import data
+    except ImportError:
+        raise AimMlxError(
+            "--check needs scikit-image for its test photos: pip install 'aim-mlx[coreml]'"
+        ) from None
+    from PIL import Image
+
+    return [Image.fromarray(getattr(data, name)()) for name in ("astronaut", "chelsea", "coffee", "rocket")]
+
+
+def tolerance(precision: str, compression: str) -> tuple[str, float]:
+    """(metric, bound) for a package: ('max_rel_error', upper bound) or ('cosine', lower bound)."""
+    if precision == "float32" and compression == "none":
+        return "max_rel_error", MAX_REL_ERROR_FP32
+    return "cosine", MIN_COSINE.get(compression, MIN_COSINE_DEFAULT)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def check_package(package: str | Path, model, images=None) -> dict:
+    """Compare a package's outputs (numpy evaluator; on macOS also MLModel.predict) with `model`, the MLX
+    float32 encoder it was exported from, on real photos. Returns the figures and whether they pass."""
+    import mlx.core as mx
+
+    from ..preprocess import ImageProcessor
+
+    spec, program = load_program(package)
+    meta = dict(spec.description.metadata.userDefined)
+    size = int(meta["image_size"])
+    mean = tuple(float(v) for v in meta["image_mean"].split(","))
+    std = tuple(float(v) for v in meta["image_std"].split(","))
+    processor = ImageProcessor.clip(size)
+    processor.image_mean, processor.image_std = mean, std
+    images = photos() if images is None else images
+    raw = np.stack([processor.center_crop(np.asarray(processor.resize(im.convert("RGB")))) for im in images])
+    pixels = np.stack([processor.preprocess_one(im) for im in images])  # (B, S, S, 3), what MLX sees
+    ref = model(mx.array(pixels))
+    reference = {
+        "image_embeds": np.array(ref.pooler_output, np.float32),
+        "last_hidden_state": np.array(ref.last_hidden_state, np.float32),
+    }
+    main_input = next(iter(program.functions["main"].inputs))
+    feed = raw if main_input == "image" else pixels
+    got = [run_program(program, {main_input: f.transpose(2, 0, 1)[None].astype(np.float32)}) for f in feed]
+    figures = _compare(got, reference)
+    metric, bound = tolerance(meta.get("precision", "float16"), meta.get("compression", "none"))
+    value = figures[metric]
+    passed = value <= bound if metric == "max_rel_error" else value >= bound
+    report = {
+        **figures,
+        "metric": metric,
+        "bound": bound,
+        "passed": bool(passed),
+        "images": len(images),
+        "summary": f"{metric} {value:.3g} ({'<=' if metric == 'max_rel_error' else '>='} {bound} needed) "
+        f"on {len(images)} photos",
+        "predict": "skipped: Core ML predicts only on macOS",
+    }
+    if sys.platform == "darwin":
+        import coremltools as ct
+        from PIL import Image
+
+        mlmodel = ct.models.MLModel(str(package))
+        feeds = (
+            [{"image": Image.fromarray(r)} for r in raw]
+            if main_input == "image"
+            else [{"pixel_values": p.transpose(2, 0, 1)[None]} for p in pixels]
+        )
+        predicted = _compare([mlmodel.predict(f) for f in feeds], reference)
+        report["predict"] = predicted
+        ok = predicted[metric] <= bound if metric == "max_rel_error" else predicted[metric] >= bound
+        report["passed"] = bool(passed and ok)
+        report["summary"] += f"; MLModel.predict {metric} {predicted[metric]:.3g}"
+    logger.info("checked %s: %s", package, report["summary"])
+    return report
+
+
+def check_text_package(package: str | Path, model, texts: list[str]) -> dict:
+    """A LiT text package (numpy evaluator; on macOS also MLModel.predict) against `model.encode_text`."""
+    spec, program = load_program(package)
+    meta = dict(spec.description.metadata.userDefined)
+    ids = np.asarray(model.tokenizer(texts), np.int32)  # (B, 77), padded with the end-of-text id
+    reference = np.array(model.encode_text(ids), np.float32)
+    got = np.concatenate([run_program(program, {"input_ids": row[None]})["text_embeds"] for row in ids])
+    figures = _compare([{"image_embeds": got}], {"image_embeds": reference})
+    metric, bound = tolerance(meta.get("precision", "float16"), meta.get("compression", "none"))
+    value = figures[metric]
+    passed = value <= bound if metric == "max_rel_error" else value >= bound
+    report = {**figures, "metric": metric, "bound": bound, "passed": bool(passed), "texts": len(texts)}
+    report["summary"] = f"{metric} {value:.3g} on {len(texts)} texts"
+    if sys.platform == "darwin":
+        import coremltools as ct
+
+        mlmodel = ct.models.MLModel(str(package))
+        predicted = np.concatenate([mlmodel.predict({"input_ids": row[None]})["text_embeds"] for row in ids])
+        report["predict"] = _compare([{"image_embeds": predicted}], {"image_embeds": reference})
+        ok = (
+            report["predict"][metric] <= bound
+            if metric == "max_rel_error"
+            else report["predict"][metric] >= bound
+        )
+        report["passed"] = bool(passed and ok)
+    return report
+
+
+def _compare(outputs: list[dict], reference: dict) -> dict:
+    """Lowest per-image cosine of image_embeds and max |error| / max |reference| over the outputs given."""
+    embeds = np.concatenate([o["image_embeds"] for o in outputs]).astype(np.float32)
+    figures = {"cosine": float(_cosines(embeds, reference["image_embeds"]).min())}
+    errors = []
+    for name in ("image_embeds", "last_hidden_state"):
+        if name in outputs[0]:
+            got = np.concatenate([np.asarray(o[name], np.float32) for o in outputs])
+            errors.append(np.abs(got - reference[name]).max() / np.abs(reference[name]).max())
+    figures["max_rel_error"] = float(max(errors))
+    return figures

@@ -1,0 +1,417 @@
+"""Core ML export: packages read back and run by the numpy evaluator match aim-mlx (MLX) on real photos.
+
+Tiny random-weight checkpoints in the published layouts; every precision and compression; the compressed-
+weight ops checked against coremltools' own decompression; metadata; the native checkpoint; refusals.
+Core ML itself predicts only on macOS: those checks are skipped elsewhere.
+"""
+
+import json
+import logging
+import sys
+
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+from aim_mlx.convert import coreml_check
+from aim_mlx.convert.coreml import export_coreml, kmeans_1d
+from aim_mlx.convert.coreml_check import check_package, load_program, run_program, tolerance
+from checkpoints import TINY, make_reference, write_checkpoint
+from typer.testing import CliRunner
+
+import aim_mlx
+from aim_mlx.cli import app
+from aim_mlx.errors import AimMlxError, ConfigError, ModelNotFoundError
+from aim_mlx.preprocess import ImageProcessor
+from aim_mlx.variants import CLIP_MEAN, CLIP_STD
+
+ct = pytest.importorskip("coremltools")
+logging.getLogger("coremltools").setLevel(logging.ERROR)
+MAC = sys.platform == "darwin"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TQDM_DISABLE", "1")  # coremltools' per-pass progress bars
+        yield
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-aimv2")
+    write_checkpoint(make_reference(seed=1, image_size=56, **TINY["large"]), folder, layout="apple")
+    (folder / "preprocessor_config.json").write_text(json.dumps(ImageProcessor.clip(56).to_dict()))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mlx_model(checkpoint):
+    return aim_mlx.load(str(checkpoint), dtype="float32")[0]
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return coreml_check.photos()
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("packages")
+
+
+CASES = [  # (precision, compression, target)
+    ("float32", "none", "iOS17"),
+    ("float16", "none", "iOS17"),
+    ("float16", "int8", "iOS17"),  # iOS16 constexpr_affine_dequantize
+    ("float16", "int4", "macOS15"),  # iOS18 constexpr_blockwise_shift_scale
+    ("float16", "palettize6", "iOS17"),  # iOS16 constexpr_lut_to_dense
+    ("float16", "palettize4", "iOS18"),  # iOS18 constexpr_lut_to_dense
+]
+
+
+@pytest.fixture(scope="module")
+def packages(checkpoint, out):
+    made = {}
+    for precision, compress, target in CASES:
+        path = out / f"{precision}-{compress}-{target}.mlpackage"
+        export_coreml(
+            str(checkpoint),
+            path,
+            precision=precision,
+            compress=compress,
+            target=target,
+            outputs="pooled,tokens",
+        )
+        made[precision, compress, target] = path
+    return made
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_package_matches_mlx_on_photos(case, packages, mlx_model, photos):
+    report = check_package(packages[case], mlx_model, photos)
+    metric, bound = tolerance(*case[:2])
+    assert report["metric"] == metric and report["bound"] == bound
+    if metric == "max_rel_error":  # float32: every output, tokens included
+        assert report["max_rel_error"] <= 1e-4, report
+    else:
+        assert report["cosine"] >= bound, report
+    assert report["passed"], report
+    if MAC:
+        assert isinstance(report["predict"], dict), report
+    else:
+        assert report["predict"].startswith("skipped"), report
+
+
+def test_issue_thresholds():
+    assert tolerance("float32", "none") == ("max_rel_error", 1e-4)
+    assert tolerance("float16", "none")[1] >= 0.999
+    assert tolerance("float16", "int8")[1] >= 0.995
+    assert tolerance("float16", "palettize6")[1] >= 0.99
+
+
+EXPECTED_OPS = {
+    ("float16", "int8", "iOS17"): "constexpr_affine_dequantize",
+    ("float16", "int4", "macOS15"): "constexpr_blockwise_shift_scale",
+    ("float16", "palettize6", "iOS17"): "constexpr_lut_to_dense",
+    ("float16", "palettize4", "iOS18"): "constexpr_lut_to_dense",
+}
+
+
+@pytest.mark.parametrize("case", list(EXPECTED_OPS), ids=["-".join(c) for c in EXPECTED_OPS])
+def test_compressed_ops_match_coremltools_decompression(case, packages):
+    """The evaluator's dequantization of each compressed weight equals coremltools' own."""
+    _, program = load_program(packages[case])
+    ops = [op for op in program.functions["main"].operations if op.op_type.startswith("constexpr_")]
+    assert ops and {op.op_type for op in ops} == {EXPECTED_OPS[case]}
+    # Every linear weight (7 per block) is compressed.
+    assert len(ops) >= 7 * 2
+    for op in ops:
+        env = {v.name: v.val for v in op.inputs.values()}
+        expected = np.asarray(op.materialized_val_inference())
+        got = _run_one(op, env).astype(expected.dtype)
+        # coremltools computes in the weight's dtype, the evaluator in float32 then rounds: one ulp apart.
+        ulp = np.finfo(expected.dtype).eps
+        np.testing.assert_allclose(got, expected, rtol=ulp, atol=np.abs(expected).max() * ulp)
+
+
+def _run_one(op, env):
+    """One constexpr op through the evaluator's own code."""
+    args = {k: env[v.name] for k, v in op.inputs.items()}
+    if op.op_type == "constexpr_lut_to_dense":
+        return coreml_check._lut_to_dense(args, op.outputs[0].shape)
+    return coreml_check.OPS[op.op_type](**args)
+
+
+def test_compression_shrinks_package(packages):
+    sizes = {case: _size(path) for case, path in packages.items()}
+    fp16 = sizes["float16", "none", "iOS17"]
+    assert sizes["float32", "none", "iOS17"] > 1.8 * fp16
+    assert sizes["float16", "int8", "iOS17"] < 0.6 * fp16
+    assert sizes["float16", "int4", "macOS15"] < sizes["float16", "int8", "iOS17"]
+    assert sizes["float16", "palettize4", "iOS18"] < sizes["float16", "palettize6", "iOS17"]
+
+
+def _size(path):
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_check_catches_a_wrong_model(packages, photos):
+    """The comparison can fail: another model's MLX output is far from this package."""
+    other_folder = packages["float32", "none", "iOS17"].parent / "other"
+    write_checkpoint(make_reference(seed=2, image_size=56, **TINY["large"]), other_folder, layout="hf")
+    other = aim_mlx.load(str(other_folder), dtype="float32")[0]
+    report = check_package(packages["float32", "none", "iOS17"], other, photos[:2])
+    assert not report["passed"] and report["max_rel_error"] > 1e-2
+
+
+def test_float16_rmsnorm_cannot_overflow(tmp_path, photos):
+    """Residual streams in the thousands: x² overflows float16 (max 65504), the exported norm does not."""
+    reference = make_reference(seed=4, image_size=56, **TINY["large"])
+    with torch.no_grad():
+        reference.embeddings.position_embedding.weight.mul_(3000)
+    folder = write_checkpoint(reference, tmp_path / "loud", layout="hf")
+    model = aim_mlx.load(str(folder), dtype="float32")[0]
+    hidden = np.asarray(model.embed(aim_mlx.load(str(folder))[1](photos[:1])))
+    with np.errstate(over="ignore"):  # the naive form overflows
+        assert not np.isfinite((hidden.astype(np.float16) ** 2).sum(-1)).all()
+    path = export_coreml(str(folder), tmp_path / "loud.mlpackage", precision="float16").path
+    report = check_package(path, model, photos)
+    assert report["cosine"] >= 0.999, report
+
+
+def test_metadata_and_interface(packages, checkpoint):
+    spec = ct.utils.load_spec(str(packages["float16", "none", "iOS17"]))
+    meta = spec.description.metadata
+    assert "Apple" in meta.author and meta.license and meta.versionString and meta.shortDescription
+    user = dict(meta.userDefined)
+    assert user["source_model"] == str(checkpoint) and user["source_revision"] == "local"
+    assert [float(v) for v in user["image_mean"].split(",")] == pytest.approx(CLIP_MEAN)
+    assert [float(v) for v in user["image_std"].split(",")] == pytest.approx(CLIP_STD)
+    assert user["image_size"] == "56" and user["embedding_size"] == str(TINY["large"]["hidden_size"])
+    assert user["aim_mlx_version"] == aim_mlx.__version__
+    assert user["precision"] == "float16" and user["compression"] == "none"
+    (image,) = spec.description.input
+    assert image.name == "image" and image.type.WhichOneof("Type") == "imageType"
+    assert (image.type.imageType.width, image.type.imageType.height) == (56, 56)
+    assert image.type.imageType.colorSpace == ct.proto.FeatureTypes_pb2.ImageFeatureType.RGB
+    assert "56x56" in image.shortDescription
+    outputs = {o.name: o.type.multiArrayType for o in spec.description.output}
+    assert list(outputs) == ["image_embeds", "last_hidden_state"]
+    assert all(t.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32 for t in outputs.values())
+
+
+def test_tensor_input(checkpoint, mlx_model, photos, tmp_path):
+    path = export_coreml(
+        str(checkpoint), tmp_path / "t.mlpackage", precision="float32", input_kind="tensor"
+    ).path
+    _, program = load_program(path)
+    assert list(program.functions["main"].inputs) == ["pixel_values"]
+    assert [o.name for o in program.functions["main"].outputs] == ["image_embeds"]
+    assert check_package(path, mlx_model, photos)["max_rel_error"] <= 1e-4
+
+
+def test_native_checkpoint_one_size_per_package(tmp_path, photos):
+    folder = write_checkpoint(
+        make_reference(seed=5, image_size=224, is_native=True, **TINY["large"]), tmp_path / "native"
+    )
+    model = aim_mlx.load(str(folder), dtype="float32")[0]
+    assert model.config.is_native
+    for size in (168, 196):  # 144 and 196 patches; the sin-cos table differs per grid
+        path = export_coreml(
+            str(folder), tmp_path / f"n{size}.mlpackage", precision="float32", image_size=size
+        )
+        spec = ct.utils.load_spec(str(path.path))
+        assert spec.description.input[0].type.imageType.width == size
+        assert check_package(path.path, model, photos[:2])["max_rel_error"] <= 1e-4
+    for bad in (100, 140, 910):  # not a multiple of 14; 100 patches; 4225 patches
+        with pytest.raises(ConfigError, match="--image-size"):
+            export_coreml(str(folder), tmp_path / "bad.mlpackage", image_size=bad)
+    assert not (tmp_path / "bad.mlpackage").exists()
+
+
+def test_quantized_mlx_folder_is_dequantized(checkpoint, tmp_path, photos):
+    """A folder from `aim-mlx convert -q` exports; the package matches that quantized MLX model."""
+    from aim_mlx.convert.convert import convert
+
+    folder = tmp_path / "q8"
+    convert(str(checkpoint), folder, quantize=True, q_bits=8, q_group_size=32)
+    model = aim_mlx.load(str(folder), dtype="float32")[0]
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    path = export_coreml(str(folder), tmp_path / "q8.mlpackage", precision="float32").path
+    meta = ct.utils.load_spec(str(path)).description.metadata.userDefined
+    recorded = json.loads((folder / "config.json").read_text())["source_model"]
+    assert meta["source_model"] == recorded and recorded != str(folder)
+    assert check_package(path, model, photos[:2])["max_rel_error"] <= 1e-4
+
+
+def test_fixed_checkpoint_refuses_other_sizes(checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match="learned position table"):
+        export_coreml(str(checkpoint), tmp_path / "x.mlpackage", image_size=112)
+
+
+@pytest.mark.parametrize(
+    "option, value, match",
+    [
+        ("precision", "bfloat16", "--precision"),
+        ("compress", "int2", "--compress"),
+        ("target", "iOS16", "--min-deployment-target"),
+        ("input_kind", "video", "--input"),
+        ("outputs", "tokens", "--outputs"),
+    ],
+)
+def test_unknown_options(checkpoint, tmp_path, option, value, match):
+    with pytest.raises(ConfigError, match=match):
+        export_coreml(str(checkpoint), tmp_path / "x.mlpackage", **{option: value})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", ["iOS17", "macOS14"])
+def test_int4_needs_ios18(checkpoint, tmp_path, target):
+    with pytest.raises(ConfigError, match="macOS15 or iOS18"):
+        export_coreml(str(checkpoint), tmp_path / "x.mlpackage", compress="int4", target=target)
+
+
+def test_refusals_write_nothing(checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match=r"\.mlpackage"):
+        export_coreml(str(checkpoint), tmp_path / "x.mlmodel")
+    with pytest.raises(ModelNotFoundError):
+        export_coreml(str(tmp_path / "missing"), tmp_path / "x.mlpackage")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_is_one_error(checkpoint, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(AimMlxError, match="cannot write"):
+        export_coreml(str(checkpoint), tmp_path / "file" / "m.mlpackage")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_existing_output_needs_force(checkpoint, tmp_path):
+    target = tmp_path / "m.mlpackage"
+    target.mkdir()
+    (target / "keep").write_text("old")
+    with pytest.raises(ConfigError, match="--force"):
+        export_coreml(str(checkpoint), target)
+    assert (target / "keep").read_text() == "old"
+    export_coreml(str(checkpoint), target, force=True)
+    assert not (target / "keep").exists() and (target / "Manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mlpackage"]  # no temporary left
+
+
+def test_failed_check_writes_nothing(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(coreml_check.MIN_COSINE, "none", 1.5)  # a bound no package can meet
+    with pytest.raises(AimMlxError, match="--check failed, nothing written"):
+        export_coreml(str(checkpoint), tmp_path / "m.mlpackage", check=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kmeans_1d_against_brute_force():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(-3, 0.1, 300), rng.normal(0, 0.1, 300), rng.normal(5, 0.1, 300)])
+    centroids, indices = kmeans_1d(values, 3)
+    np.testing.assert_allclose(np.sort(centroids), [-3, 0, 5], atol=0.05)
+    # Each value goes to its nearest centroid, and each centroid is the mean of its values.
+    assert (indices == np.abs(values[:, None] - centroids[None]).argmin(1)).all()
+    for k in range(3):
+        assert centroids[k] == pytest.approx(values[indices == k].mean())
+
+
+def test_evaluator_refuses_unknown_inputs(packages):
+    _, program = load_program(packages["float32", "none", "iOS17"])
+    with pytest.raises(AimMlxError, match="needs input 'image'"):
+        run_program(program, {"pixels": np.zeros((1, 3, 56, 56), np.float32)})
+
+
+def test_cli_export_and_errors(checkpoint, tmp_path):
+    runner = CliRunner()
+    path = tmp_path / "cli.mlpackage"
+    args = ["export", "coreml", "-m", str(checkpoint), "-o", str(path)]
+    result = runner.invoke(app, [*args, "--precision", "float32", "--check"])
+    assert result.exit_code == 0, result.output
+    assert path.is_dir() and "max_rel_error" in result.output and "wrote" in result.output
+    for extra, message in [
+        ([], "already exists; pass --force"),
+        (["--force", "--precision", "float8"], "unknown --precision 'float8'"),
+        (["--force", "--compress", "int4"], "--compress int4 needs"),
+    ]:
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code == 1, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+
+
+@pytest.mark.skipif(
+    not MAC, reason="Core ML predicts only on macOS; the numpy evaluator covers this platform"
+)
+def test_mlmodel_predict_matches_mlx(packages, mlx_model, photos):
+    report = check_package(packages["float16", "none", "iOS17"], mlx_model, photos)
+    assert report["predict"]["cosine"] >= 0.999, report
+
+
+@pytest.fixture(scope="module")
+def lit(tmp_path_factory):
+    from lit_checkpoints import make_lit_reference, write_lit_checkpoint
+
+    folder = write_lit_checkpoint(make_lit_reference(seed=6), tmp_path_factory.mktemp("tiny-lit"), "apple")
+    return folder, aim_mlx.load(str(folder), dtype="float32")[0]
+
+
+@pytest.mark.parametrize("precision, compress", [("float32", "none"), ("float16", "int8")])
+def test_lit_exports_image_and_text_packages(lit, tmp_path, precision, compress):
+    from aim_mlx.convert.coreml_lit import check_lit
+
+    folder, model = lit
+    labels = ["cat", "rocket", "cup of coffee"]
+    out = export_coreml(
+        str(folder), tmp_path / "lit", precision=precision, compress=compress, labels=labels
+    ).path
+    report = check_lit(out, model)
+    assert report["passed"], report["summary"]
+    if precision == "float32":  # the text tower pooled at the first end-of-text token, exactly
+        assert report["text"]["max_rel_error"] <= 1e-4 and report["image"]["max_rel_error"] <= 1e-4
+    facts = json.loads((out / "lit.json").read_text())
+    assert facts["logit_scale"] == pytest.approx(float(np.array(model.logit_scale)))
+    assert facts["eos_token_id"] == 49407 and facts["context_length"] == 77
+    for name in facts["tokenizer_files"]:
+        assert (out / "tokenizer" / name).read_bytes() == (folder / name).read_bytes()
+    assert {"vocab.json", "merges.txt"} <= set(facts["tokenizer_files"])
+    text = ct.utils.load_spec(str(out / facts["text_package"])).description
+    (ids,) = text.input
+    assert ids.name == "input_ids" and list(ids.type.multiArrayType.shape) == [1, 77]
+    assert ids.type.multiArrayType.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.INT32
+    assert [o.name for o in text.output] == ["text_embeds"]
+    image = ct.utils.load_spec(str(out / facts["image_package"])).description
+    assert image.metadata.userDefined["embedding_size"] == str(facts["embedding_size"])
+    # The precomputed label embeddings are what the text package gives for the same prompts.
+    table = json.loads((out / "label_embeddings.json").read_text())
+    assert table["labels"] == labels
+    _, program = load_program(out / facts["text_package"])
+    prompts = model.tokenizer([table["template"].format(label) for label in labels])
+    packaged = np.concatenate(
+        [run_program(program, {"input_ids": row[None]})["text_embeds"] for row in prompts]
+    )
+    cosines = (packaged * np.asarray(table["embeddings"])).sum(-1) / np.linalg.norm(packaged, axis=-1)
+    assert cosines.min() >= (0.99999 if precision == "float32" else report["text"]["bound"])
+
+
+def test_lit_output_is_a_folder(lit, checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match="without .mlpackage"):
+        export_coreml(str(lit[0]), tmp_path / "lit.mlpackage")
+    with pytest.raises(ConfigError, match="no text tower"):
+        export_coreml(str(checkpoint), tmp_path / "v.mlpackage", labels=["cat"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_id_records_source_and_license(checkpoint, cache, tmp_path):
+    from fakehub import add_folder
+
+    from aim_mlx.variants import VARIANTS
+
+    variant = VARIANTS["apple/aimv2-large-patch14-224"]
+    add_folder(cache, variant.repo_id, variant.revision, checkpoint)
+    path = export_coreml("aimv2-large-patch14-224", tmp_path / "hub.mlpackage").path
+    meta = ct.utils.load_spec(str(path)).description.metadata
+    assert meta.userDefined["source_model"] == variant.repo_id
+    assert meta.userDefined["source_revision"] == variant.revision
+    assert "apple-amlr" in meta.license and variant.revision[:12] in meta.versionString
