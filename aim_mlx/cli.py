@@ -90,11 +90,14 @@ def _main(
 @app.command(
     epilog="Examples:\n\n  aim-mlx embed photo.jpg\n\n"
     "  aim-mlx embed ~/Pictures -o embeddings.npz --batch-size 16\n\n"
-    "  aim-mlx embed a.jpg b.png --pool none -o tokens.npy"
+    "  aim-mlx embed a.jpg b.png --pool none -o tokens.npy\n\n"
+    '  aim-mlx embed -m apple/aimv2-large-patch14-224-lit --text "a photo of a cat" -o cat.npy'
 )
 @_one_line_errors
 def embed(
-    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (walked recursively).")],
+    images: Annotated[
+        list[Path] | None, typer.Argument(help="Image files and/or folders (walked recursively).")
+    ] = None,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 8,
@@ -108,8 +111,18 @@ def embed(
             "--output", "-o", help="Write .npy (rows in order), .npz (embeddings + paths) or .jsonl."
         ),
     ] = None,
+    text: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--text",
+            "-t",
+            help="Embed this text instead of images (LiT model; repeatable); .npz/.jsonl keep it as `path`.",
+        ),
+    ] = None,
 ):
-    """Embed images with an AIMv2 encoder. Unreadable files are named on stderr and skipped (exit code 2)."""
+    """Embed images with an AIMv2 encoder. Unreadable files are named on stderr and skipped (exit code 2).
+
+    With --text and a LiT checkpoint, embed texts into its image-text space instead."""
     import numpy as np
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -120,11 +133,15 @@ def embed(
     err = _stderr()
     if output is not None and output.suffix.lower() not in embedding.OUTPUT_FORMATS:
         raise AimMlxError(f"cannot write {output}: use a .npy, .npz or .jsonl file name")
+    if text or not images:
+        return _embed_texts(text, images, model, revision, dtype, output)
     paths = find_images(images)
     if not paths:
         raise AimMlxError(f"no images found in {', '.join(map(str, images))}")
     with err.status(f"loading {model}"):
         net, processor = load(model, revision=revision, dtype=dtype.value if dtype else None)
+    if hasattr(net, "shared_space_images"):  # LiT: images go into its image-text space, like its texts
+        net = net.shared_space_images()
     columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True, disable=len(paths) <= batch_size) as bar:
         task = bar.add_task("embed", total=len(paths))
@@ -262,6 +279,221 @@ def bench(
         typer.echo(f"{r['model']} batch {r['batch']}: aim-mlx / torch images/s = {r['ratio']:.2f}x")
     if plot is not None:
         _stderr().print(f"wrote {plot}", highlight=False)
+
+
+def _embed_texts(texts, images, model, revision, dtype, output) -> None:
+    """`embed --text`: texts into a LiT model's image-text space, written like image embeddings."""
+    import numpy as np
+
+    from . import embed as embedding
+    from .lit import embed_texts, require_lit
+    from .loading import load
+
+    if not texts:
+        raise AimMlxError("nothing to embed; pass image files or folders, or --text 'some text'")
+    if images:
+        raise AimMlxError("pass images or --text, not both; run embed once for each")
+    with _stderr().status(f"loading {model}"):
+        net, _ = load(model, revision=revision, dtype=dtype.value if dtype else None)
+    require_lit(net, model, "embed text")
+    result = embed_texts(net, list(texts))
+    if output is not None:
+        embedding.save(result, output)
+        _stderr().print(f"wrote {len(result.paths)} embeddings to {output}", highlight=False)
+        return
+    for text, emb in zip(result.paths, result.embeddings, strict=True):
+        head = ", ".join(f"{v:+.4f}" for v in emb[:4])
+        norm = float(np.linalg.norm(emb))
+        typer.echo(f"{text}\tshape={tuple(emb.shape)}\tnorm={norm:.4f}\t[{head}, ...]")
+
+
+class Templates(str, Enum):
+    imagenet = "imagenet"
+
+
+@app.command(
+    epilog="Examples:\n\n  aim-mlx classify photo.jpg --labels 'cat,dog,horse'\n\n"
+    "  aim-mlx classify ~/Pictures --imagenet --top-k 3 --json\n\n"
+    "  aim-mlx classify a.jpg --labels-file labels.txt --template 'a drawing of a {}.'"
+)
+@_one_line_errors
+def classify(
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (walked recursively).")],
+    labels: Annotated[str | None, typer.Option(help="Comma-separated labels, e.g. 'cat,dog,horse'.")] = None,
+    labels_file: Annotated[Path | None, typer.Option(help="A UTF-8 text file, one label per line.")] = None,
+    imagenet: Annotated[bool, typer.Option("--imagenet", help="The 1000 ImageNet-1k classes.")] = False,
+    template: Annotated[
+        str | None, typer.Option(help="Prompt with {} where the label goes. Default: 'a photo of a {}.'")
+    ] = None,
+    templates: Annotated[
+        Templates | None, typer.Option(help="imagenet: CLIP's 80 ImageNet prompts, averaged per label.")
+    ] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Labels shown per image.")] = 5,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="A zero-shot (LiT) checkpoint: hub id or local folder.")
+    ] = "apple/aimv2-large-patch14-224-lit",
+    revision: RevisionOpt = None,
+    dtype: DTypeOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 8,
+    as_json: JsonOpt = False,
+):
+    """Zero-shot classification: the top-k labels per image, with probabilities, from a LiT checkpoint.
+
+    Label embeddings are cached on disk (AIM_MLX_CACHE, default ~/.cache/aim-mlx), so a repeated label set
+    costs about one image forward. Unreadable images are named on stderr and skipped (exit code 2).
+    """
+    import json
+
+    from . import zeroshot
+    from .images import find_images
+    from .lit import require_lit
+    from .loading import load
+
+    names = zeroshot.label_set(labels, labels_file, imagenet)
+    prompts = zeroshot.template_set(template, templates.value if templates else None)
+    paths = find_images(images)
+    if not paths:
+        raise AimMlxError(f"no images found in {', '.join(map(str, images))}")
+    err = _stderr()
+    with err.status(f"loading {model}"):
+        net, processor = load(model, revision=revision, dtype=dtype.value if dtype else None)
+    require_lit(net, model, "classify zero-shot")
+    with err.status(f"classifying among {len(names)} labels ({len(prompts)} prompts each)"):
+        key = zeroshot.model_key(net.folder, model, revision)
+        predictions, failures = zeroshot.classify_files(
+            net, processor, paths, names, prompts, top_k, batch_size, key
+        )
+    for _, reason in failures:
+        err.print(f"[yellow]skipped[/] {reason}", markup=True, highlight=False, soft_wrap=True)
+    rows = [{"path": str(path), "predictions": pred.to_list()} for path, pred in predictions]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        for row in rows:
+            typer.echo(row["path"])
+            for pred in row["predictions"]:
+                typer.echo(f"  {pred['prob']:7.2%}  {pred['label']}")
+    if failures:
+        err.print(f"{len(failures)} of {len(paths)} images failed", highlight=False)
+        raise typer.Exit(2)
+
+
+@app.command(
+    epilog="Examples:\n\n  aim-mlx convert --hf-path apple/aimv2-large-patch14-224 --mlx-path aimv2-l-mlx\n\n"
+    "  aim-mlx convert --hf-path apple/aimv2-large-patch14-224 --mlx-path aimv2-l-4bit -q\n\n"
+    "  aim-mlx convert --hf-path ./checkpoint --mlx-path out -q --quant-predicate mixed_4_8"
+)
+@_one_line_errors
+def convert(
+    hf_path: Annotated[str, typer.Option(help="Hub id or local folder of the checkpoint to convert.")],
+    mlx_path: Annotated[Path, typer.Option(help="Folder to write (must not exist).")] = Path("mlx_model"),
+    revision: RevisionOpt = None,
+    dtype: Annotated[DType | None, typer.Option(help="Weight dtype. Default: the source's.")] = None,
+    quantize: Annotated[bool, typer.Option("--quantize", "-q", help="Quantize the Linear layers.")] = False,
+    q_bits: Annotated[int, typer.Option(help="Bits per weight when quantizing: 4 or 8.")] = 4,
+    q_group_size: Annotated[int, typer.Option(help="Quantization group size: 32, 64 or 128.")] = 64,
+    quant_predicate: Annotated[
+        str | None,
+        typer.Option(help="Mixed-precision recipe (with -q): mixed_4_8, ends_4_8 or mixed_4_6; see README."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --mlx-path folder.")] = False,
+):
+    """Convert a checkpoint to an MLX folder (aim-mlx layout), optionally quantized, for `--model DIR`."""
+    from .convert.convert import convert as run_convert
+    from .convert.convert import describe_quantization
+
+    with _stderr().status(f"converting {hf_path}"):
+        done = run_convert(
+            hf_path,
+            mlx_path,
+            revision=revision,
+            dtype=dtype.value if dtype else None,
+            quantize=quantize,
+            q_bits=q_bits,
+            q_group_size=q_group_size,
+            quant_predicate=quant_predicate,
+            force=force,
+        )
+    source = done.source + (f" @ {done.revision}" if done.revision else "")
+    typer.echo(f"source:     {source}")
+    typer.echo(f"dtype:      {done.dtype}")
+    typer.echo(f"quantized:  {describe_quantization(done.quantized)}")
+    typer.echo(f"size:       {done.bytes_before / 1e6:.1f} MB -> {done.bytes_after / 1e6:.1f} MB")
+    typer.echo(f"wrote {done.output} ({', '.join(done.files)})")
+
+
+export_app = typer.Typer(help="Export a checkpoint for other runtimes.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command(
+    "coreml",
+    epilog="Examples:\n\n  aim-mlx export coreml -o AIMv2L.mlpackage --check\n\n"
+    "  aim-mlx export coreml -m apple/aimv2-large-patch14-native --image-size 336 -o native336.mlpackage\n\n"
+    "  aim-mlx export coreml -o l8.mlpackage --compress int8 --outputs pooled,tokens\n\n"
+    "  aim-mlx export coreml -o l4.mlpackage --compress int4 --min-deployment-target iOS18",
+)
+@_one_line_errors
+def export_coreml(
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .mlpackage to write (LiT: a folder).")],
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    precision: Annotated[str, typer.Option(help="float16 or float32.")] = "float16",
+    compress: Annotated[
+        str, typer.Option(help="none, int8, int4 (macOS15/iOS18+), palettize4, palettize6 or palettize8.")
+    ] = "none",
+    image_size: Annotated[
+        int | None, typer.Option(help="Input size (native checkpoint only; default 224).")
+    ] = None,
+    min_deployment_target: Annotated[str, typer.Option(help="macOS14, iOS17, macOS15 or iOS18.")] = "iOS17",
+    input_kind: Annotated[
+        str, typer.Option("--input", help="image (RGB 0-255) or tensor (normalised pixel_values).")
+    ] = "image",
+    outputs: Annotated[
+        str, typer.Option(help="pooled, or pooled,tokens to add last_hidden_state.")
+    ] = "pooled",
+    check: Annotated[
+        bool, typer.Option(help="Verify the package against MLX on real photos before writing it.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    labels: Annotated[
+        str | None, typer.Option(help="LiT: comma-separated labels whose text embeddings to precompute.")
+    ] = None,
+):
+    """Build a Core ML package (ML program) from an AIMv2 checkpoint, without torch.
+
+    The LiT checkpoint gives a folder: ImageEncoder.mlpackage, TextEncoder.mlpackage (input_ids (1, 77) ->
+    text_embeds), tokenizer/ and lit.json (logit scale, token ids), for zero-shot in an app.
+    """
+    import logging
+
+    if not os.environ.get("AIM_MLX_DEBUG"):  # coremltools' progress bars and platform notes
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
+    from .convert.coreml import export_coreml as run_export
+
+    with _stderr().status(f"exporting {model}"):
+        done = run_export(
+            model,
+            output,
+            revision=revision,
+            precision=precision,
+            compress=compress,
+            image_size=image_size,
+            target=min_deployment_target,
+            input_kind=input_kind,
+            outputs=outputs,
+            check=check,
+            force=force,
+            labels=None if labels is None else labels.split(","),
+        )
+    meta = done.metadata
+    typer.echo(f"source:     {meta['source_model']} @ {meta['source_revision']}")
+    size = meta["image_size"]
+    typer.echo(f"package:    {precision}, compression {compress}, {size} px, {input_kind} input")
+    if done.check is not None:
+        typer.echo(f"check:      {done.check['summary']} (numpy evaluator); predict {done.check['predict']}")
+    typer.echo(f"wrote {done.path} ({done.size_bytes / 1e6:.1f} MB) in {done.seconds:.1f} s")
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import hub, weights
+from . import hub, quantized, weights
 from .config import VisionConfig
 from .errors import ConfigError
 from .models.aimv2 import AIMv2VisionEncoder
@@ -46,6 +46,12 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None)
     folder = hub.resolve(path_or_id, revision)
     variant = None if Path(path_or_id).expanduser().is_dir() else find_variant(path_or_id)
     raw = read_config(folder)
+    if isinstance(raw.get("text_config"), dict):  # LiT: a text tower too; (AIMv2LiT, LiTProcessor)
+        from .lit import load_lit
+
+        model, processor = load_lit(folder, raw, DTYPES[dtype], variant)
+        logger.info("loaded %s (%s, %s)", path_or_id, folder, dtype)
+        return model, processor
     config = VisionConfig.from_dict(raw)
     state = weights.load_folder(folder, config.num_channels)
     vision = raw.get("vision_config", raw)
@@ -55,6 +61,8 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None)
         # Apple's configs carry no flag: the native checkpoint is the one without a learned position table.
         config.is_native = "pos_embed" not in state
     model = AIMv2VisionEncoder(config)
+    if "quantization" in raw:  # a converted folder (aim-mlx convert -q): swap in its quantized layers
+        quantized.from_config(model, raw["quantization"], state)
     weights.load_into(model, state, source=str(folder))
     model.set_dtype(DTYPES[dtype])
     mx.eval(model.parameters())
