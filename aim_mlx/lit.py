@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import weights
+from . import quantized, weights
 from .embed import EmbedResult
 from .errors import ConfigError
 from .models.lit import AIMv2LiT, LiTConfig
@@ -38,12 +38,17 @@ class LiTProcessor:
     def tokenize(self, texts: list[str]):
         return self.tokenizer(texts)
 
+    def to_dict(self) -> dict:
+        return self.image.to_dict()
+
 
 def load_lit(folder: Path, raw: dict, dtype, variant=None) -> tuple[AIMv2LiT, LiTProcessor]:
     """The LiT model from a resolved checkpoint folder and its parsed config.json; strict weight load."""
     config = LiTConfig.from_dict(raw)
     state = weights.load_lit_folder(folder, config.vision.num_channels)
     model = AIMv2LiT(config)
+    if "quantization" in raw:  # a converted folder (aim-mlx convert -q): swap in its quantized layers
+        quantized.from_config(model, raw["quantization"], state)
     weights.load_into(model, state, source=str(folder))
     model.set_dtype(dtype)
     mx.eval(model.parameters())

@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 from aim_mlx import __version__, hub, quantized, weights
 from aim_mlx.errors import ConfigError
 from aim_mlx.loading import DTYPES, load, read_config
-from aim_mlx.quantized import GROUP_SIZES, MODE
+from aim_mlx.quantized import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODE
 from aim_mlx.variants import find_variant
 
 from .recipes import RECIPES, recipe
@@ -61,7 +61,7 @@ def convert(
     dtype: str | None = None,
     quantize: bool = False,
     q_bits: int = 4,
-    q_group_size: int = 64,
+    q_group_size: int = DEFAULT_GROUP_SIZE,
     quant_predicate: str | None = None,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
@@ -79,8 +79,6 @@ def convert(
     raw = read_config(folder)
     if "quantization" in raw:
         raise ConfigError(f"{hf_path} is already quantized; convert from its float checkpoint instead")
-    if isinstance(raw.get("text_config"), dict):
-        raise ConfigError(f"{hf_path} is a LiT checkpoint; `convert` handles vision encoders only so far")
     dtype = dtype or _source_dtype(raw)
     # Loaded in float32 and cast lazily below: `load` casting to half precision evaluates every tensor at
     # once, which held the float32 and the half copies together (1.57x the checkpoint for AIMv2-L).
@@ -177,7 +175,8 @@ def _output_config(raw: dict, model: nn.Module, dtype: str, done: Conversion) ->
     config = json.loads(json.dumps(raw))  # a deep copy
     config.pop("auto_map", None)  # Apple's remote-code pointers: that code is not part of the folder
     vision = config.get("vision_config", config)
-    vision["is_native"] = model.config.is_native  # Apple's configs leave it implicit
+    vision_model = getattr(model, "image_encoder", model)  # a LiT model's vision tower, or the model
+    vision["is_native"] = vision_model.config.is_native  # Apple's configs leave it implicit
     vision["torch_dtype"] = dtype
     if "dtype" in vision:  # transformers 5 writes this name
         vision["dtype"] = dtype
@@ -251,7 +250,9 @@ def model_card(done: Conversion, config: dict) -> str:
         front.append(f"base_model: {done.source}")
     if variant is not None:
         front.append(f"license: other\nlicense_name: {variant.license}")
-    front += ["pipeline_tag: image-feature-extraction", "tags:", "- mlx", "- aimv2", "- vision", "---"]
+    lit = "text_config" in config
+    task = "zero-shot-image-classification" if lit else "image-feature-extraction"
+    front += [f"pipeline_tag: {task}", "tags:", "- mlx", "- aimv2", "- vision", "---"]
     q = config.get("quantization")
     flags = [f"--hf-path {done.source}", f"--mlx-path {done.output.name}", f"--dtype {done.dtype}"]
     if done.revision:
@@ -281,6 +282,7 @@ def model_card(done: Conversion, config: dict) -> str:
             "```bash",
             "pip install aim-mlx",
             f"aim-mlx embed photo.jpg --model {done.output.name}",
+            *([f'aim-mlx classify photo.jpg --labels "cat,dog" --model {done.output.name}'] if lit else []),
             "```",
             "",
             "```python",

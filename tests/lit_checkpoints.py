@@ -29,11 +29,14 @@ TINY_TEXT = dict(
 TINY_VISION = dict(hidden_size=128, num_attention_heads=8, intermediate_size=352, num_hidden_layers=2)
 
 
-def make_lit_reference(seed: int = 0, image_size: int = 56, projection_dim: int = 48) -> Aimv2Model:
+def make_lit_reference(
+    seed: int = 0, image_size: int = 56, projection_dim: int = 48, text: dict | None = None
+) -> Aimv2Model:
+    """A random-weight transformers Aimv2Model; `text` overrides entries of TINY_TEXT."""
     torch.manual_seed(seed)
     config = Aimv2Config(
         vision_config=dict(image_size=image_size, patch_size=14, use_head=True, **TINY_VISION),
-        text_config=TINY_TEXT,
+        text_config={**TINY_TEXT, **(text or {})},
         projection_dim=projection_dim,
     )
     config._attn_implementation = "eager"

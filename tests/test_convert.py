@@ -14,6 +14,7 @@ import skimage.data
 from aim_mlx.convert.convert import convert
 from checkpoints import TINY, make_reference, write_checkpoint
 from fakehub import add_folder
+from lit_checkpoints import make_lit_reference, write_lit_checkpoint
 from mlx.utils import tree_flatten
 from PIL import Image
 from typer.testing import CliRunner
@@ -153,6 +154,50 @@ def test_quantized_conversion(source, float_model, pixels, tmp_path, options, bi
     ref = np.asarray(float_model.encode_image(pixels))
     assert cosine(ours, ref).min() >= target
     assert not np.array_equal(ours, ref)  # quantization did change the weights
+
+
+def test_lit_checkpoint_converts_with_its_head_and_projections_quantized(pixels, tmp_path):
+    # A text MLP width that group size 32 divides; the vision tower's (352) takes 32 too.
+    source = write_lit_checkpoint(
+        make_lit_reference(seed=9, text=dict(intermediate_size=192)), tmp_path / "s"
+    )
+    reference, _ = aim_mlx.load(str(source))
+    texts = ["a photo of a cat", "A DOG, running fast!"]
+    ref_image, ref_text = np.asarray(reference.encode_image(pixels)), np.asarray(reference.encode_text(texts))
+
+    convert(str(source), tmp_path / "f32")
+    done = convert(str(source), tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32)
+    heads = {"image_encoder.head.k", "image_encoder.head.v", "image_encoder.head.linear"}
+    towers = ("image_encoder", "text_encoder")
+    trunks = {f"{tower}.blocks.{i}.{name}" for tower in towers for i in range(2) for name in LINEARS}
+    assert set(done.quantized) == heads | {"image_projector", "text_projector"} | trunks
+    assert {"vocab.json", "merges.txt", "preprocessor_config.json"} <= entries(tmp_path / "q8")
+    card = (tmp_path / "q8" / "README.md").read_text()
+    assert "pipeline_tag: zero-shot-image-classification" in card and "aim-mlx classify" in card
+
+    for folder, exact in (("f32", True), ("q8", False)):
+        model, _ = aim_mlx.load(str(tmp_path / folder))
+        image, text = np.asarray(model.encode_image(pixels)), np.asarray(model.encode_text(texts))
+        if exact:
+            np.testing.assert_array_equal(image, ref_image)
+            np.testing.assert_array_equal(text, ref_text)
+        else:
+            assert cosine(image, ref_image).min() >= 0.999 and cosine(text, ref_text).min() >= 0.999
+            assert not np.array_equal(image, ref_image)
+
+
+@pytest.mark.parametrize("layout", ["hf", "apple"])
+@pytest.mark.parametrize("options", [dict(dtype="float16"), dict(quantize=True)])
+def test_conversion_peak_memory_stays_under_1_5x_the_source(layout, options, tmp_path):
+    """The issue's bound (AIMv2-L: < 1.5x the float32 checkpoint) on a 13 MB model; MLX counts every buffer
+    it allocates, so holding the source plus a full copy (2x) or casting all at once (1.5x+) fails."""
+    ref = make_reference(seed=1, image_size=SIZE, **{**DIMS, "hidden_size": 256, "intermediate_size": 768})
+    source = write_checkpoint(ref, tmp_path / "src", layout)
+    source_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    convert(str(source), tmp_path / "out", **options)
+    assert mx.get_peak_memory() < 1.5 * source_bytes
 
 
 def test_quantized_linear_weights_take_a_fifth_of_the_memory(source, float_model, tmp_path):
