@@ -150,18 +150,38 @@ def _measure(spec: dict, load: Callable[[], tuple[object, VisionConfig]], run: C
     }
 
 
+def weight_format(model) -> str:
+    """'float', or the bit widths of its quantized layers: 'q4', 'q4+q8'."""
+    import mlx.nn as nn
+
+    bits = sorted({m.bits for m in model.modules() if isinstance(m, nn.QuantizedLinear)})
+    return "+".join(f"q{b}" for b in bits) or "float"
+
+
 def run_mlx(spec: dict) -> dict:
-    """One aim-mlx configuration in this process."""
+    """One aim-mlx configuration in this process; `spec["bits"]` quantizes the loaded model first."""
     import mlx.core as mx
 
+    from . import quantized
     from .loading import load
 
     def run(model, x):
         mx.eval(model.encode_image(mx.array(x)))
 
+    loaded = {}
+
     def load_model():
         model, _ = load(spec["model"], revision=spec.get("revision"), dtype=spec.get("dtype"))
-        return model, model.config
+        if spec.get("bits"):  # -q: what `convert -q --q-bits BITS` would write, made in memory
+            defaults = {
+                "group_size": quantized.DEFAULT_GROUP_SIZE,
+                "bits": spec["bits"],
+                "mode": quantized.MODE,
+            }
+            quantized.quantize(model, defaults)
+            mx.eval(model.parameters())
+        loaded["weights"] = weight_format(model)
+        return model, getattr(model.config, "vision", model.config)  # a LiT model: its vision tower's
 
     mx.reset_peak_memory()
     result = _measure(spec, load_model, run)
@@ -171,6 +191,7 @@ def run_mlx(spec: dict) -> dict:
     # process's own footprint count too, so the process peak is the honest figure there.
     return {
         **result,
+        "weights": loaded["weights"],
         "peak_mlx_mb": mlx_peak,
         "peak_memory_mb": mlx_peak if on_gpu else result["peak_rss_mb"],
     }
@@ -190,7 +211,13 @@ def run_torch(spec: dict) -> dict:
 
     def load_model():
         folder = hub.resolve(spec["model"], spec.get("revision"))
-        config = VisionConfig.from_dict(read_config(folder))
+        raw = read_config(folder)
+        if "text_config" in raw or "quantization" in raw:
+            raise ConfigError(
+                f"--compare-torch runs float vision-only checkpoints; {spec['model']} is "
+                + ("a LiT checkpoint" if "text_config" in raw else "a quantized folder")
+            )
+        config = VisionConfig.from_dict(raw)
         state = weights.load_folder(folder, config.num_channels)
         config.is_native = "pos_embed" not in state
         hf = Aimv2VisionConfig(**{**config.to_dict(), "use_head": False})
@@ -205,8 +232,8 @@ def run_torch(spec: dict) -> dict:
             net(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).last_hidden_state.mean(1)
 
     torch.set_num_threads(os.cpu_count() or 1)
-    result = _measure({**spec, "dtype": "float32"}, load_model, run)
-    return {**result, "peak_mlx_mb": None, "peak_memory_mb": result["peak_rss_mb"]}
+    result = _measure({**spec, "dtype": "float32", "bits": None}, load_model, run)
+    return {**result, "weights": "float", "peak_mlx_mb": None, "peak_memory_mb": result["peak_rss_mb"]}
 
 
 def run_isolated(spec: dict) -> dict:
@@ -234,8 +261,11 @@ def parse_batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def configurations(models, dtypes, batch_sizes, image_size, trials, warmup, compare_torch) -> list[dict]:
-    """Every (engine, model, dtype, batch) to measure; torch (float32 only) next to aim-mlx when asked."""
+def configurations(
+    models, dtypes, batch_sizes, image_size, trials, warmup, compare_torch, bits=None
+) -> list[dict]:
+    """Every (engine, model, dtype, batch) to measure; torch (float32 only) next to aim-mlx when asked.
+    `bits` quantizes the aim-mlx models in memory."""
     specs = []
     for model in models:
         for batch in batch_sizes:
@@ -246,7 +276,7 @@ def configurations(models, dtypes, batch_sizes, image_size, trials, warmup, comp
                 "trials": trials,
                 "warmup": warmup,
             }
-            specs += [{"engine": "aim-mlx", "dtype": dtype, **common} for dtype in dtypes]
+            specs += [{"engine": "aim-mlx", "dtype": dtype, "bits": bits, **common} for dtype in dtypes]
             if compare_torch:
                 specs.append({"engine": "torch", "dtype": "float32", **common})
     return specs
@@ -259,6 +289,7 @@ def torch_ratios(rows: list[dict]) -> list[dict]:
         {
             "model": r["model"],
             "batch": r["batch"],
+            "weights": r["weights"],
             "ratio": r["images_per_s"] / torch_speed[r["model"], r["batch"]],
         }
         for r in rows
@@ -268,12 +299,25 @@ def torch_ratios(rows: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """The results as an aligned text table."""
-    head = ("model", "engine", "dtype", "batch", "img/s", "ms/img p50", "p95", "GFLOP/s", "peak MB", "load s")
+    head = (
+        "model",
+        "engine",
+        "dtype",
+        "weights",
+        "batch",
+        "img/s",
+        "ms/img p50",
+        "p95",
+        "GFLOP/s",
+        "peak MB",
+        "load s",
+    )
     body = [
         (
             Path(r["model"]).name,
             r["engine"],
             r["dtype"],
+            r["weights"],
             str(r["batch"]),
             f"{r['images_per_s']:.3f}",
             f"{r['ms_per_image_p50']:.1f}",
@@ -301,7 +345,7 @@ def check_plot_path(path: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """images/s against batch size, one line per (model, engine, dtype)."""
+    """images/s against batch size, one line per (model, engine, dtype, weights)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -310,14 +354,14 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     lines: dict[tuple, list] = {}
     for r in rows:
-        lines.setdefault((Path(r["model"]).name, r["engine"], r["dtype"]), []).append(r)
-    for (model, engine, dtype), points in lines.items():
+        lines.setdefault((Path(r["model"]).name, r["engine"], r["dtype"], r["weights"]), []).append(r)
+    for (model, engine, dtype, weights), points in lines.items():
         points.sort(key=lambda r: r["batch"])
         ax.plot(
             [r["batch"] for r in points],
             [r["images_per_s"] for r in points],
             marker="o",
-            label=f"{model} {engine} {dtype}",
+            label=f"{model} {engine} {dtype}" + ("" if weights == "float" else f" {weights}"),
         )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")

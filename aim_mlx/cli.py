@@ -216,6 +216,14 @@ def bench(
     dtype: Annotated[
         list[DType] | None, typer.Option(help="Repeat for several. Default: float32 on CPU, float16 on GPU.")
     ] = None,
+    q_bits: Annotated[
+        int | None,
+        typer.Option(
+            "-q",
+            "--q-bits",
+            help="Quantize the models in memory to 4 or 8 bits (group 64) first, as `convert -q` would.",
+        ),
+    ] = None,
     image_size: Annotated[
         int | None, typer.Option(help="Input size (native checkpoint only). Default: the model's.")
     ] = None,
@@ -241,6 +249,8 @@ def bench(
     from . import bench as benchmark
 
     sizes = benchmark.parse_batch_sizes(batch_sizes)
+    if q_bits is not None and q_bits not in (4, 8):
+        raise typer.BadParameter(f"{q_bits} bits; quantize to 4 or 8", param_hint="-q/--q-bits")
     if plot is not None:
         benchmark.check_plot_path(plot)
     if coreml is not None:
@@ -251,7 +261,7 @@ def bench(
 
         dtypes = [d.value for d in dtype] if dtype else [default_dtype()]
         specs = benchmark.configurations(
-            model or [DEFAULT_MODEL], dtypes, sizes, image_size, num_trials, warmup, compare_torch
+            model or [DEFAULT_MODEL], dtypes, sizes, image_size, num_trials, warmup, compare_torch, q_bits
         )
         rows = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
@@ -259,6 +269,7 @@ def bench(
         task = progress.add_task("benchmark", total=len(specs))
         for spec in specs:
             name = f"{spec['engine']} {Path(spec['model']).name} {spec['dtype']} batch {spec['batch']}"
+            name += f" q{spec['bits']}" if spec.get("bits") else ""
             progress.update(task, description=name)
             rows.append(benchmark.run_isolated(spec))
             progress.advance(task)
@@ -276,7 +287,8 @@ def bench(
     )
     typer.echo(benchmark.table(rows))
     for r in ratios:
-        typer.echo(f"{r['model']} batch {r['batch']}: aim-mlx / torch images/s = {r['ratio']:.2f}x")
+        weights = "" if r["weights"] == "float" else f" ({r['weights']})"
+        typer.echo(f"{r['model']} batch {r['batch']}: aim-mlx{weights} / torch images/s = {r['ratio']:.2f}x")
     if plot is not None:
         _stderr().print(f"wrote {plot}", highlight=False)
 

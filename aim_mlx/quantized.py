@@ -19,6 +19,7 @@ from mlx.utils import tree_map_with_path
 from .errors import ConfigError
 
 GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64  # mlx-lm's
 BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize's affine mode packs; `convert` offers 4 and 8 by default
 MODE = "affine"
 

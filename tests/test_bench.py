@@ -4,7 +4,9 @@ import json
 import sys
 
 import pytest
+from aim_mlx.convert.convert import convert
 from checkpoints import TINY, make_reference, write_checkpoint
+from lit_checkpoints import TINY_VISION, make_lit_reference, write_lit_checkpoint
 from typer.testing import CliRunner
 
 from aim_mlx import bench
@@ -14,6 +16,7 @@ runner = CliRunner()
 ROW_KEYS = {
     "engine", "model", "dtype", "batch", "image_size", "images_per_s", "ms_per_image_p50", "ms_per_image_p95",
     "gflops", "flops_per_image", "times", "trials", "load_s", "peak_memory_mb", "peak_rss_mb", "peak_mlx_mb",
+    "weights",
 }  # fmt: skip
 MACHINE_KEYS = {
     "cpu", "cores", "os", "python", "mlx", "numpy", "aim_mlx", "mlx_device", "mlx_blas", "threads",
@@ -84,8 +87,8 @@ def test_table_on_stdout(tiny):
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("# ") and "cores" in lines[0] and "BLAS" in lines[1]
-    assert lines[2].split()[:5] == ["model", "engine", "dtype", "batch", "img/s"]
-    assert lines[3].split()[:4] == [tiny.name, "aim-mlx", "float32", "2"]
+    assert lines[2].split()[:6] == ["model", "engine", "dtype", "weights", "batch", "img/s"]
+    assert lines[3].split()[:5] == [tiny.name, "aim-mlx", "float32", "float", "2"]
 
 
 def test_native_image_size(native):
@@ -106,6 +109,7 @@ def test_native_image_size(native):
         (["--batch-sizes", "1,x"], "--batch-sizes takes positive integers"),
         (["--image-size", "84"], "takes 56x56 images"),
         (["--plot", "curve.txt"], "--plot"),
+        (["-q", "4"], "group size 64 does not divide the 352 inputs"),
     ],
 )
 def test_refusals_are_one_line(tiny, args, message):
@@ -114,9 +118,35 @@ def test_refusals_are_one_line(tiny, args, message):
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_unknown_dtype_is_a_usage_error(tiny):
-    result = runner.invoke(app, ["bench", "-m", str(tiny), "--dtype", "float8"])
-    assert result.exit_code == 2 and "float8" in result.output
+@pytest.mark.parametrize("args", [["--dtype", "float8"], ["-q", "3"]])
+def test_unknown_dtype_or_bits_is_a_usage_error(tiny, args):
+    result = runner.invoke(app, ["bench", "-m", str(tiny), *args])
+    assert result.exit_code == 2 and args[1] in result.output
+
+
+def bench_json(*args) -> list[dict]:
+    result = runner.invoke(app, ["bench", "--batch-sizes", "2", "--num-trials", "1", "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["results"]
+
+
+def test_quantized_in_memory_and_converted_folders(tmp_path):
+    source = write_checkpoint(make_reference(seed=13, image_size=56, **TINY["huge"]), tmp_path / "src", "hf")
+    convert(str(source), tmp_path / "q8", quantize=True, q_bits=8)
+    [float_row, q4_row] = bench_json("-m", str(source)) + bench_json("-m", str(source), "-q", "4")
+    [converted] = bench_json("-m", str(tmp_path / "q8"))
+    assert (float_row["weights"], q4_row["weights"], converted["weights"]) == ("float", "q4", "q8")
+    assert q4_row["bits"] == 4 and q4_row["images_per_s"] > 0
+    assert q4_row["flops_per_image"] == float_row["flops_per_image"] == converted["flops_per_image"]
+
+
+def test_lit_checkpoint_benchmarks_its_image_tower(tmp_path):
+    folder = write_lit_checkpoint(make_lit_reference(seed=3), tmp_path / "lit")
+    [row] = bench_json("-m", str(folder))
+    vision = bench.VisionConfig(**TINY_VISION, image_size=56)
+    assert row["images_per_s"] > 0 and row["flops_per_image"] == bench.flops_per_image(vision)
+    result = runner.invoke(app, ["bench", "-m", str(folder), "--num-trials", "1", "--compare-torch"])
+    assert result.exit_code == 1 and "a LiT checkpoint" in result.stderr
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="Core ML runs there; this checks the refusal elsewhere")
