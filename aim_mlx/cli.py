@@ -356,6 +356,8 @@ def classify(
     """
     import json
 
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from . import zeroshot
     from .images import find_images
     from .lit import require_lit
@@ -370,10 +372,18 @@ def classify(
     with err.status(f"loading {model}"):
         net, processor = load(model, revision=revision, dtype=dtype.value if dtype else None)
     require_lit(net, model, "classify zero-shot")
-    with err.status(f"classifying among {len(names)} labels ({len(prompts)} prompts each)"):
-        key = zeroshot.model_key(net.folder, model, revision)
+    key = zeroshot.model_key(net.folder, model, revision)
+    columns = (TextColumn("encoding prompts"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:  # shows only while prompts are encoded
+        task = bar.add_task("prompts", total=len(names) * len(prompts), visible=False)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, visible=total > 256)  # more than one batch
+
+        classifier = zeroshot.text_classifier(net, processor, names, prompts, key, progress=advance)
+    with err.status(f"classifying {len(paths)} images among {len(names)} labels"):
         predictions, failures = zeroshot.classify_files(
-            net, processor, paths, names, prompts, top_k, batch_size, key
+            net, processor, paths, names, classifier, top_k, batch_size
         )
     for _, reason in failures:
         err.print(f"[yellow]skipped[/] {reason}", markup=True, highlight=False, soft_wrap=True)

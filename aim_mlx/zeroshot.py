@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -25,6 +25,7 @@ from .lit import require_lit
 logger = logging.getLogger("aim_mlx")
 
 DEFAULT_TEMPLATE = "a photo of a {}."
+Progress = Callable[[int, int], None]  # (prompts done, prompts in all)
 CACHE_VERSION = 1
 
 
@@ -135,8 +136,11 @@ def _write_cache(path: Path, emb: np.ndarray) -> None:
         logger.warning("could not write the text-embedding cache %s (%s)", path, exc)
 
 
-def encode_prompts(model, processor, labels, templates, batch_size: int = 256) -> np.ndarray:
-    """(labels, dim) float32: per label, the renormalised mean of its normalised template embeddings."""
+def encode_prompts(
+    model, processor, labels, templates, batch_size: int = 256, progress: Progress | None = None
+) -> np.ndarray:
+    """(labels, dim) float32: per label, the renormalised mean of its normalised template embeddings.
+    `progress(done, total)` is called after each batch of prompts."""
     prompts = [template.format(label) for label in labels for template in templates]
     ids, _ = processor.tokenizer.encode(prompts)  # (N, 77); warns about any truncated prompt
     # Batches of similar length: encode_text computes only up to a batch's longest prompt.
@@ -145,21 +149,30 @@ def encode_prompts(model, processor, labels, templates, batch_size: int = 256) -
     for start in range(0, len(ids), batch_size):
         rows = order[start : start + batch_size]
         emb[rows] = np.asarray(model.encode_text(ids[rows]).astype(mx.float32))  # (b, P), normalised
+        if progress is not None:
+            progress(start + len(rows), len(prompts))
     emb = emb.reshape(len(labels), len(templates), -1).mean(axis=1)  # (L, P)
     return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
 
 
 def text_classifier(
-    model, processor, labels, templates, model_key: str | None = None, use_cache: bool = True
+    model,
+    processor,
+    labels,
+    templates,
+    model_key: str | None = None,
+    use_cache: bool = True,
+    progress: Progress | None = None,
 ) -> np.ndarray:
-    """The label embeddings, from the disk cache when `model_key` names the model (id@revision or weights)."""
+    """The label embeddings, from the disk cache when `model_key` names the model (id@revision or weights).
+    `progress(done, total)` follows the prompts when they have to be encoded."""
     if not (use_cache and model_key):
-        return encode_prompts(model, processor, labels, templates)
+        return encode_prompts(model, processor, labels, templates, progress=progress)
     dtype = str(model.text_projector.weight.dtype)
     path = cache_dir() / f"{cache_key(model_key, labels, templates, dtype)}.npz"
     emb = _read_cache(path, (len(labels), model.config.projection_dim))
     if emb is None:
-        emb = encode_prompts(model, processor, labels, templates)
+        emb = encode_prompts(model, processor, labels, templates, progress=progress)
         _write_cache(path, emb)
     else:
         logger.info("text embeddings of %d labels from %s", len(labels), path)
@@ -225,11 +238,11 @@ def predict(image: np.ndarray, classifier: np.ndarray, labels, logit_scale: floa
 
 
 def classify_files(
-    model, processor, paths, labels, templates, top_k: int = 5, batch_size: int = 8, model_key=None
+    model, processor, paths, labels, classifier: np.ndarray, top_k: int = 5, batch_size: int = 8
 ) -> tuple[list[tuple[Path, Prediction]], list[tuple[Path, str]]]:
-    """`zero_shot` over image files, each unreadable one skipped: ([(path, prediction)], [(path, reason)])."""
+    """`zero_shot` over image files against the labels' `text_classifier` (L, P), each unreadable image
+    skipped: ([(path, prediction)], [(path, reason)])."""
     require_lit(model, "this model", "classify zero-shot")
-    classifier = text_classifier(model, processor, labels, templates, model_key)  # (L, P)
     result = embed_images(model.shared_space_images(), processor, paths, batch_size)
     if not result.paths:
         return [], result.failures

@@ -120,6 +120,14 @@ def write_checkpoint(model: Aimv2VisionModel, folder: Path, layout: str = "hf") 
     return folder
 
 
+def write_processor(folder: Path, size: int = 56) -> Path:
+    """A CLIP-style preprocessor_config.json at `size`, as the hub's AIMv2 repos hold one."""
+    from aim_mlx.preprocess import ImageProcessor
+
+    (Path(folder) / "preprocessor_config.json").write_text(json.dumps(ImageProcessor.clip(size).to_dict()))
+    return Path(folder)
+
+
 def reference_outputs(model: Aimv2VisionModel, pixels_nhwc: np.ndarray) -> dict[str, np.ndarray]:
     """Patch embedding, every hidden state and the final output of the torch reference."""
     x = torch.from_numpy(np.ascontiguousarray(pixels_nhwc.transpose(0, 3, 1, 2)))

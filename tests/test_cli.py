@@ -7,13 +7,12 @@ import sys
 import numpy as np
 import pytest
 import skimage.data
-from checkpoints import TINY, make_reference, write_checkpoint
+from checkpoints import TINY, make_reference, write_checkpoint, write_processor
 from PIL import Image
 from typer.testing import CliRunner
 
 import aim_mlx
 from aim_mlx.cli import app
-from aim_mlx.preprocess import ImageProcessor
 
 runner = CliRunner()
 
@@ -22,7 +21,7 @@ runner = CliRunner()
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-aimv2")
     write_checkpoint(make_reference(seed=3, image_size=56, **TINY["large"]), folder, layout="hf")
-    (folder / "preprocessor_config.json").write_text(json.dumps(ImageProcessor.clip(56).to_dict()))
+    write_processor(folder)
     return folder
 
 

@@ -16,13 +16,12 @@ import torch
 from aim_mlx.convert import coreml_check
 from aim_mlx.convert.coreml import export_coreml, kmeans_1d
 from aim_mlx.convert.coreml_check import check_package, load_program, run_program, tolerance
-from checkpoints import TINY, make_reference, write_checkpoint
+from checkpoints import TINY, make_reference, write_checkpoint, write_processor
 from typer.testing import CliRunner
 
 import aim_mlx
 from aim_mlx.cli import app
 from aim_mlx.errors import AimMlxError, ConfigError, ModelNotFoundError
-from aim_mlx.preprocess import ImageProcessor
 from aim_mlx.variants import CLIP_MEAN, CLIP_STD
 
 ct = pytest.importorskip("coremltools")
@@ -41,7 +40,7 @@ def _quiet():
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-aimv2")
     write_checkpoint(make_reference(seed=1, image_size=56, **TINY["large"]), folder, layout="apple")
-    (folder / "preprocessor_config.json").write_text(json.dumps(ImageProcessor.clip(56).to_dict()))
+    write_processor(folder)
     return folder
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from checkpoints import TINY, make_reference, write_checkpoint
+from checkpoints import TINY, make_reference, write_checkpoint, write_processor
 from lit_checkpoints import make_lit_reference, write_lit_checkpoint
 from PIL import Image
 from transformers import CLIPTokenizer
@@ -19,7 +19,6 @@ from aim_mlx import weights, zeroshot
 from aim_mlx.cli import app
 from aim_mlx.errors import ConfigError, WeightsError
 from aim_mlx.models.aimv2 import attention
-from aim_mlx.preprocess import ImageProcessor
 
 runner = CliRunner()
 LIT_ID = "apple/aimv2-large-patch14-224-lit"
@@ -41,7 +40,7 @@ def reference():
 @pytest.fixture(scope="module")
 def lit_folder(reference, tmp_path_factory):
     folder = write_lit_checkpoint(reference, tmp_path_factory.mktemp("tiny-lit"), "hf")
-    (folder / "preprocessor_config.json").write_text(json.dumps(ImageProcessor.clip(56).to_dict()))
+    write_processor(folder)
     return folder
 
 
@@ -93,7 +92,7 @@ def test_lit_hub_id_loads_at_its_pinned_revision_offline(cache, reference, tmp_p
     from aim_mlx.variants import find_variant
 
     folder = write_lit_checkpoint(reference, tmp_path / "apple", "apple")
-    (folder / "preprocessor_config.json").write_text(json.dumps(ImageProcessor.clip(56).to_dict()))
+    write_processor(folder)
     add_folder(cache, LIT_ID, find_variant(LIT_ID).revision, folder, ref=None)
     model, processor = aim_mlx.load("aimv2-large-patch14-224-lit")
     x = pixels(1)
@@ -193,6 +192,15 @@ def test_cache_hit_miss_and_corrupt_file(lit, lit_folder, text_cache, monkeypatc
         zeroshot.text_classifier(model, processor, ["cat", "dog"], ["a {}."], key)
     assert len(calls) == 5 and "of shape (2, 5)" in caplog.text
     assert not list(text_cache.glob("*.tmp*"))
+
+
+def test_prompt_encoding_reports_progress_per_batch(lit):
+    model, processor = lit
+    calls = []
+    labels, templates = ["cat", "dog", "cow"], ["a {}.", "the {}."]
+    emb = zeroshot.encode_prompts(model, processor, labels, templates, 4, lambda *a: calls.append(a))
+    assert calls == [(4, 6), (6, 6)]
+    close(emb, zeroshot.encode_prompts(model, processor, labels, templates))  # batching changes nothing
 
 
 def test_bad_labels_and_templates():
