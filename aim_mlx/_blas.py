@@ -24,6 +24,7 @@ from pathlib import Path
 logger = logging.getLogger("aim_mlx")
 
 _state: dict = {"path": None, "error": None}
+_lib: list[ctypes.CDLL] = []  # the loaded library, once enable() succeeded
 
 
 def _cache_dir() -> Path:
@@ -88,7 +89,7 @@ def enable() -> str | None:
         return _state["path"]
     try:
         path = _unprefixed_copy()
-        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        _lib.append(ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL))
         _state["path"] = str(path)
     except Exception as exc:  # never fatal: MLX still works on its reference BLAS, only slower
         _state["error"] = f"{type(exc).__name__}: {exc}"
@@ -96,6 +97,17 @@ def enable() -> str | None:
             "aim-mlx: fast BLAS unavailable, MLX stays on its reference BLAS (%s)", _state["error"]
         )
     return _state["path"]
+
+
+def threads() -> int:
+    """How many threads the loaded fast BLAS runs a GEMM on; 1 when none is loaded (MLX's is serial)."""
+    return int(_lib[0].openblas_get_num_threads()) if _lib else 1
+
+
+def set_threads(n: int) -> None:
+    """Set the fast BLAS's thread count (no-op without one)."""
+    if _lib:
+        _lib[0].openblas_set_num_threads(int(n))
 
 
 def status() -> dict:

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from checkpoints import LARGE, TINY, make_reference, reference_outputs, write_checkpoint
 
-from aim_mlx import weights
+from aim_mlx import _blas, weights
 from aim_mlx.config import VisionConfig
-from aim_mlx.models import aimv2
+from aim_mlx.models import aimv2, parallel
 from aim_mlx.models.aimv2 import AIMv2VisionEncoder
 
 
@@ -40,13 +40,44 @@ def assert_parity(model, ref_model, pixels, tol):
     assert rel_err(model.encode_image(x), pooled) < tol
 
 
+@pytest.fixture
+def count_parallel(monkeypatch):
+    """Calls of the batch-parallel CPU trunk (models/parallel.py)."""
+    calls = []
+    real = parallel.run_blocks
+
+    def counting(blocks, x, n_workers, keep_hidden=False):
+        calls.append(n_workers)
+        return real(blocks, x, n_workers, keep_hidden)
+
+    monkeypatch.setattr(parallel, "run_blocks", counting)
+    return calls
+
+
 @pytest.mark.parametrize("family", list(TINY))
 @pytest.mark.parametrize("layout", ["hf", "apple", "mlx"])
-def test_tiny_families(tmp_path, family, layout):
+@pytest.mark.parametrize("workers", ["1", "2"])  # the sequential loop; two uneven batch shares (2 + 1)
+def test_tiny_families(tmp_path, family, layout, workers, monkeypatch, count_parallel):
+    monkeypatch.setenv("AIM_MLX_CPU_WORKERS", workers)
     ref = make_reference(seed=hash(family) % 1000, image_size=56, **TINY[family])
     model = build_ours(write_checkpoint(ref, tmp_path, layout))
-    pixels = np.random.default_rng(1).standard_normal((2, 56, 56, 3)).astype(np.float32)
+    pixels = np.random.default_rng(1).standard_normal((3, 56, 56, 3)).astype(np.float32)
     assert_parity(model, ref, pixels, tol=1e-4)
+    assert count_parallel == ([] if workers == "1" else [2, 2])  # hidden states, then encode_image
+
+
+def test_parallel_trunk_passes_errors_on_and_restores_blas_threads(tmp_path, monkeypatch, count_parallel):
+    monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "2")
+    model = build_ours(write_checkpoint(make_reference(seed=2, **TINY["large"]), tmp_path, "hf"))
+    before = _blas.threads()
+
+    def boom(self, x):
+        raise RuntimeError("boom in a worker")
+
+    monkeypatch.setattr(aimv2.SwiGLU, "__call__", boom)
+    with pytest.raises(RuntimeError, match="boom in a worker"):
+        model(mx.zeros((2, 56, 56, 3)))
+    assert count_parallel == [2] and _blas.threads() == before
 
 
 @pytest.mark.parametrize("layout", ["hf", "apple"])

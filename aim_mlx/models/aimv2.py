@@ -11,6 +11,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import VisionConfig
+from . import parallel
 
 
 @dataclass
@@ -167,11 +168,14 @@ class AIMv2VisionEncoder(nn.Module):
 
     def __call__(self, pixel_values: mx.array, output_hidden_states: bool = False) -> VisionOutput:
         x = self.embed(pixel_values)  # (B, N, D)
-        hidden = [x] if output_hidden_states else None
-        for block in self.blocks:
-            x = block(x)
-            if hidden is not None:
-                hidden.append(x)
+        if (workers := parallel.workers(x)) > 1:  # the CPU: each core takes a share of the batch
+            x, hidden = parallel.run_blocks(self.blocks, x, workers, output_hidden_states)
+        else:
+            hidden = [x] if output_hidden_states else None
+            for block in self.blocks:
+                x = block(x)
+                if hidden is not None:
+                    hidden.append(x)
         x = self.post_trunk_norm(x)
         return VisionOutput(
             last_hidden_state=x,
