@@ -176,12 +176,15 @@ def models(as_json: JsonOpt = False):
     for v in VARIANTS.values():
         hidden, _, mlp, layers = v.dims
         params = layers * (4 * hidden * hidden + 3 * hidden * mlp)  # attention + SwiGLU dominate
+        if v.lit:  # the text tower: 12 blocks of width 768 (MLP 2048) and a 49408-token embedding
+            params += 12 * (4 * 768 * 768 + 3 * 768 * 2048) + 49408 * 768
         rows.append(
             {
                 "id": v.repo_id,
                 "params_millions": round(params / 1e6),
                 "resolution": v.image_size or "native",
                 "imagenet_top1": v.published_top1,
+                "imagenet_top1_protocol": "zero-shot" if v.lit else "attentive probe, frozen trunk",
                 "revision": v.revision,
                 "license": v.license,
                 "cached": is_cached(v.repo_id),
@@ -194,11 +197,15 @@ def models(as_json: JsonOpt = False):
     typer.echo(f"{'model':<{width}}  params  res     top-1  pinned   cached")
     for r in rows:
         top1 = "-" if r["imagenet_top1"] is None else f"{r['imagenet_top1']:.1f}"
+        top1 += "*" if r["imagenet_top1_protocol"] == "zero-shot" else ""
         params = f"{r['params_millions'] / 1000:.1f}B"
         cached = "yes" if r["cached"] else "-"
         res = str(r["resolution"])
         typer.echo(f"{r['id']:<{width}}  {params:<6}  {res:<6}  {top1:<5}  {r['revision'][:7]}  {cached}")
-    typer.echo("top-1: published ImageNet-1k accuracy (frozen trunk); --json for full revisions")
+    typer.echo(
+        "top-1: published ImageNet-1k accuracy, attentive probe on the frozen trunk (* zero-shot); "
+        "--json for full revisions"
+    )
 
 
 @app.command(

@@ -124,6 +124,9 @@ def test_models_json_lists_every_variant(tmp_path, monkeypatch):
 
     assert [r["id"] for r in rows] == [v.repo_id for v in VARIANTS.values()]
     assert all(len(r["revision"]) == 40 and r["cached"] is False for r in rows)
+    protocols = {r["id"]: r["imagenet_top1_protocol"] for r in rows}
+    assert protocols.pop("apple/aimv2-large-patch14-224-lit") == "zero-shot"
+    assert set(protocols.values()) == {"attentive probe, frozen trunk"}
     assert runner.invoke(app, ["models"]).stdout.count("apple/aimv2") == len(VARIANTS)
 
 
