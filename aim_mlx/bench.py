@@ -41,8 +41,9 @@ def time_calls(fn: Callable[[], object], trials: int = 5, warmup: int = 1) -> li
     return times
 
 
-def summarize(times: list[float], batch: int, flops: float) -> dict:
-    """images/s from the median call, per-image latency percentiles, achieved GFLOP/s."""
+def summarize(times: list[float], batch: int, flops: float | None) -> dict:
+    """images/s from the median call, per-image latency percentiles, achieved GFLOP/s (None when the FLOPs
+    per image are unknown)."""
     t = np.asarray(times)
     median = float(np.median(t))
     return {
@@ -50,7 +51,7 @@ def summarize(times: list[float], batch: int, flops: float) -> dict:
         "images_per_s": batch / median,
         "ms_per_image_p50": 1e3 * median / batch,
         "ms_per_image_p95": 1e3 * float(np.percentile(t, 95)) / batch,
-        "gflops": flops * batch / median / 1e9,
+        "gflops": None if flops is None else flops * batch / median / 1e9,
         "trials": len(times),
     }
 
@@ -322,7 +323,7 @@ def table(rows: list[dict]) -> str:
             f"{r['images_per_s']:.3f}",
             f"{r['ms_per_image_p50']:.1f}",
             f"{r['ms_per_image_p95']:.1f}",
-            f"{r['gflops']:.1f}",
+            "-" if r["gflops"] is None else f"{r['gflops']:.1f}",
             f"{r['peak_memory_mb']:.0f}",
             f"{r['load_s']:.2f}",
         )
@@ -403,20 +404,24 @@ def run_coreml(package: Path, trials: int = 5, warmup: int = 1) -> list[dict]:
                 shape = tuple(item.type.multiArrayType.shape)
                 feed[item.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         times = time_calls(lambda m=model, f=feed: m.predict(f), trials=trials, warmup=warmup)
-        stats = summarize(times, 1, float("nan"))
-        rows.append(
-            {
-                "model": str(package),
-                "engine": f"coreml {unit}",
-                "dtype": "package",
-                **stats,
-                "load_s": load_s,
-                "peak_rss_mb": peak_rss_mb(),
-                "peak_mlx_mb": None,
-                "peak_memory_mb": peak_rss_mb(),
-            }
-        )
+        compression = model.user_defined_metadata.get("compression", "package")
+        rows.append(coreml_row(package, unit, times, load_s, compression))
     return rows
+
+
+def coreml_row(package: Path, unit: str, times: list[float], load_s: float, compression: str) -> dict:
+    """One compute unit's result, in the shape of the MLX rows (its FLOP rate unknown: None)."""
+    return {
+        "model": str(package),
+        "engine": f"coreml {unit}",
+        "dtype": "package",
+        "weights": compression,
+        **summarize(times, 1, None),
+        "load_s": load_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_mlx_mb": None,
+        "peak_memory_mb": peak_rss_mb(),
+    }
 
 
 def _child(argv: list[str]) -> int:

@@ -149,6 +149,17 @@ def test_lit_checkpoint_benchmarks_its_image_tower(tmp_path):
     assert result.exit_code == 1 and "a LiT checkpoint" in result.stderr
 
 
+def test_coreml_rows_fit_the_table_and_plot(tmp_path):
+    """The rows `--coreml` makes on macOS (timings here are made up: only the shape is checked)."""
+    rows = [bench.coreml_row(tmp_path / "m.mlpackage", unit, [0.02, 0.03], 0.5, "int8") for unit in ("ALL",)]
+    assert rows[0].keys() >= ROW_KEYS - {"image_size", "flops_per_image", "times"}
+    assert rows[0]["gflops"] is None and rows[0]["ms_per_image_p95"] >= rows[0]["ms_per_image_p50"]
+    line = bench.table(rows).splitlines()[1].split()
+    assert line[:6] == ["m.mlpackage", "coreml", "ALL", "package", "int8", "1"] and line[9] == "-"
+    json.dumps(rows, allow_nan=False)  # machine-readable: no NaN
+    bench.plot(rows, tmp_path / "curve.png")
+
+
 @pytest.mark.skipif(sys.platform == "darwin", reason="Core ML runs there; this checks the refusal elsewhere")
 def test_coreml_refused_off_macos(tmp_path):
     result = runner.invoke(app, ["bench", "--coreml", str(tmp_path / "model.mlpackage")])
