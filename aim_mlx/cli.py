@@ -56,6 +56,33 @@ def _stderr():
     return Console(stderr=True)
 
 
+def _load(model: str, revision: str | None, dtype: DType | None):
+    """aim_mlx.load with a spinner on stderr."""
+    from .loading import load
+
+    with _stderr().status(f"loading {model}"):
+        return load(model, revision=revision, dtype=dtype.value if dtype else None)
+
+
+def _image_paths(images: list[Path]) -> list[Path]:
+    from .images import find_images
+
+    paths = find_images(images)
+    if not paths:
+        raise AimMlxError(f"no images found in {', '.join(map(str, images))}")
+    return paths
+
+
+def _print_embeddings(names, embeddings) -> None:
+    """The human summary when no -o is given: one line per row with its shape, norm and first values."""
+    import numpy as np
+
+    for name, emb in zip(names, embeddings, strict=True):
+        head = ", ".join(f"{v:+.4f}" for v in emb.reshape(-1)[:4])
+        norm = float(np.linalg.norm(emb))
+        typer.echo(f"{name}\tshape={tuple(emb.shape)}\tnorm={norm:.4f}\t[{head}, ...]")
+
+
 def _one_line_errors(command):
     """Report aim-mlx errors as `error: ...` on stderr with exit code 1 (AIM_MLX_DEBUG=1: the traceback)."""
 
@@ -123,23 +150,17 @@ def embed(
     """Embed images with an AIMv2 encoder. Unreadable files are named on stderr and skipped (exit code 2).
 
     With --text and a LiT checkpoint, embed texts into its image-text space instead."""
-    import numpy as np
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from . import embed as embedding
-    from .images import find_images
-    from .loading import load
 
     err = _stderr()
     if output is not None and output.suffix.lower() not in embedding.OUTPUT_FORMATS:
         raise AimMlxError(f"cannot write {output}: use a .npy, .npz or .jsonl file name")
     if text or not images:
         return _embed_texts(text, images, model, revision, dtype, output)
-    paths = find_images(images)
-    if not paths:
-        raise AimMlxError(f"no images found in {', '.join(map(str, images))}")
-    with err.status(f"loading {model}"):
-        net, processor = load(model, revision=revision, dtype=dtype.value if dtype else None)
+    paths = _image_paths(images)
+    net, processor = _load(model, revision, dtype)
     if hasattr(net, "shared_space_images"):  # LiT: images go into its image-text space, like its texts
         net = net.shared_space_images()
     columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -154,10 +175,7 @@ def embed(
         embedding.save(result, output)
         err.print(f"wrote {len(result.paths)} embeddings to {output}", highlight=False)
     else:
-        for path, emb in zip(result.paths, result.embeddings, strict=True):
-            head = ", ".join(f"{v:+.4f}" for v in emb.reshape(-1)[:4])
-            norm = float(np.linalg.norm(emb))
-            typer.echo(f"{path}\tshape={tuple(emb.shape)}\tnorm={norm:.4f}\t[{head}, ...]")
+        _print_embeddings(result.paths, result.embeddings)
     if result.failures:
         err.print(f"{len(result.failures)} of {len(paths)} images failed", highlight=False)
         raise typer.Exit(2)
@@ -170,14 +188,17 @@ def models(as_json: JsonOpt = False):
     import json
 
     from .hub import is_cached
+    from .models.lit import TextConfig
     from .variants import VARIANTS
 
     rows = []
     for v in VARIANTS.values():
         hidden, _, mlp, layers = v.dims
         params = layers * (4 * hidden * hidden + 3 * hidden * mlp)  # attention + SwiGLU dominate
-        if v.lit:  # the text tower: 12 blocks of width 768 (MLP 2048) and a 49408-token embedding
-            params += 12 * (4 * 768 * 768 + 3 * 768 * 2048) + 49408 * 768
+        if v.lit:  # the text tower (the published one has TextConfig's default sizes) and its embedding
+            t = TextConfig()
+            block = 4 * t.hidden_size**2 + 3 * t.hidden_size * t.intermediate_size
+            params += t.num_hidden_layers * block + t.vocab_size * t.hidden_size
         rows.append(
             {
                 "id": v.repo_id,
@@ -302,28 +323,21 @@ def bench(
 
 def _embed_texts(texts, images, model, revision, dtype, output) -> None:
     """`embed --text`: texts into a LiT model's image-text space, written like image embeddings."""
-    import numpy as np
-
     from . import embed as embedding
     from .lit import embed_texts, require_lit
-    from .loading import load
 
     if not texts:
         raise AimMlxError("nothing to embed; pass image files or folders, or --text 'some text'")
     if images:
         raise AimMlxError("pass images or --text, not both; run embed once for each")
-    with _stderr().status(f"loading {model}"):
-        net, _ = load(model, revision=revision, dtype=dtype.value if dtype else None)
+    net, _ = _load(model, revision, dtype)
     require_lit(net, model, "embed text")
     result = embed_texts(net, list(texts))
     if output is not None:
         embedding.save(result, output)
         _stderr().print(f"wrote {len(result.paths)} embeddings to {output}", highlight=False)
         return
-    for text, emb in zip(result.paths, result.embeddings, strict=True):
-        head = ", ".join(f"{v:+.4f}" for v in emb[:4])
-        norm = float(np.linalg.norm(emb))
-        typer.echo(f"{text}\tshape={tuple(emb.shape)}\tnorm={norm:.4f}\t[{head}, ...]")
+    _print_embeddings(result.paths, result.embeddings)
 
 
 class Templates(str, Enum):
@@ -366,18 +380,13 @@ def classify(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from . import zeroshot
-    from .images import find_images
     from .lit import require_lit
-    from .loading import load
 
     names = zeroshot.label_set(labels, labels_file, imagenet)
     prompts = zeroshot.template_set(template, templates.value if templates else None)
-    paths = find_images(images)
-    if not paths:
-        raise AimMlxError(f"no images found in {', '.join(map(str, images))}")
+    paths = _image_paths(images)
     err = _stderr()
-    with err.status(f"loading {model}"):
-        net, processor = load(model, revision=revision, dtype=dtype.value if dtype else None)
+    net, processor = _load(model, revision, dtype)
     require_lit(net, model, "classify zero-shot")
     key = zeroshot.model_key(net.folder, model, revision)
     columns = (TextColumn("encoding prompts"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
