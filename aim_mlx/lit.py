@@ -8,9 +8,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import quantized, weights
+from . import weights
 from .embed import EmbedResult
 from .errors import ConfigError
+from .loading import fill
 from .models.lit import AIMv2LiT, LiTConfig
 from .preprocess import ImageProcessor
 from .tokenizer import ClipTokenizer
@@ -46,12 +47,7 @@ def load_lit(folder: Path, raw: dict, dtype, variant=None) -> tuple[AIMv2LiT, Li
     """The LiT model from a resolved checkpoint folder and its parsed config.json; strict weight load."""
     config = LiTConfig.from_dict(raw)
     state = weights.load_lit_folder(folder, config.vision.num_channels)
-    model = AIMv2LiT(config)
-    if "quantization" in raw:  # a converted folder (aim-mlx convert -q): swap in its quantized layers
-        quantized.from_config(model, raw["quantization"], state)
-    weights.load_into(model, state, source=str(folder))
-    model.set_dtype(dtype)
-    mx.eval(model.parameters())
+    model = fill(AIMv2LiT(config), raw, state, folder, dtype)
     tokenizer = ClipTokenizer.from_folder(folder, context_length=config.text.max_position_embeddings)
     model.tokenizer = tokenizer
     model.folder = folder  # what the text-embedding cache keys on for local folders

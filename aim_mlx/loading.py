@@ -33,6 +33,17 @@ def read_config(folder: Path) -> dict:
         raise ConfigError(f"{path} is not valid JSON ({exc})") from exc
 
 
+def fill(model, raw: dict, state: dict[str, mx.array], folder: Path, dtype: mx.Dtype):
+    """Put a checkpoint's weights into a freshly built `model`: the quantized layers a converted folder's
+    config.json records first, then a strict load, the compute dtype, and evaluation (loads are lazy)."""
+    if "quantization" in raw:  # a converted folder (aim-mlx convert -q): swap in its quantized layers
+        quantized.from_config(model, raw["quantization"], state)
+    weights.load_into(model, state, source=str(folder))
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
 def load(path_or_id: str, revision: str | None = None, dtype: str | None = None):
     """Load an AIMv2 vision checkpoint from the hub (pinned revision by default) or a local folder.
 
@@ -60,12 +71,7 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None)
     elif "is_native" not in vision:
         # Apple's configs carry no flag: the native checkpoint is the one without a learned position table.
         config.is_native = "pos_embed" not in state
-    model = AIMv2VisionEncoder(config)
-    if "quantization" in raw:  # a converted folder (aim-mlx convert -q): swap in its quantized layers
-        quantized.from_config(model, raw["quantization"], state)
-    weights.load_into(model, state, source=str(folder))
-    model.set_dtype(DTYPES[dtype])
-    mx.eval(model.parameters())
+    model = fill(AIMv2VisionEncoder(config), raw, state, folder, DTYPES[dtype])
     processor = ImageProcessor.from_pretrained(
         folder, native=config.is_native, variant=variant, image_size=config.image_size
     )

@@ -154,13 +154,18 @@ def load_file(path: Path) -> dict[str, mx.array]:
         raise WeightsError(f"{path} could not be read ({exc}); download it again") from exc
 
 
-def load_folder(folder: Path, num_channels: int = 3) -> dict[str, mx.array]:
+def _read_folder(folder: Path) -> dict[str, mx.array]:
+    """Every tensor of a checkpoint folder (one file or the shards of its index), as stored."""
     weights = {}
     for path in weight_files(folder):
         if not path.exists():
             raise WeightsError(f"{path} is listed in {INDEX_FILE} but missing; download the checkpoint again")
         weights.update(load_file(path))
-    return sanitize(weights, num_channels)
+    return weights
+
+
+def load_folder(folder: Path, num_channels: int = 3) -> dict[str, mx.array]:
+    return sanitize(_read_folder(folder), num_channels)
 
 
 def _first(names, n: int = 5) -> str:
@@ -274,11 +279,7 @@ def sanitize_lit(weights: dict[str, mx.array], num_channels: int = 3) -> dict[st
 
 def load_lit_folder(folder: Path, num_channels: int = 3) -> dict[str, mx.array]:
     """`load_folder` for a LiT checkpoint."""
-    weights = {}
-    for path in weight_files(folder):
-        if not path.exists():
-            raise WeightsError(f"{path} is listed in {INDEX_FILE} but missing; download the checkpoint again")
-        weights.update(load_file(path))
+    weights = _read_folder(folder)
     if not is_lit(weights):
         raise WeightsError(f"{folder}: config.json describes a LiT model but the weights have no text tower")
     return sanitize_lit(weights, num_channels)
