@@ -103,21 +103,28 @@ def _save(state: dict[str, np.ndarray], path: Path, fmt: str) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path), metadata={"format": fmt})
 
 
-def write_checkpoint(model: Aimv2VisionModel, folder: Path, layout: str = "hf") -> Path:
-    """Write `model` as a published checkpoint folder: layout 'hf', 'apple' (torch) or 'mlx' (Apple MLX)."""
+def write_layout(folder: Path, layout: str, hf: dict, hf_config: dict, to_apple, apple_cfg: dict) -> Path:
+    """A checkpoint folder in `layout`: 'hf' writes the transformers state `hf` as it is; 'apple' (torch) and
+    'mlx' (Apple MLX) write `to_apple(hf, conv_layout)`, the conv weight OIHW or OHWI, with Apple's config."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    hf = _hf_state(model)
     if layout == "hf":
         _save(hf, folder / "model.safetensors", "pt")
-        config = model.config.to_dict()
+        config = hf_config
     else:
-        state = _apple_state(hf, "OIHW" if layout == "apple" else "OHWI")
+        state = to_apple(hf, "OIHW" if layout == "apple" else "OHWI")
         name = "model.safetensors" if layout == "apple" else "mlx_model.safetensors"
         _save(state, folder / name, "pt" if layout == "apple" else "mlx")
-        config = apple_config(model.config)
+        config = apple_cfg
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def write_checkpoint(model: Aimv2VisionModel, folder: Path, layout: str = "hf") -> Path:
+    """Write `model` as a published checkpoint folder: layout 'hf', 'apple' (torch) or 'mlx' (Apple MLX)."""
+    return write_layout(
+        folder, layout, _hf_state(model), model.config.to_dict(), _apple_state, apple_config(model.config)
+    )
 
 
 def write_processor(folder: Path, size: int = 56) -> Path:

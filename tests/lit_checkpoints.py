@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from checkpoints import _save, apple_config
+from checkpoints import apple_config, write_layout
 from transformers import Aimv2Config, Aimv2Model
 
 TINY_TEXT = dict(
@@ -133,18 +133,9 @@ def apple_lit_config(model: Aimv2Model) -> dict:
 
 def write_lit_checkpoint(model: Aimv2Model, folder: Path, layout: str = "hf", tokenizer: bool = True) -> Path:
     """Write `model` as a LiT checkpoint folder: layout 'hf', 'apple' (torch) or 'mlx' (Apple MLX)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     hf = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    if layout == "hf":
-        _save(hf, folder / "model.safetensors", "pt")
-        config = model.config.to_dict()
-    else:
-        state = _apple_lit_state(hf, "OIHW" if layout == "apple" else "OHWI")
-        name = "model.safetensors" if layout == "apple" else "mlx_model.safetensors"
-        _save(state, folder / name, "pt" if layout == "apple" else "mlx")
-        config = apple_lit_config(model)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    config = model.config.to_dict()
+    folder = write_layout(folder, layout, hf, config, _apple_lit_state, apple_lit_config(model))
     if tokenizer:
         write_clip_vocab(folder)
     return folder
