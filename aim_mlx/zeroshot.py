@@ -168,7 +168,7 @@ def text_classifier(
     `progress(done, total)` follows the prompts when they have to be encoded."""
     if not (use_cache and model_key):
         return encode_prompts(model, processor, labels, templates, progress=progress)
-    dtype = str(model.text_projector.weight.dtype)
+    dtype = str(model.log_logit_scale.dtype)  # the compute dtype (a quantized projector stores uint32)
     path = cache_dir() / f"{cache_key(model_key, labels, templates, dtype)}.npz"
     emb = _read_cache(path, (len(labels), model.config.projection_dim))
     if emb is None:
