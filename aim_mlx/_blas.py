@@ -89,7 +89,7 @@ def enable() -> str | None:
         return _state["path"]
     try:
         path = _unprefixed_copy()
-        _lib.append(ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL))
+        _lib.append(_load(path))
         _state["path"] = str(path)
     except Exception as exc:  # never fatal: MLX still works on its reference BLAS, only slower
         _state["error"] = f"{type(exc).__name__}: {exc}"
@@ -97,6 +97,60 @@ def enable() -> str | None:
             "aim-mlx: fast BLAS unavailable, MLX stays on its reference BLAS (%s)", _state["error"]
         )
     return _state["path"]
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    # OpenBLAS's idle threads spin for 2^28 cycles (~0.1 s) after each call before they sleep; on a small
+    # machine that steals a core from the single-threaded work between GEMMs, including the kernels that
+    # models/cpu.py runs on every core. 2^14 cycles is still long enough to span back-to-back GEMMs.
+    # OpenBLAS reads the variable once, as it loads; the process's own value is put back afterwards.
+    saved = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "14")
+    try:
+        lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    finally:
+        if saved is None:
+            del os.environ["OPENBLAS_THREAD_TIMEOUT"]
+    i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    lib.cblas_sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+    lib.cblas_sgemm.restype = None
+    return lib
+
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
+
+
+def gemm(a, b, out, alpha: float = 1.0) -> None:
+    """out = alpha * a @ b for float32 numpy matrices, by the loaded BLAS in the calling thread's BLAS mode.
+
+    Operands may be strided views (a head's columns of a packed qkv) or transposed views; each needs one unit
+    stride. The GIL is released during the call, so threads multiply in parallel."""
+    (m, k), n = a.shape, b.shape[1]
+    if a.dtype != "float32" or b.dtype != "float32" or out.dtype != "float32" or out.shape != (m, n):
+        raise ValueError("gemm takes float32 matrices (m, k) @ (k, n) -> (m, n)")
+    layout_out, ld_out = _operand(out)
+    if layout_out != _NO_TRANS:
+        raise ValueError("gemm writes to a row-major output")
+    (ta, lda), (tb, ldb) = _operand(a), _operand(b)
+    address = [x.__array_interface__["data"][0] for x in (a, b, out)]
+    _lib[0].cblas_sgemm(
+        _ROW_MAJOR, ta, tb, m, n, k, alpha, address[0], lda, address[1], ldb, 0.0, address[2], ld_out
+    )
+
+
+def _operand(x) -> tuple[int, int]:
+    """(CBLAS transpose flag, leading dimension) of a 2-D float32 view with one unit stride."""
+    rows, cols = x.strides
+    if cols == 4 and rows % 4 == 0 and rows // 4 >= max(1, x.shape[1]):
+        return _NO_TRANS, rows // 4
+    if rows == 4 and cols % 4 == 0 and cols // 4 >= max(1, x.shape[0]):
+        return _TRANS, cols // 4
+    raise ValueError(f"gemm needs a unit stride in one dimension, got strides {x.strides}")
+
+
+def loaded() -> bool:
+    """Whether the fast BLAS is loaded (and `gemm` can be called)."""
+    return bool(_lib)
 
 
 def threads() -> int:

@@ -103,3 +103,30 @@ def test_importing_mlx_first_warns():
     code = "import mlx.core, aim_mlx"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "import aim_mlx first" in done.stderr
+
+
+@linux
+def test_gemm_takes_strided_and_transposed_views():
+    """What cpu.py's attention passes: heads as column blocks of a packed matrix, keys transposed."""
+    import numpy as np
+
+    assert _blas.loaded()
+    packed = np.random.default_rng(0).standard_normal((5, 24)).astype(np.float32)
+    a, b = packed[:, 2:10], packed[:, 12:20].T  # (5, 8) with row stride 24; (8, 5) transposed
+    canvas = np.zeros((5, 12), np.float32)
+    _blas.gemm(a, b, canvas[:, 3:8], alpha=0.5)
+    np.testing.assert_allclose(canvas[:, 3:8], 0.5 * a @ b, rtol=1e-5, atol=1e-5)
+    assert not canvas[:, :3].any() and not canvas[:, 8:].any()  # nothing written outside the view
+    with pytest.raises(ValueError, match="unit stride"):
+        _blas.gemm(a[:, ::2], b[::2], np.zeros((5, 5), np.float32))
+    with pytest.raises(ValueError, match="float32"):
+        _blas.gemm(a.astype(np.float64), b, np.zeros((5, 5), np.float32))
+
+
+@linux
+def test_the_thread_timeout_is_set_for_the_blas_only():
+    """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT as it loads; aim-mlx sets it for its BLAS, not for children."""
+    code = "import os, aim_mlx; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.strip() == "None"

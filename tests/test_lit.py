@@ -18,6 +18,7 @@ import aim_mlx
 from aim_mlx import weights, zeroshot
 from aim_mlx.cli import app
 from aim_mlx.errors import ConfigError, WeightsError
+from aim_mlx.models import cpu
 from aim_mlx.models.aimv2 import attention
 
 runner = CliRunner()
@@ -114,16 +115,19 @@ def test_sanitize_lit_is_idempotent_and_strict(reference, tmp_path):
 
 @pytest.mark.parametrize("dtype, tol", [(mx.float32, 1e-5), (mx.float16, 2e-3)])
 def test_causal_attention_both_paths(dtype, tol):
-    """float32 on the CPU takes the numpy softmax path, float16 MLX's fused kernel: both must be causal."""
+    """float32 on the CPU takes cpu.py's kernel, float16 MLX's fused one: both must be causal."""
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((2, 3, 9, 16)).astype(np.float32) for _ in range(3))
+    q, k, v = (rng.standard_normal((2, 3, 9, 16)).astype(np.float32) for _ in range(3))  # (B, H, N, hd)
     scores = q @ k.swapaxes(-1, -2) * 0.25
     scores[..., np.triu(np.ones((9, 9), dtype=bool), 1)] = -np.inf
     weights_ = np.exp(scores - scores.max(-1, keepdims=True))
-    expected = (weights_ / weights_.sum(-1, keepdims=True)) @ v
-    ours = attention(*(mx.array(a).astype(dtype) for a in (q, k, v)), 0.25, causal=True)
+    expected = ((weights_ / weights_.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(2, 9, 48)
+    qkv = mx.array(np.concatenate([a.transpose(0, 2, 1, 3).reshape(2, 9, 48) for a in (q, k, v)], -1))
+    qkv = qkv.astype(dtype)  # (B, N, 3D), heads packed as the qkv projection packs them
+    assert cpu.active(qkv) == (dtype == mx.float32)
+    ours = attention(qkv, 3, 0.25, causal=True)
     np.testing.assert_allclose(np.asarray(ours.astype(mx.float32)), expected, rtol=tol, atol=tol)
-    full = attention(*(mx.array(a).astype(dtype) for a in (q, k, v)), 0.25)
+    full = attention(qkv, 3, 0.25)
     assert np.abs(np.asarray(full.astype(mx.float32)) - expected).max() > 0.1  # the mask did something
 
 

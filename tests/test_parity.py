@@ -7,7 +7,7 @@ from checkpoints import LARGE, TINY, make_reference, reference_outputs, write_ch
 
 from aim_mlx import _blas, weights
 from aim_mlx.config import VisionConfig
-from aim_mlx.models import aimv2, parallel
+from aim_mlx.models import aimv2, cpu
 from aim_mlx.models.aimv2 import AIMv2VisionEncoder
 
 
@@ -42,15 +42,15 @@ def assert_parity(model, ref_model, pixels, tol):
 
 @pytest.fixture
 def count_parallel(monkeypatch):
-    """Calls of the batch-parallel CPU trunk (models/parallel.py)."""
+    """Calls of the batch-parallel CPU trunk (models/cpu.py)."""
     calls = []
-    real = parallel.run_blocks
+    real = cpu.run_blocks
 
     def counting(blocks, x, n_workers, keep_hidden=False):
         calls.append(n_workers)
         return real(blocks, x, n_workers, keep_hidden)
 
-    monkeypatch.setattr(parallel, "run_blocks", counting)
+    monkeypatch.setattr(cpu, "run_blocks", counting)
     return calls
 
 
@@ -78,6 +78,28 @@ def test_parallel_trunk_passes_errors_on_and_restores_blas_threads(tmp_path, mon
     with pytest.raises(RuntimeError, match="boom in a worker"):
         model(mx.zeros((2, 56, 56, 3)))
     assert count_parallel == [2] and _blas.threads() == before
+
+
+def test_split_covers_every_item_on_every_core_and_passes_errors_on():
+    import threading
+
+    seen, threads = [], set()
+
+    def record(lo, hi):
+        seen.extend(range(lo, hi))
+        threads.add(threading.get_ident())
+
+    cpu.split(record, 7)
+    assert sorted(seen) == list(range(7)) and len(threads) == min(7, _blas.threads())
+    before = _blas.threads()
+
+    def boom(lo, hi):
+        if hi == 4:  # the last share: a worker's when there are two cores
+            raise RuntimeError("boom in a share")
+
+    with pytest.raises(RuntimeError, match="boom in a share"):
+        cpu.split(boom, 4)
+    assert _blas.threads() == before
 
 
 @pytest.mark.parametrize("layout", ["hf", "apple"])
@@ -119,7 +141,7 @@ def test_sanitize_is_idempotent(tmp_path):
 
 def test_mlx_kernels_path(tmp_path, monkeypatch):
     """The path Apple GPUs and half precision take (mx.fast.sdpa, MLX's silu) against the reference too."""
-    monkeypatch.setattr(aimv2, "numpy_exp_path", lambda x: False)
+    monkeypatch.setattr(cpu, "active", lambda x: False)
     ref = make_reference(seed=8, image_size=56, **TINY["1B"])
     model = build_ours(write_checkpoint(ref, tmp_path, "hf"))
     pixels = np.random.default_rng(6).standard_normal((2, 56, 56, 3)).astype(np.float32)

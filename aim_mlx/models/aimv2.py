@@ -8,10 +8,9 @@ from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from ..config import VisionConfig
-from . import parallel
+from . import cpu
 
 
 @dataclass
@@ -67,51 +66,19 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
-        out = attention(q, k, v, self.scale, self.causal)  # (B, H, N, hd)
-        return self.proj(out.transpose(0, 2, 1, 3).reshape(b, n, d))
+        return self.proj(attention(self.qkv(x), self.num_heads, self.scale, self.causal))
 
 
-def numpy_exp_path(x: mx.array) -> bool:
-    """Whether to compute exponentials in numpy: on the CPU in float32. MLX's CPU `exp` is scalar, about 8x
-    slower than numpy's SIMD one here, which made softmax and SiLU cost a third of the model's time."""
-    return x.dtype == mx.float32 and mx.default_device() == mx.cpu
-
-
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> mx.array:
-    """softmax(q k^T * scale) v over (B, H, N, hd), `causal`: query i sees keys 0..i only. MLX's fused kernel,
-    except for float32 on the CPU: there the two matmuls stay in MLX (its BLAS) and numpy's SIMD exp does the
-    softmax, which is 2-3x faster than the fused op's CPU fallback on AIMv2-L. numpy never multiplies here:
-    its own OpenBLAS threads would spin against MLX's on a small machine."""
-    if not numpy_exp_path(q):
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
-    scores = np.asarray((q * scale) @ k.swapaxes(-1, -2))  # (B, H, N, N); evaluates, a view of its buffer
-    if causal:
-        scores[..., ~np.tri(scores.shape[-2], scores.shape[-1], dtype=bool)] = -np.inf
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    total = scores.sum(axis=-1, keepdims=True)
-    return (mx.array(scores) @ v) / mx.array(total)  # normalise the (N, hd) output, not the (N, N) weights
-
-
-def silu_mul(gate: mx.array, up: mx.array, rows: int = 128) -> mx.array:
-    """silu(gate) * up, in numpy on the CPU in float32 (see `numpy_exp_path`), a cache-sized slab of rows at
-    a time."""
-    if not numpy_exp_path(gate):
-        return nn.silu(gate) * up
-    width = gate.shape[-1]
-    g, u = np.asarray(gate).reshape(-1, width), np.asarray(up).reshape(-1, width)  # views of MLX's buffers
-    out = np.empty_like(g)
-    for i in range(0, len(g), rows):
-        o, gi = out[i : i + rows], g[i : i + rows]
-        np.negative(gi, out=o)
-        np.exp(o, out=o)
-        o += 1
-        np.divide(gi, o, out=o)  # g * sigmoid(g)
-        o *= u[i : i + rows]
-    return mx.array(out).reshape(gate.shape)
+def attention(qkv: mx.array, num_heads: int, scale: float, causal: bool = False) -> mx.array:
+    """softmax(q k^T * scale) v for every head, from the packed projections (B, N, 3D) -> (B, N, D).
+    `causal`: query i sees keys 0..i only. MLX's fused kernel, except on the CPU in float32, where cpu.py's
+    kernel is 2-3x faster than the fused op's CPU fallback."""
+    if cpu.active(qkv):
+        return cpu.attention(qkv, num_heads, scale, causal)
+    b, n, three_d = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, num_heads, -1).transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
+    return out.transpose(0, 2, 1, 3).reshape(b, n, three_d // 3)
 
 
 class SwiGLU(nn.Module):
@@ -123,7 +90,8 @@ class SwiGLU(nn.Module):
         self.fc3 = nn.Linear(d, m, bias=bias)  # up
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(silu_mul(self.fc1(x), self.fc3(x)))
+        gate, up = self.fc1(x), self.fc3(x)
+        return self.fc2(cpu.silu_mul(gate, up) if cpu.active(gate) else nn.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -168,8 +136,8 @@ class AIMv2VisionEncoder(nn.Module):
 
     def __call__(self, pixel_values: mx.array, output_hidden_states: bool = False) -> VisionOutput:
         x = self.embed(pixel_values)  # (B, N, D)
-        if (workers := parallel.workers(x)) > 1:  # the CPU: each core takes a share of the batch
-            x, hidden = parallel.run_blocks(self.blocks, x, workers, output_hidden_states)
+        if (workers := cpu.workers(x)) > 1:  # the CPU: each core takes a share of the batch
+            x, hidden = cpu.run_blocks(self.blocks, x, workers, output_hidden_states)
         else:
             hidden = [x] if output_hidden_states else None
             for block in self.blocks:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import VisionConfig
 from ..errors import ConfigError
-from .aimv2 import AIMv2VisionEncoder, Block, VisionOutput, attention
+from .aimv2 import AIMv2VisionEncoder, Block, VisionOutput
 
 
 @dataclass
@@ -88,7 +88,7 @@ class AttentionPoolingHead(nn.Module):
         k = self.k(x).reshape(b, n, h, d // h).transpose(0, 2, 1, 3)  # (B, H, N, hd)
         v = self.v(x).reshape(b, n, h, d // h).transpose(0, 2, 1, 3)  # (B, H, N, hd)
         q = mx.broadcast_to(self.cls_token.reshape(1, h, 1, d // h), (b, h, 1, d // h))  # (B, H, 1, hd)
-        out = attention(q, k, v, (d // h) ** -0.5)  # (B, H, 1, hd)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=(d // h) ** -0.5)  # (B, H, 1, hd)
         return self.linear(out.reshape(b, d))  # (B, D): with one query, (B, H, 1, hd) is already head-major
 
 

@@ -1,0 +1,174 @@
+"""The float32 CPU path: how a transformer block keeps every core busy on MLX's CPU backend.
+
+MLX's CPU backend runs everything except BLAS calls on one thread, and its `exp` is scalar (about 8x slower
+than numpy's SIMD one). So on the CPU in float32, with the fast BLAS of aim_mlx/_blas.py loaded:
+- attention (scores, softmax, weighted values) runs here, head by head in numpy with direct BLAS calls on
+  views of the packed qkv, and SiLU·up runs in numpy; both split their work over one thread per core while
+  the BLAS runs single-threaded (`split`). The big projections stay in MLX, on the multi-threaded BLAS.
+- a batch of two or more images runs the trunk in batch shares (`run_blocks`): one worker thread per core,
+  each on its own MLX stream with a single-threaded BLAS, so the shares' elementwise work overlaps too.
+  (Splitting one image's tokens instead, swapping keys and values once per block, was slower: an MLX op on
+  one stream that reads another stream's array waits on that stream.)
+AIM_MLX_CPU_WORKERS=N sets the number of threads or shares (1: all of it on the calling thread).
+Measured in benchmarks/RESULTS.md. Apple GPUs and half precision use MLX's fused kernels instead.
+"""
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
+
+import mlx.core as mx
+import numpy as np
+
+from .. import _blas
+
+_lock = threading.Lock()  # one user of the cores at a time: splitting changes the BLAS thread count
+_pools: list[ThreadPoolExecutor] = []  # one single-thread pool per worker, so each share has its own thread
+_local = threading.local()  # a worker thread's MLX stream
+
+
+def active(x: mx.array) -> bool:
+    """Whether `x`'s computation takes this module's path: float32 on the CPU, with the fast BLAS loaded."""
+    return x.dtype == mx.float32 and mx.default_device() == mx.cpu and _blas.loaded()
+
+
+def cores() -> int:
+    """How many threads this module's parallel sections use: AIM_MLX_CPU_WORKERS, else the BLAS's threads."""
+    wanted = os.environ.get("AIM_MLX_CPU_WORKERS", "")
+    return max(1, int(wanted) if wanted.isdigit() else _blas.threads())
+
+
+def _pool(n: int) -> list[ThreadPoolExecutor]:
+    """Worker threads kept for the process: an MLX stream belongs to the thread that made it, and each one
+    made holds a thread of MLX's for good, so workers and their streams are made once."""
+    while len(_pools) < n:
+        _pools.append(ThreadPoolExecutor(1, thread_name_prefix=f"aim-mlx-{len(_pools)}"))
+    return _pools[:n]
+
+
+@contextmanager
+def _cores(blocking: bool):
+    """Holds the cores for one parallel section: takes the lock and sets the BLAS to one thread meanwhile.
+    Yields False, changing nothing, if `blocking` is False and another section runs (on another thread, or
+    around this one: a batch share's kernels run inline)."""
+    if not _lock.acquire(blocking=blocking):
+        yield False
+        return
+    before = _blas.threads()
+    _blas.set_threads(1)
+    try:
+        yield True
+    finally:
+        _blas.set_threads(before)
+        _lock.release()
+
+
+def split(fn, n: int) -> None:
+    """fn(lo, hi) over range(n), in one share per BLAS thread run in parallel (the calling thread takes the
+    first); inline when there is one core, one item, or a parallel section already running."""
+    shares = min(cores(), n)
+    if shares < 2:
+        return fn(0, n)
+    with _cores(blocking=False) as held:
+        if not held:
+            return fn(0, n)
+        edges = [round(i * n / shares) for i in range(shares + 1)]
+        jobs = [
+            pool.submit(fn, a, b)
+            for pool, a, b in zip(_pool(shares - 1), edges[1:-1], edges[2:], strict=True)
+        ]
+        try:
+            fn(edges[0], edges[1])
+        finally:
+            wait(jobs)  # every share done before the BLAS gets its threads back, even on an error
+        for job in jobs:
+            job.result()  # re-raises a worker's exception here
+
+
+def attention(qkv: mx.array, num_heads: int, scale: float, causal: bool = False) -> mx.array:
+    """Multi-head attention from the packed projections `qkv` (B, N, 3D) -> (B, N, D), heads concatenated.
+    `causal`: query i sees keys 0..i only."""
+    b, n, three_d = qkv.shape
+    d, hd = three_d // 3, three_d // 3 // num_heads
+    packed = np.asarray(qkv)  # evaluates; a view of MLX's buffer
+    out = np.empty((b, n, d), np.float32)
+    hide = np.triu(np.ones((n, n), bool), 1) if causal else None  # keys after the query
+
+    def heads(lo: int, hi: int) -> None:
+        scores = np.empty((n, n), np.float32)
+        for image, head in (divmod(i, num_heads) for i in range(lo, hi)):
+            q, k, v = (packed[image, :, j * d + head * hd : j * d + (head + 1) * hd] for j in range(3))
+            o = out[image, :, head * hd : (head + 1) * hd]
+            _blas.gemm(q, k.T, scores, alpha=scale)  # (N, N)
+            if hide is not None:
+                scores[hide] = -np.inf
+            scores -= scores.max(axis=1, keepdims=True)
+            np.exp(scores, out=scores)
+            total = scores.sum(axis=1, keepdims=True)
+            _blas.gemm(scores, v, o)  # (N, hd)
+            o /= total  # normalise the (N, hd) output, not the (N, N) weights
+
+    split(heads, b * num_heads)
+    return mx.array(out)
+
+
+def silu_mul(gate: mx.array, up: mx.array, rows: int = 64) -> mx.array:
+    """silu(gate) * up in numpy, split over the cores, a cache-sized slab of rows at a time."""
+    width = gate.shape[-1]
+    g, u = np.asarray(gate).reshape(-1, width), np.asarray(up).reshape(-1, width)  # views of MLX's buffers
+    out = np.empty_like(g)
+
+    def slabs(lo: int, hi: int) -> None:
+        for i in range(lo * rows, min(hi * rows, len(g)), rows):
+            o, gi = out[i : i + rows], g[i : i + rows]
+            np.negative(gi, out=o)
+            np.exp(o, out=o)
+            o += 1
+            np.divide(gi, o, out=o)  # g * sigmoid(g)
+            o *= u[i : i + rows]
+
+    split(slabs, -(-len(g) // rows))
+    return mx.array(out).reshape(gate.shape)
+
+
+def workers(x: mx.array) -> int:
+    """How many batch shares to run the blocks of `x` (B, N, D) in: 1 means the plain sequential loop."""
+    return min(cores(), x.shape[0]) if active(x) else 1
+
+
+def _in_worker_stream(fn, *args):
+    if not hasattr(_local, "stream"):
+        _local.stream = mx.new_stream(mx.cpu)
+    with mx.stream(_local.stream):
+        return fn(*args)
+
+
+def _run_share(blocks, h: mx.array, keep_hidden: bool):
+    hidden = [h] if keep_hidden else []
+    for block in blocks:
+        h = block(h)
+        if keep_hidden:
+            hidden.append(h)
+    mx.eval(h, hidden)
+    return h, hidden
+
+
+def run_blocks(blocks, x: mx.array, n_workers: int, keep_hidden: bool = False):
+    """`blocks` applied to `x` (B, N, D) in `n_workers` batch shares: (output, [x, each block's output] when
+    `keep_hidden`, else None), the same as the sequential loop up to float rounding."""
+    edges = [round(i * x.shape[0] / n_workers) for i in range(n_workers + 1)]
+    shares = [x[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+    # Evaluated here, weights included (a fresh load is lazy): a worker's stream cannot evaluate work
+    # pending on this thread's stream. Already evaluated arrays cost nothing.
+    mx.eval(shares, [block.parameters() for block in blocks])
+    with _cores(blocking=True):
+        jobs = [
+            pool.submit(_in_worker_stream, _run_share, blocks, share, keep_hidden)
+            for pool, share in zip(_pool(n_workers), shares, strict=True)
+        ]
+        wait(jobs)  # every share done before the BLAS gets its threads back, even on an error
+    results = [job.result() for job in jobs]  # re-raises a worker's exception here
+    out = mx.concatenate([h for h, _ in results], axis=0)
+    hidden = [mx.concatenate(states, axis=0) for states in zip(*(s for _, s in results), strict=True)]
+    return out, hidden if keep_hidden else None
