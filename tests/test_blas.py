@@ -130,3 +130,36 @@ def test_the_thread_timeout_is_set_for_the_blas_only():
     env = {k: v for k, v in __import__("os").environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert done.stdout.strip() == "None"
+
+
+# Three 4 MiB buffers made and freed in a loop: glibc's default hands them back to the OS and faults them in
+# again on every round; aim-mlx's malloc settings keep them.
+CHURN = """
+import resource, numpy as np
+import aim_mlx
+
+def churn():
+    for _ in range(20):
+        buffers = [np.ones(1 << 20, np.float32) for _ in range(3)]
+        del buffers
+
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@linux
+@pytest.mark.parametrize(
+    "env, kept", [({}, True), ({"AIM_MLX_BLAS": "0"}, False), ({"MALLOC_ARENA_MAX": "4"}, False)]
+)
+def test_freed_memory_is_kept_unless_the_user_tunes_malloc(env, kept):
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    done = subprocess.run(
+        [sys.executable, "-c", CHURN], capture_output=True, text=True, check=True, env={**base, **env}
+    )
+    faults = int(done.stdout.strip().splitlines()[-1])
+    assert faults < 100 if kept else faults > 5000, faults
