@@ -2,6 +2,7 @@
 
 `run_isolated` measures one configuration (model, dtype, batch size, engine) in a fresh process, so that its
 load time and peak memory are its own: `python -m aim_mlx.bench '<json spec>'` prints one JSON result.
+`run_interleaved` runs several such processes side by side and times their calls in turns.
 """
 
 import json
@@ -10,8 +11,10 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +32,17 @@ def flops_per_image(config: VisionConfig, grid: tuple[int, int] | None = None) -
     return float(patch + config.num_hidden_layers * per_block)
 
 
-def time_calls(fn: Callable[[], object], trials: int = 5, warmup: int = 1) -> list[float]:
-    """Wall seconds of `trials` calls of `fn` after `warmup` untimed ones. `fn` must block until done."""
+def time_calls(
+    fn: Callable[[], object], trials: int = 5, warmup: int = 1, before: Callable[[], object] | None = None
+) -> list[float]:
+    """Wall seconds of `trials` calls of `fn` after `warmup` untimed ones. `fn` must block until done;
+    `before()`, untimed, runs ahead of each timed call."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(trials):
+        if before is not None:
+            before()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -138,7 +146,8 @@ def _measure(spec: dict, load: Callable[[], tuple[object, VisionConfig]], run: C
         raise ConfigError(f"--image-size must be a multiple of {config.patch_size}, got {size}")
     x = pixels(spec["batch"], size)
     reset_peak_rss()  # memory while embedding, with the model resident; not the transient peak of loading
-    times = time_calls(lambda: run(model, x), trials=spec["trials"], warmup=spec["warmup"])
+    before = _await_turn if spec.get("paced") else None
+    times = time_calls(lambda: run(model, x), trials=spec["trials"], warmup=spec["warmup"], before=before)
     flops = flops_per_image(config, (size // config.patch_size,) * 2)
     return {
         **spec,
@@ -237,17 +246,71 @@ def run_torch(spec: dict) -> dict:
     return {**result, "weights": "float", "peak_mlx_mb": None, "peak_memory_mb": result["peak_rss_mb"]}
 
 
+def _command(spec: dict) -> list[str]:
+    return [sys.executable, "-m", "aim_mlx.bench", json.dumps(spec)]
+
+
+def _environment(spec: dict) -> dict:
+    # torch keeps its own BLAS; MLX only reads the weights there
+    return dict(os.environ, **({"AIM_MLX_BLAS": "0"} if spec["engine"] == "torch" else {}))
+
+
 def run_isolated(spec: dict) -> dict:
     """Run `spec` (engine, model, dtype, batch, ...) in a fresh Python process and return its result."""
-    env = dict(os.environ)
-    if spec["engine"] == "torch":
-        env["AIM_MLX_BLAS"] = "0"  # torch keeps its own BLAS; MLX only reads the weights there
-    cmd = [sys.executable, "-m", "aim_mlx.bench", json.dumps(spec)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(_command(spec), capture_output=True, text=True, env=_environment(spec))
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
         raise AimMlxError(lines[-1].removeprefix("error: ") if lines else f"benchmark process failed: {spec}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _await_turn() -> None:
+    """A paced run (see run_interleaved): tell the parent this process is ready, wait for its go."""
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        raise AimMlxError("paced benchmark: the parent process stopped pacing")
+
+
+def run_interleaved(specs: list[dict], between: Callable[[], object] | None = None) -> list[dict]:
+    """Each spec measured as by run_isolated, but with all processes alive side by side and their timed
+    calls taken in turns (A B, B A, A B, ...): call i of every spec runs before call i+1 of any, so that a
+    shared machine's drift hits them alike. `between()` runs before each turn (a roofline reading, say).
+    The specs must share a trial count."""
+    trials = {spec["trials"] for spec in specs}
+    if len(trials) != 1:
+        raise ConfigError("run_interleaved takes specs with one trial count")
+    with ExitStack() as stack:
+        procs, lines = [], []
+        for spec in specs:  # one after the other, so that each load and warm-up has the machine to itself
+            log = stack.enter_context(tempfile.TemporaryFile("w+"))
+            pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": log}
+            command, env = _command({**spec, "paced": True}), _environment(spec)
+            proc = stack.enter_context(subprocess.Popen(command, text=True, env=env, **pipes))
+            stack.callback(proc.kill)  # on the way out, before Popen's own exit waits for it
+            procs.append((proc, log))
+            lines.append(_next_line(proc, log))  # "ready": loaded and warmed up
+        for turn in range(trials.pop()):
+            if between is not None:
+                between()
+            for i in range(len(procs)) if turn % 2 == 0 else reversed(range(len(procs))):
+                time.sleep(0.25)  # the previous call's idle BLAS or OpenMP threads may spin a little longer
+                proc, log = procs[i]
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                lines[i] = _next_line(proc, log)  # "ready" for the next call, the result after the last
+        return [json.loads(line) for line in lines]
+
+
+def _next_line(proc: subprocess.Popen, log) -> str:
+    line = proc.stdout.readline()
+    if not line:  # the process ended early: its last error line says why
+        proc.wait()
+        log.seek(0)
+        errors = log.read().strip().splitlines()
+        raise AimMlxError(
+            errors[-1].removeprefix("error: ") if errors else f"benchmark process failed: {proc.args}"
+        )
+    return line.strip()
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -281,6 +344,14 @@ def configurations(
             if compare_torch:
                 specs.append({"engine": "torch", "dtype": "float32", **common})
     return specs
+
+
+def group_by(specs: list[dict], keys: tuple[str, ...]) -> list[list[dict]]:
+    """`specs` in groups sharing the values of `keys`, in order of first appearance."""
+    groups: dict[tuple, list[dict]] = {}
+    for spec in specs:
+        groups.setdefault(tuple(spec[k] for k in keys), []).append(spec)
+    return list(groups.values())
 
 
 def torch_ratios(rows: list[dict]) -> list[dict]:
@@ -431,7 +502,9 @@ def _child(argv: list[str]) -> int:
     except AimMlxError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result))
+    print(json.dumps(result), flush=True)
+    if spec.get("paced"):  # stay idle until the parent is done timing the others: exiting takes CPU time
+        sys.stdin.read()
     return 0
 
 

@@ -260,7 +260,11 @@ def bench(
     as_json: JsonOpt = False,
     plot: Annotated[Path | None, typer.Option(help="Draw images/s against batch size to this PNG.")] = None,
     compare_torch: Annotated[
-        bool, typer.Option(help="Also run transformers' AIMv2 (torch) on the same inputs; print the ratio.")
+        bool,
+        typer.Option(
+            help="Also run transformers' AIMv2 (torch) on the same inputs and print the ratio; the engines "
+            "of each model and batch size are loaded side by side and timed in turns."
+        ),
     ] = False,
     coreml: Annotated[
         Path | None, typer.Option(help="Benchmark this Core ML package per compute unit (macOS only).")
@@ -268,7 +272,9 @@ def bench(
 ):
     """Throughput, latency, peak memory and load time of each configuration, with the machine described.
 
-    Each configuration runs in a fresh process, so its load time and peak memory are its own.
+    Each configuration runs in a fresh process, so its load time and peak memory are its own. With
+    --compare-torch the processes of one model and batch size stay alive side by side and their calls are
+    timed in turns, so that a busy machine's drift hits every engine alike.
     """
     import json
 
@@ -292,15 +298,19 @@ def bench(
             model or [DEFAULT_MODEL], dtypes, sizes, image_size, num_trials, warmup, compare_torch, q_bits
         )
         rows = []
+    # With torch, each model and batch size is one group, timed in turns; otherwise one spec at a time.
+    groups = benchmark.group_by(specs, ("model", "batch")) if compare_torch else [[s] for s in specs]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=_stderr(), transient=True) as progress:
         task = progress.add_task("benchmark", total=len(specs))
-        for spec in specs:
-            name = f"{spec['engine']} {Path(spec['model']).name} {spec['dtype']} batch {spec['batch']}"
+        for group in groups:
+            spec = group[0]
+            name = " + ".join(s["engine"] for s in group)
+            name += f" {Path(spec['model']).name} {'/'.join(s['dtype'] for s in group)} batch {spec['batch']}"
             name += f" q{spec['bits']}" if spec.get("bits") else ""
             progress.update(task, description=name)
-            rows.append(benchmark.run_isolated(spec))
-            progress.advance(task)
+            rows += benchmark.run_interleaved(group) if len(group) > 1 else [benchmark.run_isolated(spec)]
+            progress.advance(task, len(group))
     info = benchmark.machine()
     ratios = benchmark.torch_ratios(rows)
     if plot is not None:

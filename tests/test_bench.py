@@ -164,3 +164,36 @@ def test_coreml_rows_fit_the_table_and_plot(tmp_path):
 def test_coreml_refused_off_macos(tmp_path):
     result = runner.invoke(app, ["bench", "--coreml", str(tmp_path / "model.mlpackage")])
     assert result.exit_code == 1 and "needs macOS" in result.stderr
+
+
+def test_interleaved_runs_take_turns_and_report_each_engine(tiny):
+    specs = [
+        {"engine": engine, "model": str(tiny), "dtype": "float32", "batch": 2, "image_size": None}
+        for engine in ("aim-mlx", "torch")
+    ]
+    specs = [{**spec, "trials": 3, "warmup": 0} for spec in specs]
+    turns = []
+    rows = bench.run_interleaved(specs, between=lambda: turns.append(len(turns)))
+    assert turns == [0, 1, 2]  # one call of each engine per turn
+    assert [(r["engine"], r["paced"], len(r["times"])) for r in rows] == [
+        ("aim-mlx", True, 3),
+        ("torch", True, 3),
+    ]
+    assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
+
+
+def test_interleaved_failure_is_the_childs_one_line_error(tiny, tmp_path):
+    specs = [
+        {"engine": "aim-mlx", "model": str(path), "dtype": "float32", "batch": 1, "image_size": None}
+        for path in (tiny, tmp_path / "missing")
+    ]
+    with pytest.raises(bench.AimMlxError, match="missing") as info:
+        bench.run_interleaved([{**spec, "trials": 1, "warmup": 0} for spec in specs])
+    assert "\n" not in str(info.value)
+
+
+def test_group_by_keeps_first_appearance_order():
+    specs = [{"model": m, "batch": b, "engine": e} for b in (1, 8) for m in "ab" for e in ("x", "y")]
+    groups = bench.group_by(specs, ("model", "batch"))
+    assert [[s["engine"] for s in g] for g in groups] == [["x", "y"]] * 4
+    assert [(g[0]["model"], g[0]["batch"]) for g in groups] == [("a", 1), ("b", 1), ("a", 8), ("b", 8)]
