@@ -126,9 +126,10 @@ def _keep_freed_memory() -> None:
     page faults per AIMv2-L image at batch 1, about 14 % of its time. Blocks under 32 MiB (glibc's ceiling for
     this setting) now come from the heap and up to 512 MiB of free heap is kept. Skipped where the user tunes
     malloc through the environment, and where the C library is not glibc."""
-    if any(key.startswith("MALLOC_") for key in os.environ) or "malloc" in os.environ.get(
-        "GLIBC_TUNABLES", ""
-    ):
+    tuned = "malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(
+        k.startswith("MALLOC_") for k in os.environ
+    )
+    if tuned:
         return
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
