@@ -146,7 +146,13 @@ def _measure(spec: dict, load: Callable[[], tuple[object, VisionConfig]], run: C
         raise ConfigError(f"--image-size must be a multiple of {config.patch_size}, got {size}")
     x = pixels(spec["batch"], size)
     reset_peak_rss()  # memory while embedding, with the model resident; not the transient peak of loading
-    before = _await_turn if spec.get("paced") else None
+    starts = []  # paced runs: the wall-clock start of each timed call, granted by the parent
+
+    def await_turn():
+        _await_turn()
+        starts.append(time.time())
+
+    before = await_turn if spec.get("paced") else None
     times = time_calls(lambda: run(model, x), trials=spec["trials"], warmup=spec["warmup"], before=before)
     flops = flops_per_image(config, (size // config.patch_size,) * 2)
     return {
@@ -155,6 +161,7 @@ def _measure(spec: dict, load: Callable[[], tuple[object, VisionConfig]], run: C
         **summarize(times, spec["batch"], flops),
         "flops_per_image": flops,
         "times": times,
+        **({"started": starts} if starts else {}),
         "load_s": load_s,
         "peak_rss_mb": peak_rss_mb(),
     }

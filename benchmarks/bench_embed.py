@@ -47,11 +47,8 @@ def main():
             for batch in map(int, args.batch_sizes.split(",")):
                 order = engines if round_ % 2 == 0 else engines[::-1]
                 # `aim-mlx bench`'s own runner, paced: a process per engine; torch keeps its own BLAS.
-                specs = [
-                    {"engine": engine, "model": tmp, "dtype": "float32", "batch": batch} for engine in order
-                ]
-                for spec in specs:
-                    spec.update(image_size=None, trials=args.trials, warmup=1)
+                common = {"model": tmp, "dtype": "float32", "batch": batch, "image_size": None, "warmup": 1}
+                specs = [{"engine": engine, "trials": args.trials, **common} for engine in order]
                 done = run_interleaved(specs, between=lambda: readings.append(sgemm_gflops(trials=3)))
                 for spec, result in zip(specs, done, strict=True):
                     runs.setdefault((spec["engine"], batch), []).append(result)

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 
 import pytest
 from aim_mlx.convert.convert import convert
@@ -172,9 +173,13 @@ def test_interleaved_runs_take_turns_and_report_each_engine(tiny):
         for engine in ("aim-mlx", "torch")
     ]
     specs = [{**spec, "trials": 3, "warmup": 0} for spec in specs]
-    turns = []
-    rows = bench.run_interleaved(specs, between=lambda: turns.append(len(turns)))
-    assert turns == [0, 1, 2]  # one call of each engine per turn
+    turns = []  # wall-clock time of each turn's start
+    rows = bench.run_interleaved(specs, between=lambda: turns.append(time.time()))
+    assert len(turns) == 3
+    for i, turn in enumerate(turns):  # both engines' call i falls in turn i, in A B / B A order
+        first, second = (rows[0], rows[1]) if i % 2 == 0 else (rows[1], rows[0])
+        end = turns[i + 1] if i + 1 < len(turns) else float("inf")
+        assert turn < first["started"][i] < second["started"][i] < end
     assert [(r["engine"], r["paced"], len(r["times"])) for r in rows] == [
         ("aim-mlx", True, 3),
         ("torch", True, 3),
