@@ -115,6 +115,9 @@ def _load(path: Path) -> ctypes.CDLL:
     i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     lib.cblas_sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
     lib.cblas_sgemm.restype = None
+    if hasattr(lib, "cblas_sgemm_batch_strided"):  # OpenBLAS 0.3.29 and later
+        lib.cblas_sgemm_batch_strided.argtypes = [i, i, i, i, i, i, f, p, i, i, p, i, i, f, p, i, i, i]
+        lib.cblas_sgemm_batch_strided.restype = None
     return lib
 
 
@@ -144,21 +147,37 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
 
 
 def gemm(a, b, out, alpha: float = 1.0) -> None:
-    """out = alpha * a @ b for float32 numpy matrices, by the loaded BLAS in the calling thread's BLAS mode.
+    """out = alpha * a @ b for float32 numpy matrices (m, k) @ (k, n) -> (m, n), or stacks of them (s, m, k) @
+    (s, k, n) -> (s, m, n), by the loaded BLAS in the calling thread's BLAS mode.
 
-    Operands may be strided views (a head's columns of a packed qkv) or transposed views; each needs one unit
-    stride. The GIL is released during the call, so threads multiply in parallel."""
-    (m, k), n = a.shape, b.shape[1]
-    if a.dtype != "float32" or b.dtype != "float32" or out.dtype != "float32" or out.shape != (m, n):
-        raise ValueError("gemm takes float32 matrices (m, k) @ (k, n) -> (m, n)")
-    layout_out, ld_out = _operand(out)
+    Operands may be strided views (a head's columns of a packed qkv; a stack of heads as a reshaped,
+    transposed view of it) or transposed views: each matrix needs one unit stride, and a stack a whole number
+    of floats between its matrices. A stack is one batched BLAS call where the library has it (OpenBLAS
+    0.3.29 on). The GIL is released during each call, so threads multiply in parallel."""
+    if a.ndim == b.ndim == out.ndim == 2:
+        a, b, out = a[None], b[None], out[None]
+    (s, m, k), n = a.shape, b.shape[-1]
+    if any(x.dtype != "float32" for x in (a, b, out)) or (b.shape, out.shape) != ((s, k, n), (s, m, n)):
+        raise ValueError("gemm takes float32 matrices (m, k) @ (k, n) -> (m, n), or stacks of them")
+    if any(x.strides[0] % 4 for x in (a, b, out)):
+        raise ValueError("gemm needs a whole number of floats between the matrices of a stack")
+    if s == 0:
+        return
+    layout_out, ld_out = _operand(out[0])
     if layout_out != _NO_TRANS:
         raise ValueError("gemm writes to a row-major output")
-    (ta, lda), (tb, ldb) = _operand(a), _operand(b)
-    address = [x.__array_interface__["data"][0] for x in (a, b, out)]
-    _lib[0].cblas_sgemm(
-        _ROW_MAJOR, ta, tb, m, n, k, alpha, address[0], lda, address[1], ldb, 0.0, address[2], ld_out
-    )
+    (ta, lda), (tb, ldb) = _operand(a[0]), _operand(b[0])
+    pa, pb, po = (x.__array_interface__["data"][0] for x in (a, b, out))
+    sa, sb, so = (x.strides[0] // 4 for x in (a, b, out))  # floats from one matrix to the next
+    batched = getattr(_lib[0], "cblas_sgemm_batch_strided", None)
+    if s > 1 and batched is not None:
+        batched(_ROW_MAJOR, ta, tb, m, n, k, alpha, pa, lda, sa, pb, ldb, sb, 0.0, po, ld_out, so, s)
+        return
+    for i in range(s):
+        _lib[0].cblas_sgemm(
+            _ROW_MAJOR, ta, tb, m, n, k, alpha, pa + 4 * i * sa, lda, pb + 4 * i * sb, ldb, 0.0,
+            po + 4 * i * so, ld_out,
+        )  # fmt: skip
 
 
 def _operand(x) -> tuple[int, int]:

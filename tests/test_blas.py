@@ -124,6 +124,34 @@ def test_gemm_takes_strided_and_transposed_views():
 
 
 @linux
+@pytest.mark.parametrize("batched", [True, False])  # OpenBLAS's cblas_sgemm_batch_strided; a loop without it
+def test_gemm_takes_stacks_of_heads(batched, monkeypatch):
+    """What cpu.py's attention passes: heads 1..3 of a packed (N, 4 * hd) block as (heads, N, hd) views."""
+    import numpy as np
+
+    class Unbatched:  # the library as OpenBLAS before 0.3.29 exports it
+        cblas_sgemm = _blas._lib[0].cblas_sgemm
+
+    if not batched:
+        monkeypatch.setattr(_blas, "_lib", [Unbatched()])
+    packed = np.random.default_rng(1).standard_normal((6, 2 * 4 * 3)).astype(np.float32)  # (N, q | k), hd 3
+
+    def heads(x):
+        return x[:, 3:12].reshape(6, 3, 3).transpose(1, 0, 2)  # heads 1..3, (3, N, hd)
+
+    q, k = heads(packed[:, :12]), heads(packed[:, 12:])
+    scores = np.zeros((3, 6, 6), np.float32)
+    _blas.gemm(q, k.transpose(0, 2, 1), scores, alpha=0.5)
+    np.testing.assert_allclose(scores, 0.5 * q @ k.transpose(0, 2, 1), rtol=1e-5, atol=1e-5)
+    canvas = np.zeros((6, 12), np.float32)
+    _blas.gemm(scores, q, heads(canvas))  # into the heads' columns of a (N, 4 * hd) output
+    np.testing.assert_allclose(heads(canvas), scores @ q, rtol=1e-5, atol=1e-5)
+    assert not canvas[:, :3].any()  # head 0's columns untouched
+    with pytest.raises(ValueError, match="stacks"):
+        _blas.gemm(q, k.transpose(0, 2, 1)[:2], scores)
+
+
+@linux
 def test_the_thread_timeout_is_set_for_the_blas_only():
     """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT as it loads; aim-mlx sets it for its BLAS, not for children."""
     code = "import os, aim_mlx; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"

@@ -102,6 +102,23 @@ def test_split_covers_every_item_on_every_core_and_passes_errors_on():
     assert _blas.threads() == before
 
 
+@pytest.mark.parametrize("group", [1, 2, 5])  # heads a thread takes at once; 2 splits images unevenly
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_attention_in_groups_of_heads(group, causal, monkeypatch):
+    """3 images x 5 heads in two shares (8 + 7 heads): groups stop at a share's and an image's end."""
+    b, n, heads, hd = 3, 11, 5, 4
+    monkeypatch.setattr(cpu, "SCORES_BYTES", group * 4 * n * n)
+    qkv = np.random.default_rng(7).standard_normal((b, n, 3 * heads * hd)).astype(np.float32)
+    q, k, v = qkv.reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
+    scores = q @ k.swapaxes(-1, -2) * 0.5
+    if causal:
+        scores[..., np.triu(np.ones((n, n), dtype=bool), 1)] = -np.inf
+    w = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = ((w / w.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(b, n, heads * hd)
+    ours = cpu.attention(mx.array(qkv), heads, 0.5, causal)
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["hf", "apple"])
 @pytest.mark.parametrize("hw", [(70, 42), (42, 98), (84, 84)])
 def test_native_non_square_grids(tmp_path, layout, hw):

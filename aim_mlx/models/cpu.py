@@ -2,9 +2,10 @@
 
 MLX's CPU backend runs everything except BLAS calls on one thread, and its `exp` is scalar (about 8x slower
 than numpy's SIMD one). So on the CPU in float32, with the fast BLAS of aim_mlx/_blas.py loaded:
-- attention (scores, softmax, weighted values) runs here, head by head in numpy with direct BLAS calls on
-  views of the packed qkv, and SiLU·up runs in numpy; both split their work over one thread per core while
-  the BLAS runs single-threaded (`split`). The big projections stay in MLX, on the multi-threaded BLAS.
+- attention (scores, softmax, weighted values) runs here, a group of heads at a time in numpy with batched
+  BLAS calls on views of the packed qkv, and SiLU·up runs in numpy; both split their work over one thread
+  per core while the BLAS runs single-threaded (`split`). The big projections stay in MLX, on the
+  multi-threaded BLAS.
 - a batch of two or more images runs the trunk in batch shares (`run_blocks`): one worker thread per core,
   each on its own MLX stream with a single-threaded BLAS, so the shares' elementwise work overlaps too.
   (Splitting one image's tokens instead, swapping keys and values once per block, was slower: an MLX op on
@@ -26,6 +27,7 @@ from .. import _blas
 _lock = threading.Lock()  # one user of the cores at a time: splitting changes the BLAS thread count
 _pools: list[ThreadPoolExecutor] = []  # one single-thread pool per worker, so each share has its own thread
 _local = threading.local()  # a worker thread's MLX stream
+SCORES_BYTES = 4 << 20  # attention scores a thread holds at once: the heads it takes per group
 
 
 def active(x: mx.array) -> bool:
@@ -88,26 +90,37 @@ def split(fn, n: int) -> None:
 
 def attention(qkv: mx.array, num_heads: int, scale: float, causal: bool = False) -> mx.array:
     """Multi-head attention from the packed projections `qkv` (B, N, 3D) -> (B, N, D), heads concatenated.
-    `causal`: query i sees keys 0..i only."""
+    `causal`: query i sees keys 0..i only. A thread takes its heads a group at a time (SCORES_BYTES of
+    scores): one batched BLAS call per product and one numpy call per softmax step, so the GIL changes hands
+    rarely (measured: 2.7 against 3.7 ms a head at a time, AIMv2-L at batch 1)."""
     b, n, three_d = qkv.shape
     d, hd = three_d // 3, three_d // 3 // num_heads
     packed = np.asarray(qkv)  # evaluates; a view of MLX's buffer
     out = np.empty((b, n, d), np.float32)
     hide = np.triu(np.ones((n, n), bool), 1) if causal else None  # keys after the query
+    group = max(1, SCORES_BYTES // (4 * n * n))
+
+    def stack(x: np.ndarray, image: int, first: int, last: int) -> np.ndarray:
+        """Heads first..last-1 of one image's (N, D) columns, as a (heads, N, hd) view."""
+        return x[image, :, first * hd : last * hd].reshape(n, last - first, hd).transpose(1, 0, 2)
 
     def heads(lo: int, hi: int) -> None:
-        scores = np.empty((n, n), np.float32)
-        for image, head in (divmod(i, num_heads) for i in range(lo, hi)):
-            q, k, v = (packed[image, :, j * d + head * hd : j * d + (head + 1) * hd] for j in range(3))
-            o = out[image, :, head * hd : (head + 1) * hd]
-            _blas.gemm(q, k.T, scores, alpha=scale)  # (N, N)
+        scores = np.empty((min(group, hi - lo), n, n), np.float32)
+        i = lo
+        while i < hi:
+            image, first = divmod(i, num_heads)
+            last = min(first + group, num_heads, first + hi - i)  # within the share and the image
+            i += last - first
+            q, k, v = (stack(packed[..., j * d : (j + 1) * d], image, first, last) for j in range(3))
+            o, s = stack(out, image, first, last), scores[: last - first]
+            _blas.gemm(q, k.transpose(0, 2, 1), s, alpha=scale)  # (heads, N, N)
             if hide is not None:
-                scores[hide] = -np.inf
-            scores -= scores.max(axis=1, keepdims=True)
-            np.exp(scores, out=scores)
-            total = scores.sum(axis=1, keepdims=True)
-            _blas.gemm(scores, v, o)  # (N, hd)
-            o /= total  # normalise the (N, hd) output, not the (N, N) weights
+                s[:, hide] = -np.inf
+            s -= s.max(axis=2, keepdims=True)
+            np.exp(s, out=s)
+            total = s.sum(axis=2, keepdims=True)
+            _blas.gemm(s, v, o)  # (heads, N, hd)
+            o /= total  # normalise the (N, hd) outputs, not the (N, N) weights
 
     split(heads, b * num_heads)
     return mx.array(out)
