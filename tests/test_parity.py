@@ -102,6 +102,7 @@ def test_split_covers_every_item_on_every_core_and_passes_errors_on():
     assert _blas.threads() == before
 
 
+@pytest.mark.skipif(not _blas.loaded(), reason="cpu.py's kernels need the fast BLAS (Linux)")
 @pytest.mark.parametrize("group", [1, 2, 5])  # heads a thread takes at once; 2 splits images unevenly
 @pytest.mark.parametrize("causal", [False, True])
 def test_cpu_attention_in_groups_of_heads(group, causal, monkeypatch):
