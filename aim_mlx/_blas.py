@@ -154,7 +154,9 @@ def gemm(a, b, out, alpha: float = 1.0) -> None:
     transposed view of it) or transposed views: each matrix needs one unit stride, and a stack a whole number
     of floats between its matrices. A stack is one batched BLAS call where the library has it (OpenBLAS
     0.3.29 on). The GIL is released during each call, so threads multiply in parallel."""
-    if a.ndim == b.ndim == out.ndim == 2:
+    if not a.ndim == b.ndim == out.ndim in (2, 3):
+        raise ValueError("gemm takes float32 matrices (m, k) @ (k, n) -> (m, n), or stacks of them")
+    if a.ndim == 2:
         a, b, out = a[None], b[None], out[None]
     (s, m, k), n = a.shape, b.shape[-1]
     if any(x.dtype != "float32" for x in (a, b, out)) or (b.shape, out.shape) != ((s, k, n), (s, m, n)):

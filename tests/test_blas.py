@@ -134,6 +134,8 @@ def test_gemm_takes_stacks_of_heads(batched, monkeypatch):
 
     if not batched:
         monkeypatch.setattr(_blas, "_lib", [Unbatched()])
+    elif not hasattr(_blas._lib[0], "cblas_sgemm_batch_strided"):
+        pytest.skip("this OpenBLAS predates cblas_sgemm_batch_strided (0.3.29)")
     packed = np.random.default_rng(1).standard_normal((6, 2 * 4 * 3)).astype(np.float32)  # (N, q | k), hd 3
 
     def heads(x):
@@ -149,6 +151,8 @@ def test_gemm_takes_stacks_of_heads(batched, monkeypatch):
     assert not canvas[:, :3].any()  # head 0's columns untouched
     with pytest.raises(ValueError, match="stacks"):
         _blas.gemm(q, k.transpose(0, 2, 1)[:2], scores)
+    with pytest.raises(ValueError, match="stacks"):  # a single matrix times a stack
+        _blas.gemm(q[0], k.transpose(0, 2, 1), scores)
 
 
 @linux

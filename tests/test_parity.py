@@ -109,6 +109,7 @@ def test_cpu_attention_in_groups_of_heads(group, causal, monkeypatch):
     """3 images x 5 heads in two shares (8 + 7 heads): groups stop at a share's and an image's end."""
     b, n, heads, hd = 3, 11, 5, 4
     monkeypatch.setattr(cpu, "SCORES_BYTES", group * 4 * n * n)
+    monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "2")  # the two shares, on any machine
     qkv = np.random.default_rng(7).standard_normal((b, n, 3 * heads * hd)).astype(np.float32)
     q, k, v = qkv.reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
     scores = q @ k.swapaxes(-1, -2) * 0.5
