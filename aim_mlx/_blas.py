@@ -23,7 +23,7 @@ from pathlib import Path
 
 logger = logging.getLogger("aim_mlx")
 
-_state: dict = {"path": None, "error": None}
+_state: dict = {"path": None, "error": None, "kernel": None}
 _lib: list[ctypes.CDLL] = []  # the loaded library, once enable() succeeded
 
 
@@ -91,6 +91,7 @@ def enable() -> str | None:
         path = _unprefixed_copy()
         _lib.append(_load(path))
         _state["path"] = str(path)
+        _state["kernel"] = _lib[0].openblas_get_corename().decode()
         _keep_freed_memory()
     except Exception as exc:  # never fatal: MLX still works on its reference BLAS, only slower
         _state["error"] = f"{type(exc).__name__}: {exc}"
@@ -115,6 +116,7 @@ def _load(path: Path) -> ctypes.CDLL:
     i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     lib.cblas_sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
     lib.cblas_sgemm.restype = None
+    lib.openblas_get_corename.restype = ctypes.c_char_p  # the CPU kernels picked, e.g. "SkylakeX"
     if hasattr(lib, "cblas_sgemm_batch_strided"):  # OpenBLAS 0.3.29 and later
         lib.cblas_sgemm_batch_strided.argtypes = [i, i, i, i, i, i, f, p, i, i, p, i, i, f, p, i, i, i]
         lib.cblas_sgemm_batch_strided.restype = None
@@ -209,5 +211,6 @@ def set_threads(n: int) -> None:
 
 
 def status() -> dict:
-    """What `enable` did: the loaded library, or why none was loaded (for `aim-mlx bench` and bug reports)."""
+    """What `enable` did: the loaded library and the CPU kernels it runs (OpenBLAS picks them as it loads,
+    unless OPENBLAS_CORETYPE names some), or why none was loaded (for `aim-mlx bench` and bug reports)."""
     return dict(_state)

@@ -122,8 +122,43 @@ def machine() -> dict:
         "aim_mlx": __version__,
         "mlx_device": str(mx.default_device()),
         "mlx_blas": _blas.status()["path"] or ("Accelerate" if sys.platform == "darwin" else "MLX's own"),
+        "mlx_blas_kernel": _blas.status()["kernel"],
+        "numpy_blas_kernel": _numpy_blas_kernel(),
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),  # when set, it forces both kernels
         "threads": int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1),
     }
+
+
+def header(info: dict) -> str:
+    """`machine()` as the comment lines that head a printed result."""
+    blas = info["mlx_blas"] + (f" ({info['mlx_blas_kernel']} kernels)" if info["mlx_blas_kernel"] else "")
+    numpy = info["numpy"] + (
+        f" (OpenBLAS, {info['numpy_blas_kernel']} kernels)" if info["numpy_blas_kernel"] else ""
+    )
+    lines = [
+        f"# {info['cpu']}, {info['cores']} cores, {info['os']}",
+        f"# mlx {info['mlx']} on {info['mlx_device']}, BLAS {blas}, {info['threads']} threads; "
+        f"aim-mlx {info['aim_mlx']}, numpy {numpy}",
+    ]
+    if info["openblas_coretype"]:
+        lines.append(
+            f"# OPENBLAS_CORETYPE={info['openblas_coretype']} is set: it picks every OpenBLAS's kernels"
+        )
+    return "\n".join(lines)
+
+
+def _numpy_blas_kernel() -> str | None:
+    """The CPU kernels numpy's own OpenBLAS runs (the sgemm roofline's), read with threadpoolctl when it is
+    installed (the test extra has it); None otherwise."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    numpy_dir = str(Path(np.__file__).parent)  # numpy.libs sits beside it
+    for lib in threadpool_info():
+        if lib.get("internal_api") == "openblas" and lib["filepath"].startswith(numpy_dir):
+            return lib.get("architecture")
+    return None
 
 
 def pixels(batch: int, image_size: int) -> np.ndarray:

@@ -318,11 +318,7 @@ def bench(
     if as_json:
         typer.echo(json.dumps({"machine": info, "results": rows, "torch_ratios": ratios}, indent=2))
         return
-    typer.echo(f"# {info['cpu']}, {info['cores']} cores, {info['os']}")
-    typer.echo(
-        f"# mlx {info['mlx']} on {info['mlx_device']}, BLAS {info['mlx_blas']}, {info['threads']} threads; "
-        f"aim-mlx {info['aim_mlx']}, numpy {info['numpy']}"
-    )
+    typer.echo(benchmark.header(info))
     typer.echo(benchmark.table(rows))
     for r in ratios:
         weights = "" if r["weights"] == "float" else f" ({r['weights']})"

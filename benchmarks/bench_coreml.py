@@ -44,14 +44,14 @@ def main():
     from checkpoints import LARGE, make_reference, write_checkpoint
 
     import aim_mlx
-    from aim_mlx.bench import machine
+    from aim_mlx.bench import header, machine
 
     cases = CASES
     if args.cases:
         wanted = set(args.cases.split(","))
         cases = [c for c in CASES if f"{c[0]}-{c[1]}" in wanted]
     info = machine()
-    print(f"# {info['cpu']}, {info['cores']} cores, {info['os']}; mlx {info['mlx']} ({info['mlx_device']})")
+    print(header(info))
     import coremltools
 
     print(f"# coremltools {coremltools.__version__}, aim-mlx {aim_mlx.__version__}, {args.photos} photos")

@@ -33,11 +33,10 @@ def main():
 
     from checkpoints import LARGE, make_reference, write_checkpoint
 
-    from aim_mlx.bench import machine, run_interleaved, sgemm_gflops, summarize
+    from aim_mlx.bench import header, machine, run_interleaved, sgemm_gflops, summarize
 
     info = machine()
-    print(f"# {info['cpu']}, {info['cores']} cores, {info['os']}")
-    print(f"# mlx {info['mlx']} ({info['mlx_device']}, BLAS: {info['mlx_blas']}), numpy {info['numpy']}")
+    print(header(info))
     engines = ("aim-mlx", "torch")
     runs: dict[tuple[str, int], list[dict]] = {}
     readings: list[float] = []  # numpy sgemm GFLOP/s, read before every turn of calls

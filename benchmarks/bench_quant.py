@@ -97,11 +97,10 @@ def main():
     import numpy as np
     from checkpoints import LARGE, make_reference, write_checkpoint
 
-    from aim_mlx.bench import machine, run_isolated, summarize
+    from aim_mlx.bench import header, machine, run_isolated, summarize
 
     info = machine()
-    print(f"# {info['cpu']}, {info['cores']} cores, {info['os']}")
-    print(f"# mlx {info['mlx']} ({info['mlx_device']}, BLAS: {info['mlx_blas']}), numpy {info['numpy']}")
+    print(header(info))
     rows = {name: {"config": name} for name in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
         source = write_checkpoint(make_reference(seed=0, image_size=224, **LARGE), Path(tmp) / "source", "hf")

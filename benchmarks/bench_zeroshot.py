@@ -64,11 +64,10 @@ def main():
 
     import aim_mlx
     from aim_mlx import zeroshot
-    from aim_mlx.bench import machine, sgemm_gflops
+    from aim_mlx.bench import header, machine, sgemm_gflops
 
     info = machine()
-    print(f"# {info['cpu']}, {info['cores']} cores, {info['os']}")
-    print(f"# mlx {info['mlx']} ({info['mlx_device']}, BLAS: {info['mlx_blas']}), numpy {info['numpy']}")
+    print(header(info))
     print(f"# numpy sgemm now: {sgemm_gflops():.0f} GFLOP/s")
     classes, templates = zeroshot.imagenet_classes(), zeroshot.imagenet_templates()
     with tempfile.TemporaryDirectory() as tmp:

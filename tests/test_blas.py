@@ -1,8 +1,11 @@
 """The fast-BLAS loader: MLX's BLAS calls reach OpenBLAS on Linux; absent or failing, nothing breaks."""
 
+import json
 import logging
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,9 +39,6 @@ print(json.dumps({"status": _blas.status(), "owner": owner, "error": error}))
 
 
 def probe(**env) -> dict:
-    import json
-    import os
-
     done = subprocess.run(
         [sys.executable, "-c", PROBE], capture_output=True, text=True, env={**os.environ, **env}, check=True
     )
@@ -56,9 +56,27 @@ def test_mlx_matmuls_go_to_openblas():
 @linux
 def test_opting_out_leaves_mlx_alone():
     result = probe(AIM_MLX_BLAS="0")
-    assert result["status"] == {"path": None, "error": None}
+    assert result["status"] == {"path": None, "error": None, "kernel": None}
     assert "libopenblas-aim-mlx" not in (result["owner"] or "")
     assert result["error"] < 1e-3
+
+
+avx2 = pytest.mark.skipif(
+    sys.platform != "linux" or "avx2" not in Path("/proc/cpuinfo").read_text(),
+    reason="needs an x86 CPU with AVX2",
+)
+
+
+@avx2
+def test_the_kernels_in_use_are_reported():
+    """OPENBLAS_CORETYPE picks the kernels of every OpenBLAS in the process; benchmark headers say which ran,
+    for aim-mlx's BLAS and for numpy's (the roofline's)."""
+    code = "import json, aim_mlx.bench as b; print(json.dumps(b.machine())); print(b.header(b.machine()))"
+    env = {**os.environ, "OPENBLAS_CORETYPE": "Haswell"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    info, header = json.loads(done.stdout.splitlines()[0]), done.stdout.split("\n", 1)[1]
+    assert info["mlx_blas_kernel"] == info["numpy_blas_kernel"] == info["openblas_coretype"] == "Haswell"
+    assert "(Haswell kernels)" in header and "OPENBLAS_CORETYPE=Haswell is set" in header
 
 
 @linux
@@ -74,7 +92,7 @@ def test_the_copy_exports_unprefixed_blas_names(tmp_path, monkeypatch):
 
 @pytest.fixture
 def fresh_state(monkeypatch):
-    monkeypatch.setattr(_blas, "_state", {"path": None, "error": None})
+    monkeypatch.setattr(_blas, "_state", {"path": None, "error": None, "kernel": None})
     monkeypatch.delenv("AIM_MLX_BLAS", raising=False)
 
 
@@ -95,7 +113,7 @@ def test_a_failure_is_logged_not_raised(fresh_state, monkeypatch, caplog):
 def test_macos_is_never_touched(fresh_state, monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.setattr(_blas, "_unprefixed_copy", lambda: pytest.fail("must not build a BLAS on macOS"))
-    assert _blas.enable() is None and _blas.status() == {"path": None, "error": None}
+    assert _blas.enable() is None and _blas.status() == {"path": None, "error": None, "kernel": None}
 
 
 @linux
@@ -159,7 +177,7 @@ def test_gemm_takes_stacks_of_heads(batched, monkeypatch):
 def test_the_thread_timeout_is_set_for_the_blas_only():
     """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT as it loads; aim-mlx sets it for its BLAS, not for children."""
     code = "import os, aim_mlx; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
-    env = {k: v for k, v in __import__("os").environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert done.stdout.strip() == "None"
 
@@ -187,8 +205,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     "env, kept", [({}, True), ({"AIM_MLX_BLAS": "0"}, False), ({"MALLOC_ARENA_MAX": "4"}, False)]
 )
 def test_freed_memory_is_kept_unless_the_user_tunes_malloc(env, kept):
-    import os
-
     base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     done = subprocess.run(
         [sys.executable, "-c", CHURN], capture_output=True, text=True, check=True, env={**base, **env}
