@@ -148,13 +148,13 @@ def header(info: dict) -> str:
 
 
 def _numpy_blas_kernel() -> str | None:
-    """The CPU kernels numpy's own OpenBLAS runs (the sgemm roofline's), read with threadpoolctl when it is
-    installed (the test extra has it); None otherwise."""
+    """The CPU kernels numpy's own OpenBLAS runs (the sgemm roofline's), read with threadpoolctl. None without
+    threadpoolctl (the test extra has it) or when numpy's BLAS is not the OpenBLAS its wheel bundles."""
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
         return None
-    numpy_dir = str(Path(np.__file__).parent)  # numpy.libs sits beside it
+    numpy_dir = str(Path(np.__file__).parent)  # a prefix of numpy.libs/, where the wheel keeps its OpenBLAS
     for lib in threadpool_info():
         if lib.get("internal_api") == "openblas" and lib["filepath"].startswith(numpy_dir):
             return lib.get("architecture")
