@@ -29,6 +29,4 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None)
     """Load an AIMv2 checkpoint (hub id or local folder); return `(model, processor)`. See aim_mlx.loading."""
     from .loading import load as _load
 
-    loaded = _load(path_or_id, revision=revision, dtype=dtype)
-    _blas.release_freed_memory()  # the checkpoint's load-time copies, now garbage
-    return loaded
+    return _load(path_or_id, revision=revision, dtype=dtype)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import hub, quantized, weights
+from . import _blas, hub, quantized, weights
 from .config import VisionConfig
 from .errors import ConfigError
 from .models.aimv2 import AIMv2VisionEncoder
@@ -51,6 +51,12 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None)
     VisionOutput and `model.encode_image(pixels)` pooled (B, D) embeddings. `dtype` is float32, float16 or
     bfloat16 (default: float16 on Apple GPUs, float32 on CPUs).
     """
+    loaded = _build(path_or_id, revision, dtype)
+    _blas.release_freed_memory()  # the checkpoint's load-time copies (e.g. before an upcast) are garbage now
+    return loaded
+
+
+def _build(path_or_id: str, revision: str | None, dtype: str | None):
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
