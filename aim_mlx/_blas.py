@@ -92,7 +92,8 @@ def enable() -> str | None:
         path = _unprefixed_copy()
         _lib.append(_load(path))
         _state["path"] = str(path)
-        _state["kernel"] = _lib[0].openblas_get_corename().decode()
+        corename = getattr(_lib[0], "openblas_get_corename", None)  # metadata: never a reason to fail
+        _state["kernel"] = corename().decode() if corename else None
         _keep_freed_memory()
     except Exception as exc:  # never fatal: MLX still works on its reference BLAS, only slower
         _state["error"] = f"{type(exc).__name__}: {exc}"
@@ -117,7 +118,8 @@ def _load(path: Path) -> ctypes.CDLL:
     i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     lib.cblas_sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
     lib.cblas_sgemm.restype = None
-    lib.openblas_get_corename.restype = ctypes.c_char_p  # the CPU kernels picked, e.g. "SkylakeX"
+    if hasattr(lib, "openblas_get_corename"):  # the CPU kernels picked, e.g. "SkylakeX"
+        lib.openblas_get_corename.restype = ctypes.c_char_p
     if hasattr(lib, "cblas_sgemm_batch_strided"):  # OpenBLAS 0.3.29 and later
         lib.cblas_sgemm_batch_strided.argtypes = [i, i, i, i, i, i, f, p, i, i, p, i, i, f, p, i, i, i]
         lib.cblas_sgemm_batch_strided.restype = None

@@ -112,6 +112,7 @@ def machine() -> dict:
 
     from . import __version__, _blas
 
+    blas = _blas.status()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -121,8 +122,8 @@ def machine() -> dict:
         "numpy": np.__version__,
         "aim_mlx": __version__,
         "mlx_device": str(mx.default_device()),
-        "mlx_blas": _blas.status()["path"] or ("Accelerate" if sys.platform == "darwin" else "MLX's own"),
-        "mlx_blas_kernel": _blas.status()["kernel"],
+        "mlx_blas": blas["path"] or ("Accelerate" if sys.platform == "darwin" else "MLX's own"),
+        "mlx_blas_kernel": blas["kernel"],
         "numpy_blas_kernel": _numpy_blas_kernel(),
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),  # when set, it forces both kernels
         "threads": int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1),

@@ -182,6 +182,11 @@ def test_the_thread_timeout_is_set_for_the_blas_only():
     assert done.stdout.strip() == "None"
 
 
+def untuned_malloc_env() -> dict:
+    """This environment without the user's malloc options, under which aim-mlx leaves malloc alone."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+
 # Three 4 MiB buffers made and freed in a loop: glibc's default hands them back to the OS and faults them in
 # again on every round; aim-mlx's malloc settings keep them.
 CHURN = """
@@ -205,7 +210,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     "env, kept", [({}, True), ({"AIM_MLX_BLAS": "0"}, False), ({"MALLOC_ARENA_MAX": "4"}, False)]
 )
 def test_freed_memory_is_kept_unless_the_user_tunes_malloc(env, kept):
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    base = untuned_malloc_env()
     done = subprocess.run(
         [sys.executable, "-c", CHURN], capture_output=True, text=True, check=True, env={**base, **env}
     )
@@ -232,7 +237,7 @@ print(kept - resident_mb())
 
 @linux
 def test_freed_memory_is_handed_back_on_request():
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    base = untuned_malloc_env()
     done = subprocess.run(
         [sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True, env=base
     )
