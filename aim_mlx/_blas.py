@@ -161,9 +161,9 @@ def release_freed_memory() -> None:
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
 
 
-def gemm(a, b, out, alpha: float = 1.0) -> None:
-    """out = alpha * a @ b for float32 numpy matrices (m, k) @ (k, n) -> (m, n), or stacks of them (s, m, k) @
-    (s, k, n) -> (s, m, n), by the loaded BLAS in the calling thread's BLAS mode.
+def gemm(a, b, out, alpha: float = 1.0, beta: float = 0.0) -> None:
+    """out = alpha * a @ b + beta * out for float32 numpy matrices (m, k) @ (k, n) -> (m, n), or stacks of
+    them (s, m, k) @ (s, k, n) -> (s, m, n), by the loaded BLAS in the calling thread's BLAS mode.
 
     Operands may be strided views (a head's columns of a packed qkv; a stack of heads as a reshaped,
     transposed view of it) or transposed views: each matrix needs one unit stride, and a stack a whole number
@@ -188,11 +188,11 @@ def gemm(a, b, out, alpha: float = 1.0) -> None:
     sa, sb, so = (x.strides[0] // 4 for x in (a, b, out))  # floats from one matrix to the next
     batched = getattr(_lib[0], "cblas_sgemm_batch_strided", None)
     if s > 1 and batched is not None:
-        batched(_ROW_MAJOR, ta, tb, m, n, k, alpha, pa, lda, sa, pb, ldb, sb, 0.0, po, ld_out, so, s)
+        batched(_ROW_MAJOR, ta, tb, m, n, k, alpha, pa, lda, sa, pb, ldb, sb, beta, po, ld_out, so, s)
         return
     for i in range(s):
         _lib[0].cblas_sgemm(
-            _ROW_MAJOR, ta, tb, m, n, k, alpha, pa + 4 * i * sa, lda, pb + 4 * i * sb, ldb, 0.0,
+            _ROW_MAJOR, ta, tb, m, n, k, alpha, pa + 4 * i * sa, lda, pb + 4 * i * sb, ldb, beta,
             po + 4 * i * so, ld_out,
         )  # fmt: skip
 

@@ -135,6 +135,8 @@ def test_gemm_takes_strided_and_transposed_views():
     _blas.gemm(a, b, canvas[:, 3:8], alpha=0.5)
     np.testing.assert_allclose(canvas[:, 3:8], 0.5 * a @ b, rtol=1e-5, atol=1e-5)
     assert not canvas[:, :3].any() and not canvas[:, 8:].any()  # nothing written outside the view
+    _blas.gemm(a, b, canvas[:, 3:8], beta=1.0)  # adds to what is there: cpu.py's residual stream
+    np.testing.assert_allclose(canvas[:, 3:8], 1.5 * a @ b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unit stride"):
         _blas.gemm(a[:, ::2], b[::2], np.zeros((5, 5), np.float32))
     with pytest.raises(ValueError, match="float32"):

@@ -1,6 +1,7 @@
 """aim-mlx's encoder against transformers' Aimv2VisionModel: patch embedding, every hidden state, output."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from checkpoints import LARGE, TINY, make_reference, reference_outputs, write_checkpoint
@@ -42,28 +43,37 @@ def assert_parity(model, ref_model, pixels, tol):
 
 @pytest.fixture
 def count_parallel(monkeypatch):
-    """Calls of the batch-parallel CPU trunk (models/cpu.py)."""
+    """Calls of models/cpu.py's trunks: the batch shares' (their count), the numpy one's ("numpy")."""
     calls = []
-    real = cpu.run_blocks
+    real_blocks, real_trunk = cpu.run_blocks, cpu.run_trunk
 
-    def counting(blocks, x, n_workers, keep_hidden=False):
+    def blocks(blocks, x, n_workers, keep_hidden=False):
         calls.append(n_workers)
-        return real(blocks, x, n_workers, keep_hidden)
+        return real_blocks(blocks, x, n_workers, keep_hidden)
 
-    monkeypatch.setattr(cpu, "run_blocks", counting)
+    def trunk(blocks, x, keep_hidden=False):
+        calls.append("numpy")
+        return real_trunk(blocks, x, keep_hidden)
+
+    monkeypatch.setattr(cpu, "run_blocks", blocks)
+    monkeypatch.setattr(cpu, "run_trunk", trunk)
     return calls
 
 
 @pytest.mark.parametrize("family", list(TINY))
 @pytest.mark.parametrize("layout", ["hf", "apple", "mlx"])
-@pytest.mark.parametrize("workers", ["1", "2"])  # the sequential loop; two uneven batch shares (2 + 1)
-def test_tiny_families(tmp_path, family, layout, workers, monkeypatch, count_parallel):
-    monkeypatch.setenv("AIM_MLX_CPU_WORKERS", workers)
+# the numpy trunk; the MLX loop of blocks (quantized layers take it); two uneven batch shares (2 + 1)
+@pytest.mark.parametrize("trunk", ["numpy", "loop", "shares"])
+def test_tiny_families(tmp_path, family, layout, trunk, monkeypatch, count_parallel):
+    monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "2" if trunk == "shares" else "1")
+    if trunk == "loop":
+        monkeypatch.setattr(cpu, "trunk_ready", lambda x, blocks: False)
     ref = make_reference(seed=hash(family) % 1000, image_size=56, **TINY[family])
     model = build_ours(write_checkpoint(ref, tmp_path, layout))
     pixels = np.random.default_rng(1).standard_normal((3, 56, 56, 3)).astype(np.float32)
     assert_parity(model, ref, pixels, tol=1e-4)
-    assert count_parallel == ([] if workers == "1" else [2, 2])  # hidden states, then encode_image
+    calls = {"numpy": ["numpy"] * 2, "loop": [], "shares": [2, 2]}[trunk]  # hidden states, then encode_image
+    assert count_parallel == (calls if _blas.loaded() else [])
 
 
 def test_parallel_trunk_passes_errors_on_and_restores_blas_threads(tmp_path, monkeypatch, count_parallel):
@@ -119,6 +129,40 @@ def test_cpu_attention_in_groups_of_heads(group, causal, monkeypatch):
     expected = ((w / w.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(b, n, heads * hd)
     ours = cpu.attention(mx.array(qkv), heads, 0.5, causal)
     np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not _blas.loaded(), reason="cpu.py's kernels need the fast BLAS (Linux)")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_numpy_trunk_matches_the_mlx_blocks(bias, causal):
+    """run_trunk against the blocks' own MLX loop: every hidden state, with biases (no AIMv2 checkpoint has
+    them, the config allows them) and causal attention (the LiT text tower's blocks)."""
+    config = VisionConfig(**TINY["large"], qkv_bias=bias, mlp_bias=bias)
+    blocks = [aimv2.Block(config, causal=causal) for _ in range(3)]
+    for block in blocks:  # MLX initialises the norm weights to one
+        for norm in (block.norm_1, block.norm_2):
+            norm.weight = 1 + 0.2 * mx.random.normal(norm.weight.shape)
+    x = mx.random.normal((2, 9, config.hidden_size), key=mx.random.key(3))
+    expected = [x]
+    for block in blocks:
+        expected.append(block(expected[-1]))
+    assert cpu.trunk_ready(x, blocks)
+    out, hidden = cpu.run_trunk(blocks, x, keep_hidden=True)
+    assert len(hidden) == 4 and rel_err(out, np.asarray(expected[-1])) < 1e-5
+    for ours, theirs in zip(hidden, expected, strict=True):
+        assert rel_err(ours, np.asarray(theirs)) < 1e-5
+    x_only, none = cpu.run_trunk(blocks, x)
+    assert none is None and mx.array_equal(x_only, out)
+
+
+def test_numpy_trunk_takes_float32_linear_layers_only():
+    config = VisionConfig(**TINY["large"])
+    blocks = [aimv2.Block(config) for _ in range(2)]
+    x = mx.zeros((1, 4, config.hidden_size))
+    assert cpu.trunk_ready(x, blocks) == _blas.loaded()
+    assert not cpu.trunk_ready(x.astype(mx.float16), blocks)
+    nn.quantize(blocks[1], group_size=32, bits=4)
+    assert not cpu.trunk_ready(x, blocks)
 
 
 @pytest.mark.parametrize("layout", ["hf", "apple"])

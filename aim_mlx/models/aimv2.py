@@ -138,6 +138,8 @@ class AIMv2VisionEncoder(nn.Module):
         x = self.embed(pixel_values)  # (B, N, D)
         if (workers := cpu.workers(x)) > 1:  # the CPU: each core takes a share of the batch
             x, hidden = cpu.run_blocks(self.blocks, x, workers, output_hidden_states)
+        elif cpu.trunk_ready(x, self.blocks):  # the CPU, one share: numpy and whole-machine GEMMs
+            x, hidden = cpu.run_trunk(self.blocks, x, output_hidden_states)
         else:
             hidden = [x] if output_hidden_states else None
             for block in self.blocks:

@@ -3,9 +3,12 @@
 MLX's CPU backend runs everything except BLAS calls on one thread, and its `exp` is scalar (about 8x slower
 than numpy's SIMD one). So on the CPU in float32, with the fast BLAS of aim_mlx/_blas.py loaded:
 - attention (scores, softmax, weighted values) runs here, a group of heads at a time in numpy with batched
-  BLAS calls on views of the packed qkv, and SiLU·up runs in numpy; both split their work over one thread
-  per core while the BLAS runs single-threaded (`split`). The big projections stay in MLX, on the
-  multi-threaded BLAS.
+  BLAS calls on views of the packed qkv, split over one thread per core while the BLAS runs single-threaded
+  (`split`).
+- one image runs the whole trunk in numpy (`run_trunk`): every projection is one BLAS call on all the cores
+  that also adds the residual, attention is split as above, and the norms and SiLU·up run on the calling
+  thread. Blocks with quantized layers, and the LiT text tower, run MLX's loop of blocks instead, with
+  attention and SiLU·up (`silu_mul`, split too) from here and the projections in MLX.
 - a batch of two or more images runs the trunk in batch shares (`run_blocks`): one worker thread per core,
   each on its own MLX stream with a single-threaded BLAS, so the shares' elementwise work overlaps too.
   (Splitting one image's tokens instead, swapping keys and values once per block, was slower: an MLX op on
@@ -20,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from .. import _blas
@@ -28,6 +32,7 @@ _lock = threading.Lock()  # one user of the cores at a time: splitting changes t
 _pools: list[ThreadPoolExecutor] = []  # one single-thread pool per worker, so each share has its own thread
 _local = threading.local()  # a worker thread's MLX stream
 SCORES_BYTES = 4 << 20  # attention scores a thread holds at once: the heads it takes per group
+SILU_ROWS = 64  # rows of silu(gate) * up computed at once, a cache-sized slab
 
 
 def active(x: mx.array) -> bool:
@@ -90,13 +95,19 @@ def split(fn, n: int) -> None:
 
 def attention(qkv: mx.array, num_heads: int, scale: float, causal: bool = False) -> mx.array:
     """Multi-head attention from the packed projections `qkv` (B, N, 3D) -> (B, N, D), heads concatenated.
-    `causal`: query i sees keys 0..i only. A thread takes its heads a group at a time (SCORES_BYTES of
-    scores): one batched BLAS call per product and one numpy call per softmax step, so the GIL changes hands
-    rarely (measured: 2.7 against 3.7 ms a head at a time, AIMv2-L at batch 1)."""
+    `causal`: query i sees keys 0..i only."""
     b, n, three_d = qkv.shape
+    out = np.empty((b, n, three_d // 3), np.float32)
+    _attention(np.asarray(qkv), num_heads, scale, causal, out)  # np.asarray evaluates; a view of MLX's buffer
+    return mx.array(out)
+
+
+def _attention(packed: np.ndarray, num_heads: int, scale: float, causal: bool, out: np.ndarray) -> None:
+    """`attention` in numpy, (B, N, 3D) -> `out` (B, N, D). A thread takes its heads a group at a time
+    (SCORES_BYTES of scores): one batched BLAS call per product and one numpy call per softmax step, so the
+    GIL changes hands rarely (measured: 2.7 against 3.7 ms a head at a time, AIMv2-L at batch 1)."""
+    b, n, three_d = packed.shape
     d, hd = three_d // 3, three_d // 3 // num_heads
-    packed = np.asarray(qkv)  # evaluates; a view of MLX's buffer
-    out = np.empty((b, n, d), np.float32)
     hide = np.triu(np.ones((n, n), bool), 1) if causal else None  # keys after the query
     group = max(1, SCORES_BYTES // (4 * n * n))
 
@@ -123,30 +134,98 @@ def attention(qkv: mx.array, num_heads: int, scale: float, causal: bool = False)
             o /= total  # normalise the (N, hd) outputs, not the (N, N) weights
 
     split(heads, b * num_heads)
-    return mx.array(out)
 
 
-def silu_mul(gate: mx.array, up: mx.array, rows: int = 64) -> mx.array:
-    """silu(gate) * up in numpy, split over the cores, a cache-sized slab of rows at a time."""
+def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up in numpy, split over the cores."""
     width = gate.shape[-1]
     g, u = np.asarray(gate).reshape(-1, width), np.asarray(up).reshape(-1, width)  # views of MLX's buffers
     out = np.empty_like(g)
-
-    def slabs(lo: int, hi: int) -> None:
-        for i in range(lo * rows, min(hi * rows, len(g)), rows):
-            o, gi = out[i : i + rows], g[i : i + rows]
-            np.negative(gi, out=o)
-            np.exp(o, out=o)
-            o += 1
-            np.divide(gi, o, out=o)  # g * sigmoid(g)
-            o *= u[i : i + rows]
-
-    split(slabs, -(-len(g) // rows))
+    split(lambda lo, hi: _silu_mul(g, u, out, lo, hi), -(-len(g) // SILU_ROWS))
     return mx.array(out).reshape(gate.shape)
 
 
+def _silu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray, lo: int = 0, hi: int | None = None) -> None:
+    """out = silu(g) * u for (rows, width) arrays, slabs lo..hi-1 of SILU_ROWS rows, a cache-sized slab at
+    a time. `out` must not overlap `g` or `u`."""
+    stop = len(g) if hi is None else min(hi * SILU_ROWS, len(g))
+    for i in range(lo * SILU_ROWS, stop, SILU_ROWS):
+        o, gi = out[i : i + SILU_ROWS], g[i : i + SILU_ROWS]
+        np.negative(gi, out=o)
+        np.exp(o, out=o)
+        o += 1
+        np.divide(gi, o, out=o)  # g * sigmoid(g)
+        o *= u[i : i + SILU_ROWS]
+
+
+def trunk_ready(x: mx.array, blocks) -> bool:
+    """Whether `run_trunk` takes `blocks` on `x`: this module's path, and every projection a float32
+    nn.Linear (quantized layers stay in MLX)."""
+    layers = [m for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2, b.mlp.fc3)]
+    return active(x) and all(type(m) is nn.Linear and m.weight.dtype == mx.float32 for m in layers)
+
+
+def run_trunk(blocks, x: mx.array, keep_hidden: bool = False):
+    """`blocks` applied to `x` (B, N, D) in numpy on one thread, every projection one BLAS call on all the
+    cores and attention split over them: (output, [x, each block's output] when `keep_hidden`, else None),
+    the same as the MLX loop up to float rounding.
+
+    The residual stream is one buffer that the output projections add into (the GEMM's beta = 1), the other
+    activations are buffers reused by every block, and the norms and SiLU·up run on this thread: at batch 1
+    the hand-offs between MLX's stream, numpy and the worker threads cost more than spreading a 0.1-0.5 ms
+    step over the cores saves (measured in benchmarks/RESULTS.md)."""
+    b, n, d = x.shape
+    mx.eval(x, [block.parameters() for block in blocks])  # a fresh load is lazy; numpy reads the buffers
+    h = np.array(x, np.float32).reshape(b * n, d)  # the residual stream, updated in place
+    hidden = [x] if keep_hidden else []
+    buffers: dict[str, np.ndarray] = {}
+
+    def buffer(name: str, width: int) -> np.ndarray:
+        if name not in buffers:
+            buffers[name] = np.empty((b * n, width), np.float32)
+        return buffers[name]
+
+    for block in blocks:
+        attn, mlp = block.attn, block.mlp
+        qkv = _linear(_rms_norm(h, block.norm_1, buffer("normed", d)), attn.qkv, buffer("qkv", 3 * d))
+        heads = buffer("heads", d)
+        _attention(qkv.reshape(b, n, 3 * d), attn.num_heads, attn.scale, attn.causal, heads.reshape(b, n, d))
+        _linear(heads, attn.proj, h, accumulate=True)
+        normed = _rms_norm(h, block.norm_2, buffer("normed", d))
+        gate = _linear(normed, mlp.fc1, buffer("gate", mlp.fc1.weight.shape[0]))
+        up = _linear(normed, mlp.fc3, buffer("up", mlp.fc3.weight.shape[0]))
+        _silu_mul(gate, up, act := buffer("act", gate.shape[1]))
+        _linear(act, mlp.fc2, h, accumulate=True)
+        if keep_hidden:
+            hidden.append(mx.array(h.reshape(b, n, d)))  # a copy
+    return mx.array(h.reshape(b, n, d)), hidden if keep_hidden else None
+
+
+def _linear(x: np.ndarray, layer: nn.Linear, out: np.ndarray, accumulate: bool = False) -> np.ndarray:
+    """out = x @ W^T + bias, or out += that with `accumulate`: one BLAS call on (rows, features) arrays."""
+    if "bias" in layer:
+        if accumulate:
+            out += np.asarray(layer.bias)
+        else:
+            out[...] = np.asarray(layer.bias)
+        accumulate = True
+    _blas.gemm(x, np.asarray(layer.weight).T, out, beta=1.0 if accumulate else 0.0)
+    return out
+
+
+def _rms_norm(x: np.ndarray, norm: nn.RMSNorm, out: np.ndarray) -> np.ndarray:
+    """RMSNorm of the rows of `x` into `out`."""
+    rms = np.einsum("ij,ij->i", x, x)  # sums of squares, one pass
+    rms /= x.shape[1]
+    rms += norm.eps
+    np.sqrt(rms, out=rms)
+    np.divide(x, rms[:, None], out=out)
+    out *= np.asarray(norm.weight)
+    return out
+
+
 def workers(x: mx.array) -> int:
-    """How many batch shares to run the blocks of `x` (B, N, D) in: 1 means the plain sequential loop."""
+    """How many batch shares to run the blocks of `x` (B, N, D) in: 1 means one sequential trunk."""
     return min(cores(), x.shape[0]) if active(x) else 1
 
 
