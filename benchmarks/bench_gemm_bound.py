@@ -5,10 +5,10 @@
 One process, random weights, float32 on the CPU. Three things are timed in turns, a call of each per turn:
 - numpy's 2048² sgemm rate (the roofline of bench_embed.py; best of 3 after a warm-up),
 - the whole model (`encode_image`, one 224 px image), as bench_embed.py times it,
-- the same model's GEMMs alone, through the same calls: the patch embedding, then for each block the qkv
-  projection (MLX, multi-threaded BLAS), attention's two products over the heads (cpu.py's batched BLAS calls,
-  the heads split over the cores), the output projection and the three MLP projections (MLX). No softmax,
-  SiLU, norm or residual add; each block reads the embedded image, so values stay bounded.
+- the same model's GEMMs alone, through the BLAS calls that cpu.run_trunk makes: the patch embedding, then for
+  each block the qkv projection (one call on all the cores), attention's two products (batched calls, the
+  heads split over the cores), the output projection and the three MLP projections. No softmax, SiLU, norm
+  or residual add; each block reads the embedded image, so values stay bounded.
 The GEMM-only fraction is a ceiling for the whole model at batch 1 with this BLAS: softmax, norms, SiLU·up
 and adds only add time. Prints the medians, their fractions of the median roofline reading, the time the
 non-GEMM work takes per block, and how much it may take for the model to reach 80 % of the roofline.
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def gemms_only(model, pixels):
-    """The model's GEMMs in the order and through the calls the batch-1 forward uses them."""
+    """The model's GEMMs through the BLAS calls the batch-1 forward (cpu.run_trunk) makes, in its order."""
     import mlx.core as mx
 
     from aim_mlx import _blas
@@ -37,22 +37,30 @@ def gemms_only(model, pixels):
     x = model.embed(pixels)  # the patch embedding's GEMM (plus a norm and the positions: 0.1 % of the work)
     mx.eval(x)
     _, n, d = x.shape
+    x = np.array(x).reshape(n, d)  # every block reads it, so values stay bounded
     for block in model.blocks:
-        heads = block.attn.num_heads
-        qkv = np.asarray(block.attn.qkv(x))[0]  # (N, 3D), evaluated
-        q, k, v = (qkv[:, i * d : (i + 1) * d].reshape(n, heads, -1).transpose(1, 0, 2) for i in range(3))
-        scores, out = np.empty((heads, n, n), np.float32), np.empty((n, d), np.float32)
-        o = out.reshape(n, heads, -1).transpose(1, 0, 2)
+        attn, mlp = block.attn, block.mlp
+        h = attn.num_heads
+        qkv, heads = np.empty((n, 3 * d), np.float32), np.empty((n, d), np.float32)
+        scores = np.empty((h, n, n), np.float32)
+        q, k, v = (qkv[:, i * d : (i + 1) * d].reshape(n, h, -1).transpose(1, 0, 2) for i in range(3))
+        o = heads.reshape(n, h, -1).transpose(1, 0, 2)
 
-        def products(lo, hi, q=q, k=k, v=v, scores=scores, o=o):
+        def products(lo, hi, q=q, k=k, v=v, o=o, scores=scores):
             _blas.gemm(q[lo:hi], k[lo:hi].transpose(0, 2, 1), scores[lo:hi])
             _blas.gemm(scores[lo:hi], v[lo:hi], o[lo:hi])
 
-        cpu.split(products, heads)
-        mlp = block.mlp
-        gate, up = mlp.fc1(x), mlp.fc3(x)
-        mx.eval(block.attn.proj(mx.array(out[None])), gate, up)
-        mx.eval(mlp.fc2(gate))
+        def linear(a, layer):
+            out = np.empty((n, layer.weight.shape[0]), np.float32)
+            _blas.gemm(a, np.asarray(layer.weight).T, out)
+            return out
+
+        _blas.gemm(x, np.asarray(attn.qkv.weight).T, qkv)
+        cpu.split(products, h)
+        linear(heads, attn.proj)
+        gate = linear(x, mlp.fc1)
+        linear(x, mlp.fc3)
+        linear(gate, mlp.fc2)
 
 
 def main():
