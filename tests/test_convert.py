@@ -196,8 +196,9 @@ def test_conversion_peak_memory_stays_under_1_5x_the_source(layout, options, tmp
     source_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
     mx.clear_cache()
     mx.reset_peak_memory()
+    held = mx.get_active_memory()  # what earlier tests keep alive (models, fixtures), not the conversion
     convert(str(source), tmp_path / "out", **options)
-    assert mx.get_peak_memory() < 1.5 * source_bytes
+    assert mx.get_peak_memory() - held < 1.5 * source_bytes
 
 
 def test_quantized_linear_weights_take_a_fifth_of_the_memory(source, float_model, tmp_path):
