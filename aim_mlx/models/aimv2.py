@@ -107,6 +107,19 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_2(x))
 
 
+def run_in_order(blocks, x: mx.array, keep_hidden: bool = False):
+    """`blocks` applied to `x` one after the other: (output, [x, each block's output] when `keep_hidden`, else
+    None). On the CPU in float32 the whole trunk runs in numpy (cpu.run_trunk), elsewhere in MLX."""
+    if cpu.trunk_ready(x, blocks):
+        return cpu.run_trunk(blocks, x, keep_hidden)
+    hidden = [x] if keep_hidden else None
+    for block in blocks:
+        x = block(x)
+        if hidden is not None:
+            hidden.append(x)
+    return x, hidden
+
+
 class AIMv2VisionEncoder(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -138,14 +151,8 @@ class AIMv2VisionEncoder(nn.Module):
         x = self.embed(pixel_values)  # (B, N, D)
         if (workers := cpu.workers(x)) > 1:  # the CPU: each core takes a share of the batch
             x, hidden = cpu.run_blocks(self.blocks, x, workers, output_hidden_states)
-        elif cpu.trunk_ready(x, self.blocks):  # the CPU, one share: numpy and whole-machine GEMMs
-            x, hidden = cpu.run_trunk(self.blocks, x, output_hidden_states)
         else:
-            hidden = [x] if output_hidden_states else None
-            for block in self.blocks:
-                x = block(x)
-                if hidden is not None:
-                    hidden.append(x)
+            x, hidden = run_in_order(self.blocks, x, output_hidden_states)
         x = self.post_trunk_norm(x)
         return VisionOutput(
             last_hidden_state=x,

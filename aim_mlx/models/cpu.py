@@ -5,10 +5,10 @@ than numpy's SIMD one). So on the CPU in float32, with the fast BLAS of aim_mlx/
 - attention (scores, softmax, weighted values) runs here, a group of heads at a time in numpy with batched
   BLAS calls on views of the packed qkv, split over one thread per core while the BLAS runs single-threaded
   (`split`).
-- one image runs the whole trunk in numpy (`run_trunk`): every projection is one BLAS call on all the cores
-  that also adds the residual, attention is split as above, and the norms and SiLU·up run on the calling
-  thread. Blocks with quantized layers, and the LiT text tower, run MLX's loop of blocks instead, with
-  attention and SiLU·up (`silu_mul`, split too) from here and the projections in MLX.
+- one image, and the LiT text tower's batch of prompts, run the whole trunk in numpy (`run_trunk`): every
+  projection is one BLAS call on all the cores that also adds the residual, attention is split as above, and
+  the norms and SiLU·up run on the calling thread. Blocks with quantized layers run MLX's loop of blocks
+  instead, with attention and SiLU·up (`silu_mul`, split too) from here and the projections in MLX.
 - a batch of two or more images runs the trunk in batch shares (`run_blocks`): one worker thread per core,
   each on its own MLX stream with a single-threaded BLAS, so the shares' elementwise work overlaps too.
   (Splitting one image's tokens instead, swapping keys and values once per block, was slower: an MLX op on

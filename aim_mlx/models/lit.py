@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import VisionConfig
 from ..errors import ConfigError
-from .aimv2 import AIMv2VisionEncoder, Block, VisionOutput
+from .aimv2 import AIMv2VisionEncoder, Block, VisionOutput, run_in_order
 
 
 @dataclass
@@ -121,9 +121,7 @@ class TextEncoder(nn.Module):
             raise ValueError(
                 f"{n} tokens; this text encoder takes at most {self.positional_embedding.shape[0]}"
             )
-        x = self.text_embedding(input_ids) + self.positional_embedding[:n]  # (B, L, D)
-        for block in self.blocks:
-            x = block(x)
+        x, _ = run_in_order(self.blocks, self.text_embedding(input_ids) + self.positional_embedding[:n])
         # Causal attention makes the first EOS summarise the text; padding after it never reaches it.
         first_eos = mx.argmax((input_ids == self.config.eos_token_id).astype(mx.int32), axis=-1)  # (B,)
         return self.post_trunk_norm(x[mx.arange(b), first_eos])  # (B, D); the norm is per token
