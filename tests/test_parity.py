@@ -62,32 +62,42 @@ def count_parallel(monkeypatch):
 
 @pytest.mark.parametrize("family", list(TINY))
 @pytest.mark.parametrize("layout", ["hf", "apple", "mlx"])
-# the numpy trunk; the MLX loop of blocks (quantized layers take it); two uneven batch shares (2 + 1)
-@pytest.mark.parametrize("trunk", ["numpy", "loop", "shares"])
+# One trunk: numpy's, or MLX's loop of blocks (quantized layers take it). Two uneven batch shares (2 + 1):
+# each running numpy's trunk, or MLX's loop on its own stream.
+@pytest.mark.parametrize("trunk", ["numpy", "loop", "shares", "shares of loops"])
 def test_tiny_families(tmp_path, family, layout, trunk, monkeypatch, count_parallel):
-    monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "2" if trunk == "shares" else "1")
-    if trunk == "loop":
+    monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "2" if trunk.startswith("shares") else "1")
+    if "loop" in trunk:
         monkeypatch.setattr(cpu, "trunk_ready", lambda x, blocks: False)
     ref = make_reference(seed=hash(family) % 1000, image_size=56, **TINY[family])
     model = build_ours(write_checkpoint(ref, tmp_path, layout))
     pixels = np.random.default_rng(1).standard_normal((3, 56, 56, 3)).astype(np.float32)
     assert_parity(model, ref, pixels, tol=1e-4)
-    calls = {"numpy": ["numpy"] * 2, "loop": [], "shares": [2, 2]}[trunk]  # hidden states, then encode_image
-    assert count_parallel == (calls if _blas.loaded() else [])
+    calls = {  # for the hidden states, then for encode_image
+        "numpy": ["numpy"] * 2,
+        "loop": [],
+        "shares": [2, "numpy", "numpy"] * 2,
+        "shares of loops": [2, 2],
+    }[trunk]
+    assert sorted(map(str, count_parallel)) == sorted(map(str, calls if _blas.loaded() else []))
 
 
-def test_parallel_trunk_passes_errors_on_and_restores_blas_threads(tmp_path, monkeypatch, count_parallel):
+@pytest.mark.parametrize("share", ["numpy", "loop"])  # each share's trunk: numpy's, or MLX's loop of blocks
+def test_batch_shares_pass_errors_on_and_restore_blas_threads(tmp_path, monkeypatch, count_parallel, share):
     monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "2")
+    if share == "loop":
+        monkeypatch.setattr(cpu, "trunk_ready", lambda x, blocks: False)
     model = build_ours(write_checkpoint(make_reference(seed=2, **TINY["large"]), tmp_path, "hf"))
     before = _blas.threads()
 
-    def boom(self, x):
+    def boom(*args, **kwargs):
         raise RuntimeError("boom in a worker")
 
-    monkeypatch.setattr(aimv2.SwiGLU, "__call__", boom)
+    monkeypatch.setattr(cpu, "_silu_mul", boom)  # SiLU·up, in every share's trunk
     with pytest.raises(RuntimeError, match="boom in a worker"):
         model(mx.zeros((2, 56, 56, 3)))
-    assert count_parallel == [2] and _blas.threads() == before
+    assert count_parallel == [2] + (["numpy", "numpy"] if share == "numpy" else [])  # both shares started
+    assert _blas.threads() == before
 
 
 def test_split_covers_every_item_on_every_core_and_passes_errors_on():

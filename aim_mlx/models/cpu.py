@@ -10,9 +10,10 @@ than numpy's SIMD one). So on the CPU in float32, with the fast BLAS of aim_mlx/
   the norms and SiLU·up run on the calling thread. Blocks with quantized layers run MLX's loop of blocks
   instead, with attention and SiLU·up (`silu_mul`, split too) from here and the projections in MLX.
 - a batch of two or more images runs the trunk in batch shares (`run_blocks`): one worker thread per core,
-  each on its own MLX stream with a single-threaded BLAS, so the shares' elementwise work overlaps too.
-  (Splitting one image's tokens instead, swapping keys and values once per block, was slower: an MLX op on
-  one stream that reads another stream's array waits on that stream.)
+  each running `run_trunk` on its share with a single-threaded BLAS, so the shares' elementwise work
+  overlaps too (quantized blocks: MLX's loop, on the worker's own MLX stream). (Splitting one image's tokens
+  instead, swapping keys and values once per block, was slower: an MLX op on one stream that reads another
+  stream's array waits on that stream.)
 AIM_MLX_CPU_WORKERS=N sets the number of threads or shares (1: all of it on the calling thread).
 Measured in benchmarks/RESULTS.md. Apple GPUs and half precision use MLX's fused kernels instead.
 """
@@ -21,6 +22,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -166,9 +168,9 @@ def trunk_ready(x: mx.array, blocks) -> bool:
 
 
 def run_trunk(blocks, x: mx.array, keep_hidden: bool = False):
-    """`blocks` applied to `x` (B, N, D) in numpy on one thread, every projection one BLAS call on all the
-    cores and attention split over them: (output, [x, each block's output] when `keep_hidden`, else None),
-    the same as the MLX loop up to float rounding.
+    """`blocks` applied to `x` (B, N, D) in numpy on the calling thread, every projection one BLAS call on all
+    the cores and attention split over them (in a batch share: on its own core): (output, [x, each block's
+    output] when `keep_hidden`, else None), the same as the MLX loop up to float rounding.
 
     The residual stream is one buffer that the output projections add into (the GEMM's beta = 1), the other
     activations are buffers reused by every block, and the norms and SiLU·up run on this thread: at batch 1
@@ -248,19 +250,22 @@ def _run_share(blocks, h: mx.array, keep_hidden: bool):
 
 def run_blocks(blocks, x: mx.array, n_workers: int, keep_hidden: bool = False):
     """`blocks` applied to `x` (B, N, D) in `n_workers` batch shares: (output, [x, each block's output] when
-    `keep_hidden`, else None), the same as the sequential loop up to float rounding."""
+    `keep_hidden`, else None), the same as the sequential loop up to float rounding. A share runs
+    `run_trunk`, or MLX's loop of blocks on the worker's own stream where `run_trunk` does not take them."""
     edges = [round(i * x.shape[0] / n_workers) for i in range(n_workers + 1)]
     shares = [x[a:b] for a, b in zip(edges, edges[1:], strict=False)]
     # Evaluated here, weights included (a fresh load is lazy): a worker's stream cannot evaluate work
     # pending on this thread's stream. Already evaluated arrays cost nothing.
     mx.eval(shares, [block.parameters() for block in blocks])
+    run_share = run_trunk if trunk_ready(x, blocks) else partial(_in_worker_stream, _run_share)
     with _cores(blocking=True):
         jobs = [
-            pool.submit(_in_worker_stream, _run_share, blocks, share, keep_hidden)
+            pool.submit(run_share, blocks, share, keep_hidden)
             for pool, share in zip(_pool(n_workers), shares, strict=True)
         ]
         wait(jobs)  # every share done before the BLAS gets its threads back, even on an error
     results = [job.result() for job in jobs]  # re-raises a worker's exception here
     out = mx.concatenate([h for h, _ in results], axis=0)
-    hidden = [mx.concatenate(states, axis=0) for states in zip(*(s for _, s in results), strict=True)]
-    return out, hidden if keep_hidden else None
+    if not keep_hidden:
+        return out, None
+    return out, [mx.concatenate(states, axis=0) for states in zip(*(s for _, s in results), strict=True)]
