@@ -33,17 +33,21 @@ class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if mx.default_device() == mx.gpu:
             return super().__call__(x)
-        weight = mx.dequantize(
+        weight = self.float_weight()
+        if "bias" in self:
+            return mx.addmm(self["bias"], x, weight.T)
+        return x @ weight.T
+
+    def float_weight(self) -> mx.array:
+        """The unpacked (out, in) weight, in the scales' dtype (lazy: computed when evaluated)."""
+        return mx.dequantize(
             self["weight"],
             scales=self["scales"],
             biases=self.get("biases"),
             group_size=self.group_size,
             bits=self.bits,
             mode=self.mode,
-        )  # (out, in), in the scales' dtype
-        if "bias" in self:
-            return mx.addmm(self["bias"], x, weight.T)
-        return x @ weight.T
+        )
 
 
 def params(value, where: str) -> dict:

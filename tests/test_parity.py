@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from checkpoints import LARGE, TINY, make_reference, reference_outputs, write_checkpoint
 
-from aim_mlx import _blas, weights
+from aim_mlx import _blas, quantized, weights
 from aim_mlx.config import VisionConfig
 from aim_mlx.models import aimv2, cpu
 from aim_mlx.models.aimv2 import AIMv2VisionEncoder
@@ -165,14 +165,32 @@ def test_numpy_trunk_matches_the_mlx_blocks(bias, causal):
     assert none is None and mx.array_equal(x_only, out)
 
 
-def test_numpy_trunk_takes_float32_linear_layers_only():
+def test_numpy_trunk_takes_float32_and_aim_mlx_quantized_layers_only():
     config = VisionConfig(**TINY["large"])
     blocks = [aimv2.Block(config) for _ in range(2)]
     x = mx.zeros((1, 4, config.hidden_size))
     assert cpu.trunk_ready(x, blocks) == _blas.loaded()
     assert not cpu.trunk_ready(x.astype(mx.float16), blocks)
-    nn.quantize(blocks[1], group_size=32, bits=4)
+    quantized.quantize(blocks[0], {"group_size": 32, "bits": 4, "mode": quantized.MODE})
+    assert cpu.trunk_ready(x, blocks) == _blas.loaded()
+    nn.quantize(blocks[1], group_size=32, bits=4)  # MLX's own layer: its quantized matmul, in MLX's loop
     assert not cpu.trunk_ready(x, blocks)
+
+
+@pytest.mark.skipif(not _blas.loaded(), reason="cpu.py's kernels need the fast BLAS (Linux)")
+def test_numpy_trunk_unpacks_quantized_layers_as_the_mlx_loop_does():
+    """4-bit attention, 8-bit MLP: run_trunk against the blocks' MLX loop (QuantizedLinear's CPU path)."""
+    config = VisionConfig(**TINY["large"])
+    blocks = [aimv2.Block(config) for _ in range(2)]
+    for block in blocks:
+        quantized.quantize(block.attn, {"group_size": 32, "bits": 4, "mode": quantized.MODE})
+        quantized.quantize(block.mlp, {"group_size": 32, "bits": 8, "mode": quantized.MODE})
+    x = mx.random.normal((2, 9, config.hidden_size), key=mx.random.key(4))
+    expected = x
+    for block in blocks:
+        expected = block(expected)
+    out, _ = cpu.run_trunk(blocks, x)
+    assert rel_err(out, np.asarray(expected)) < 1e-5
 
 
 @pytest.mark.parametrize("layout", ["hf", "apple"])

@@ -7,13 +7,14 @@ than numpy's SIMD one). So on the CPU in float32, with the fast BLAS of aim_mlx/
   (`split`).
 - one image, and the LiT text tower's batch of prompts, run the whole trunk in numpy (`run_trunk`): every
   projection is one BLAS call on all the cores that also adds the residual, attention is split as above, and
-  the norms and SiLU·up run on the calling thread. Blocks with quantized layers run MLX's loop of blocks
-  instead, with attention and SiLU·up (`silu_mul`, split too) from here and the projections in MLX.
+  the norms and SiLU·up run on the calling thread; aim-mlx's quantized layers are unpacked just before their
+  GEMM. Other blocks (MLX's own quantized layers, say) run MLX's loop of blocks instead, with attention and
+  SiLU·up (`silu_mul`, split too) from here and the projections in MLX.
 - a batch of two or more images runs the trunk in batch shares (`run_blocks`): one worker thread per core,
-  each running `run_trunk` on its share with a single-threaded BLAS, so the shares' elementwise work
-  overlaps too (quantized blocks: MLX's loop, on the worker's own MLX stream). (Splitting one image's tokens
-  instead, swapping keys and values once per block, was slower: an MLX op on one stream that reads another
-  stream's array waits on that stream.)
+  each running `run_trunk` (or MLX's loop, as above) on its share with a single-threaded BLAS and its own
+  MLX stream, so the shares' elementwise work overlaps too. (Splitting one image's tokens instead, swapping
+  keys and values once per block, was slower: an MLX op on one stream that reads another stream's array
+  waits on that stream.)
 AIM_MLX_CPU_WORKERS=N sets the number of threads or shares (1: all of it on the calling thread).
 Measured in benchmarks/RESULTS.md. Apple GPUs and half precision use MLX's fused kernels instead.
 """
@@ -28,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import _blas
+from .. import _blas, quantized
 
 _lock = threading.Lock()  # one user of the cores at a time: splitting changes the BLAS thread count
 _pools: list[ThreadPoolExecutor] = []  # one single-thread pool per worker, so each share has its own thread
@@ -162,9 +163,12 @@ def _silu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray, lo: int = 0, hi: in
 
 def trunk_ready(x: mx.array, blocks) -> bool:
     """Whether `run_trunk` takes `blocks` on `x`: this module's path, and every projection a float32
-    nn.Linear (quantized layers stay in MLX)."""
+    nn.Linear or one of aim-mlx's quantized layers (unpacked before its GEMM, as on the MLX path)."""
     layers = [m for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2, b.mlp.fc3)]
-    return active(x) and all(type(m) is nn.Linear and m.weight.dtype == mx.float32 for m in layers)
+    return active(x) and all(
+        isinstance(m, quantized.QuantizedLinear) or (type(m) is nn.Linear and m.weight.dtype == mx.float32)
+        for m in layers
+    )
 
 
 def run_trunk(blocks, x: mx.array, keep_hidden: bool = False):
@@ -211,7 +215,12 @@ def _linear(x: np.ndarray, layer: nn.Linear, out: np.ndarray, accumulate: bool =
         else:
             out[...] = np.asarray(layer.bias)
         accumulate = True
-    _blas.gemm(x, np.asarray(layer.weight).T, out, beta=1.0 if accumulate else 0.0)
+    weight = (
+        layer.float_weight().astype(mx.float32)
+        if isinstance(layer, quantized.QuantizedLinear)
+        else layer.weight
+    )
+    _blas.gemm(x, np.asarray(weight).T, out, beta=1.0 if accumulate else 0.0)  # np.asarray evaluates
     return out
 
 
@@ -251,13 +260,13 @@ def _run_share(blocks, h: mx.array, keep_hidden: bool):
 def run_blocks(blocks, x: mx.array, n_workers: int, keep_hidden: bool = False):
     """`blocks` applied to `x` (B, N, D) in `n_workers` batch shares: (output, [x, each block's output] when
     `keep_hidden`, else None), the same as the sequential loop up to float rounding. A share runs
-    `run_trunk`, or MLX's loop of blocks on the worker's own stream where `run_trunk` does not take them."""
+    `run_trunk`, or MLX's loop of blocks where `run_trunk` does not take them, on the worker's own stream."""
     edges = [round(i * x.shape[0] / n_workers) for i in range(n_workers + 1)]
     shares = [x[a:b] for a, b in zip(edges, edges[1:], strict=False)]
     # Evaluated here, weights included (a fresh load is lazy): a worker's stream cannot evaluate work
     # pending on this thread's stream. Already evaluated arrays cost nothing.
     mx.eval(shares, [block.parameters() for block in blocks])
-    run_share = run_trunk if trunk_ready(x, blocks) else partial(_in_worker_stream, _run_share)
+    run_share = partial(_in_worker_stream, run_trunk if trunk_ready(x, blocks) else _run_share)
     with _cores(blocking=True):
         jobs = [
             pool.submit(run_share, blocks, share, keep_hidden)
