@@ -183,7 +183,7 @@ def run_trunk(blocks, x: mx.array, keep_hidden: bool = False):
     b, n, d = x.shape
     mx.eval(x, [block.parameters() for block in blocks])  # a fresh load is lazy; numpy reads the buffers
     h = np.array(x, np.float32).reshape(b * n, d)  # the residual stream, updated in place
-    hidden = [x] if keep_hidden else []
+    hidden = [x] if keep_hidden else None
     buffers: dict[str, np.ndarray] = {}
 
     def buffer(name: str, width: int) -> np.ndarray:
@@ -202,13 +202,14 @@ def run_trunk(blocks, x: mx.array, keep_hidden: bool = False):
         up = _linear(normed, mlp.fc3, buffer("up", mlp.fc3.weight.shape[0]))
         _silu_mul(gate, up, act := buffer("act", gate.shape[1]))
         _linear(act, mlp.fc2, h, accumulate=True)
-        if keep_hidden:
+        if hidden is not None:
             hidden.append(mx.array(h.reshape(b, n, d)))  # a copy
-    return mx.array(h.reshape(b, n, d)), hidden if keep_hidden else None
+    return mx.array(h.reshape(b, n, d)), hidden
 
 
-def _linear(x: np.ndarray, layer: nn.Linear, out: np.ndarray, accumulate: bool = False) -> np.ndarray:
-    """out = x @ W^T + bias, or out += that with `accumulate`: one BLAS call on (rows, features) arrays."""
+def _linear(x: np.ndarray, layer: nn.Module, out: np.ndarray, accumulate: bool = False) -> np.ndarray:
+    """out = x @ W^T + bias, or out += that with `accumulate`: one BLAS call on (rows, features) arrays.
+    `layer`: an nn.Linear, or a quantized.QuantizedLinear, whose weight is unpacked here."""
     if "bias" in layer:
         if accumulate:
             out += np.asarray(layer.bias)
