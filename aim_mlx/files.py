@@ -1,0 +1,109 @@
+"""One home for where aim-mlx keeps files and how it writes them.
+
+- `cache_dir()`: aim-mlx's own cache (the BLAS copy, zero-shot label embeddings), `$AIM_MLX_CACHE`, else
+  `$XDG_CACHE_HOME/aim-mlx`, else `~/.cache/aim-mlx`. An empty variable counts as unset.
+- The file names a checkpoint folder is made of (config, weights, tokenizer), for the hub, the weight reader,
+  conversion and export alike.
+- `atomic_file` and `atomic_folder`: a write that a reader never sees half done and that a failure (or an
+  interrupt) leaves no trace of. What lands has the user's normal permissions (0666/0777 less the umask),
+  not the private mode of a temporary file or folder.
+
+Standard library only: `import aim_mlx` reads the cache directory before anything else loads.
+"""
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+CONFIG_FILE = "config.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+# Any one of these makes a folder loadable; the index lists shards named like SHARD_PATTERN.
+# (mlx_model.safetensors: Apple's MLX flavour, as a cache filled by ml-aim's MLX backend holds it.)
+SAFETENSORS_FILES = ("model.safetensors", "mlx_model.safetensors")
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_PATTERN = "model-*-of-*.safetensors"
+# A text tower's tokenizer (LiT); absent from the vision-only checkpoints.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+)
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
+
+
+def cache_dir(*parts: str) -> Path:
+    """aim-mlx's cache directory, or a folder below it (not created here)."""
+    root = os.environ.get("AIM_MLX_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "aim-mlx")
+    return Path(root, *parts)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def normal_mode(folder: bool = False) -> int:
+    """The mode a file (or folder) gets when the user creates it: 0666 (0777) less the umask."""
+    return (0o777 if folder else 0o666) & ~_umask()
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; on success it is renamed over `path`, on any error
+    (KeyboardInterrupt included) it is removed. The temporary name keeps `path`'s suffix, so that writers
+    which append a missing one (numpy) write where they are told."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.chmod(tmp, normal_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder beside `path`; on success it becomes `path`, on any error it is deleted.
+
+    `replace`: an existing `path` is swapped out (moved aside, then deleted once the new one is in place);
+    without it, a `path` that appeared meanwhile raises FileExistsError and the staging folder is deleted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield staging
+        os.chmod(staging, normal_mode(folder=True))  # mkdtemp makes it 0700
+        _swap_in(staging, path, replace)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_in(new: Path, path: Path, replace: bool) -> None:
+    if not path.exists() and not path.is_symlink():
+        os.replace(new, path)
+        return
+    if not replace:
+        raise FileExistsError(f"{path} exists")
+    # A folder cannot be renamed over a non-empty one: move the old one aside first, delete it last.
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.replace(path, old / path.name)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old / path.name, path)  # put the old one back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
