@@ -188,21 +188,14 @@ def models(as_json: JsonOpt = False):
     import json
 
     from .hub import is_cached
-    from .models.lit import TextConfig
     from .variants import VARIANTS
 
     rows = []
     for v in VARIANTS.values():
-        hidden, _, mlp, layers = v.dims
-        params = layers * (4 * hidden * hidden + 3 * hidden * mlp)  # attention + SwiGLU dominate
-        if v.lit:  # the text tower (the published one has TextConfig's default sizes) and its embedding
-            t = TextConfig()
-            block = 4 * t.hidden_size**2 + 3 * t.hidden_size * t.intermediate_size
-            params += t.num_hidden_layers * block + t.vocab_size * t.hidden_size
         rows.append(
             {
                 "id": v.repo_id,
-                "params_millions": round(params / 1e6),
+                "params_millions": round(v.num_params / 1e6),
                 "resolution": v.image_size or "native",
                 "imagenet_top1": v.published_top1,
                 "imagenet_top1_protocol": "zero-shot" if v.lit else "attentive probe, frozen trunk",

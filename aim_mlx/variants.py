@@ -7,8 +7,8 @@ Both load.
 
 from dataclasses import dataclass
 
-# family -> (hidden_size, num_attention_heads, intermediate_size, num_hidden_layers)
-FAMILIES = {
+# size -> (hidden_size, num_attention_heads, intermediate_size, num_hidden_layers)
+SIZES = {
     "large": (1024, 8, 2816, 24),
     "huge": (1536, 12, 4096, 24),
     "1B": (2048, 16, 5632, 24),
@@ -71,19 +71,38 @@ CLIP_PREPROCESSOR = {
 DEFAULT_MODEL = "apple/aimv2-large-patch14-224"
 
 
+# The LiT text tower as published: (hidden_size, intermediate_size, num_hidden_layers, vocab_size).
+LIT_TEXT = (768, 2048, 12, 49408)
+
+
 @dataclass(frozen=True)
 class Variant:
     repo_id: str
-    family: str
+    family: str  # the model family aim_mlx.registry builds it with: "aimv2" or "aimv2-lit"
+    size: str  # large, huge, 1B or 3B (SIZES)
     image_size: int | None  # None: native resolution (any grid of 112-4096 patches)
     revision: str
     distilled: bool = False
-    lit: bool = False
     license: str = LICENSE
 
     @property
+    def lit(self) -> bool:
+        return self.family == "aimv2-lit"
+
+    @property
     def dims(self) -> tuple[int, int, int, int]:
-        return FAMILIES[self.family]
+        return SIZES[self.size]
+
+    @property
+    def num_params(self) -> int:
+        """Weights in the Linear layers that dominate the count (attention, SwiGLU; LiT: the text tower and
+        its token embedding too), for model tables."""
+        hidden, _, mlp, layers = self.dims
+        params = layers * (4 * hidden * hidden + 3 * hidden * mlp)
+        if self.lit:
+            width, text_mlp, text_layers, vocab = LIT_TEXT
+            params += text_layers * (4 * width * width + 3 * width * text_mlp) + vocab * width
+        return params
 
     @property
     def published_top1(self) -> float | None:
@@ -93,7 +112,7 @@ class Variant:
             return 87.3
         if self.distilled:
             return None
-        return PUBLISHED_TOP1[(self.family, self.image_size)]
+        return PUBLISHED_TOP1[(self.size, self.image_size)]
 
     def config_dict(self) -> dict:
         """The architecture as config.json keys (for building a model when a folder's config is partial)."""
@@ -125,11 +144,11 @@ def _variant(name: str, revision: str) -> Variant:
     size = parts[3]
     return Variant(
         repo_id=f"apple/{name}",
-        family=parts[1],
+        family="aimv2-lit" if name.endswith("-lit") else "aimv2",
+        size=parts[1],
         image_size=None if size == "native" else int(size),
         revision=revision,
         distilled=name.endswith("-distilled"),
-        lit=name.endswith("-lit"),
     )
 
 
