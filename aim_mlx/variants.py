@@ -69,6 +69,7 @@ CLIP_PREPROCESSOR = {
     "do_convert_rgb": True,
 }
 DEFAULT_MODEL = "apple/aimv2-large-patch14-224"
+DEFAULT_TEXT_MODEL = "apple/aimv2-large-patch14-224-lit"  # the one checkpoint with a text tower
 
 
 # The LiT text tower as published: (hidden_size, intermediate_size, num_hidden_layers, vocab_size).
