@@ -4,14 +4,21 @@
     model, processor = aim_mlx.load("apple/aimv2-large-patch14-224")
     embeddings = model.encode_image(processor(["photo.jpg"]))  # (1, 1024)
 
-Importing this package is cheap; MLX and the model code load on first use. On Linux the first use also
-gives MLX a fast BLAS (see aim_mlx/_blas.py).
+Importing this package is cheap: MLX and the model code load on first use. What the import changes in the
+process, on Linux only and unless AIM_MLX_BLAS=0 (see aim_mlx/backends/blas.py):
+- an OpenBLAS is loaded into the global symbol scope, so that MLX's CPU backend (loaded later) multiplies
+  with it instead of its reference BLAS; OpenBLAS's idle threads are told to sleep sooner
+  (OPENBLAS_THREAD_TIMEOUT for that library alone; the process's environment is left as it was);
+- glibc's malloc keeps up to 512 MiB of freed memory instead of returning it at once (mallopt), unless the
+  environment tunes malloc itself (MALLOC_*, GLIBC_TUNABLES); `load` hands back what a load freed.
+The numpy backend (aim_mlx/backends/numpy_trunk.py) keeps one worker thread per core once it has run, and
+runs one call at a time: threads of a server share it safely, one after the other.
 """
 
 import logging
 import sys
 
-from . import _blas
+from .backends import blas
 
 __version__ = "0.1.0"
 
@@ -21,12 +28,15 @@ if "mlx.core" in sys.modules:
         "aim-mlx: mlx.core was imported before aim_mlx, so MLX keeps its slow reference BLAS on Linux; "
         "import aim_mlx first"
     )
-_blas.enable()
+blas.enable()
 __all__ = ["load", "__version__"]
 
 
 def load(path_or_id: str, revision: str | None = None, dtype: str | None = None):
-    """Load an AIMv2 checkpoint (hub id or local folder); return `(model, processor)`. See aim_mlx.loading."""
+    """Load an AIM checkpoint (hub id or local folder): `(model, processor)`.
+
+    `model.encode_image(processor(paths))` gives (B, D) embeddings; `model.info` says what was loaded. See
+    aim_mlx.loading.load for the arguments."""
     from .loading import load as _load
 
     return _load(path_or_id, revision=revision, dtype=dtype)

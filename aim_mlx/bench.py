@@ -110,7 +110,8 @@ def machine() -> dict:
             pass
     import mlx.core as mx
 
-    from . import __version__, _blas
+    from . import __version__
+    from .backends import blas as _blas
 
     blas = _blas.status()
     return {

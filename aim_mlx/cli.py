@@ -161,8 +161,6 @@ def embed(
         return _embed_texts(text, images, model, revision, dtype, output)
     paths = _image_paths(images)
     net, processor = _load(model, revision, dtype)
-    if hasattr(net, "shared_space_images"):  # LiT: images go into its image-text space, like its texts
-        net = net.shared_space_images()
     columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True, disable=len(paths) <= batch_size) as bar:
         task = bar.add_task("embed", total=len(paths))
@@ -323,14 +321,15 @@ def bench(
 def _embed_texts(texts, images, model, revision, dtype, output) -> None:
     """`embed --text`: texts into a LiT model's image-text space, written like image embeddings."""
     from . import embed as embedding
-    from .lit import embed_texts, require_lit
+    from .lit import embed_texts
+    from .registry import require_text
 
     if not texts:
         raise AimMlxError("nothing to embed; pass image files or folders, or --text 'some text'")
     if images:
         raise AimMlxError("pass images or --text, not both; run embed once for each")
     net, _ = _load(model, revision, dtype)
-    require_lit(net, model, "embed text")
+    require_text(net, "embed text")
     result = embed_texts(net, list(texts))
     if output is not None:
         embedding.save(result, output)
@@ -379,15 +378,14 @@ def classify(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from . import zeroshot
-    from .lit import require_lit
+    from .registry import require_text
 
     names = zeroshot.label_set(labels, labels_file, imagenet)
     prompts = zeroshot.template_set(template, templates.value if templates else None)
     paths = _image_paths(images)
     err = _stderr()
     net, processor = _load(model, revision, dtype)
-    require_lit(net, model, "classify zero-shot")
-    key = zeroshot.model_key(net.folder, model, revision)
+    require_text(net, "classify zero-shot")
     columns = (TextColumn("encoding prompts"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:  # shows only while prompts are encoded
         task = bar.add_task("prompts", total=len(names) * len(prompts), visible=False)
@@ -395,7 +393,7 @@ def classify(
         def advance(done: int, total: int) -> None:
             bar.update(task, completed=done, visible=total > 256)  # more than one batch
 
-        classifier = zeroshot.text_classifier(net, processor, names, prompts, key, progress=advance)
+        classifier = zeroshot.text_classifier(net, processor, names, prompts, progress=advance)
     with err.status(f"classifying {len(paths)} images among {len(names)} labels"):
         predictions, failures = zeroshot.classify_files(
             net, processor, paths, names, classifier, top_k, batch_size

@@ -1,10 +1,11 @@
-"""Embedding many images: batching, per-file error isolation, output files. The CLI's `embed` wraps this."""
+"""Embedding many images: streaming in input order, per-file error isolation, output files. The CLI's `embed`
+wraps this; photo indexes build on `iter_embeddings`."""
 
 import json
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -14,17 +15,74 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import AimMlxError, ConfigError
+from .files import atomic_file
 
 logger = logging.getLogger("aim_mlx")
 
 OUTPUT_FORMATS = (".npy", ".npz", ".jsonl")
+POOLS = ("mean", "none")
+
+
+@dataclass
+class Embedded:
+    """One input's result: its embedding, or why it was skipped."""
+
+    path: Path
+    embedding: np.ndarray | None  # (D,) pooled (encode_image's), or the (N, D) final token grid
+    error: str | None = None  # a one-line reason, when the input could not be used
+
+
+def iter_embeddings(
+    model, processor, paths: Iterable[Path], batch_size: int = 8, pool: str = "mean"
+) -> Iterator[Embedded]:
+    """One `Embedded` per input path, in input order, as soon as its batch is done.
+
+    Images are decoded and preprocessed on worker threads a couple of batches ahead while the model runs,
+    and batched while they share a shape (always, for fixed-resolution checkpoints; for the native one,
+    consecutive images of equal size). Memory stays bounded by a few batches, however many paths there are
+    (`paths` may be a generator). A file that cannot be read is yielded with its `error` and skipped.
+    `pool`: "mean" gives `model.encode_image` (LiT: the image-text space), "none" the final token grid.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if pool not in POOLS:
+        raise ConfigError(f"unknown pooling {pool!r}; choose mean or none")
+    window: list[Embedded] = []  # the current batch's items, failures among them, in input order
+    pixels: list[np.ndarray] = []
+
+    def flush() -> Iterator[Embedded]:
+        if pixels:
+            x = mx.array(np.stack(pixels))  # (B, H, W, 3)
+            if pool == "mean":
+                out = model.encode_image(x)  # (B, D)
+            else:
+                out = model.forward_intermediates(x, indices=[-1], norm=True)[0]  # (B, N, D)
+            rows = iter(np.asarray(out.astype(mx.float32)))
+            for item in window:
+                if item.error is None:
+                    item.embedding = next(rows)
+        yield from window
+        window.clear()
+        pixels.clear()
+
+    for path, px, error in _read_ahead(processor, paths, lookahead=2 * batch_size):
+        if error is not None:
+            logger.info("skipped %s", error)
+            window.append(Embedded(path, None, str(error)))
+            continue
+        if pixels and (len(pixels) == batch_size or pixels[0].shape != px.shape):
+            yield from flush()
+        window.append(Embedded(path, None))
+        pixels.append(px)
+    yield from flush()
 
 
 @dataclass
 class EmbedResult:
-    paths: list[Path] = field(default_factory=list)  # the images that were embedded, in input order
+    paths: list = field(default_factory=list)  # what was embedded, in input order: image paths, or texts
     embeddings: list[np.ndarray] = field(default_factory=list)  # (D,) pooled, or (N, D) token grids
     failures: list[tuple[Path, str]] = field(default_factory=list)  # (path, one-line reason)
+    kind: str = "path"  # what `paths` holds, "path" or "text": the key save() writes them under
 
 
 def embed_images(
@@ -35,49 +93,27 @@ def embed_images(
     pool: str = "mean",
     on_done: Callable[[int], None] | None = None,
 ) -> EmbedResult:
-    """Embed image files in order. A file that cannot be read is recorded in `failures` and skipped.
-
-    Images are batched while they share a shape (always, for fixed-resolution checkpoints; for the native one,
-    consecutive images of equal size). `on_done(n)` is called after each batch with the number of files done.
-    """
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    if pool not in ("mean", "none"):
-        raise ConfigError(f"unknown pooling {pool!r}; choose mean or none")
+    """`iter_embeddings` collected: the embedded files in order, and the failures. `on_done(n)` is called as
+    files are done (embedded or skipped) with how many."""
     result = EmbedResult()
-    batch: list[tuple[Path, np.ndarray]] = []
-
-    def flush():
-        pixels = mx.array(np.stack([px for _, px in batch]))  # (B, H, W, 3)
-        out = model(pixels)
-        emb = out.pooler_output if pool == "mean" else out.last_hidden_state
-        emb = np.asarray(emb.astype(mx.float32))
-        result.paths.extend(p for p, _ in batch)
-        result.embeddings.extend(emb)
+    for item in iter_embeddings(model, processor, paths, batch_size, pool):
+        if item.error is None:
+            result.paths.append(item.path)
+            result.embeddings.append(item.embedding)
+        else:
+            result.failures.append((item.path, item.error))
         if on_done:
-            on_done(len(batch))
-        batch.clear()
-
-    for path, pixels, error in _read_ahead(processor, paths, lookahead=2 * batch_size):
-        if error is not None:
-            result.failures.append((path, str(error)))
-            logger.info("skipped %s", error)
-            if on_done:
-                on_done(1)
-            continue
-        if batch and (len(batch) == batch_size or batch[0][1].shape != pixels.shape):
-            flush()
-        batch.append((path, pixels))
-    if batch:
-        flush()
+            on_done(1)
     return result
 
 
 def _read_ahead(processor, paths: Iterable[Path], lookahead: int):
     """(path, pixels, None) or (path, None, error) in input order, decoding up to `lookahead` images ahead
-    on worker threads (Pillow and numpy release the GIL) while the model runs on the current batch."""
+    on worker threads (Pillow and numpy release the GIL) while the model runs on the current batch. When the
+    consumer stops early (an interrupt, a closed generator), decodes not yet started are cancelled."""
     paths = iter(paths)
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as workers:
+    workers = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    try:
         pending = deque((p, workers.submit(processor.preprocess_one, p)) for p in islice(paths, lookahead))
         while pending:
             path, future = pending.popleft()
@@ -87,23 +123,19 @@ def _read_ahead(processor, paths: Iterable[Path], lookahead: int):
                 yield path, future.result(), None  # (H, W, 3) float32
             except AimMlxError as exc:
                 yield path, None, exc
+    finally:
+        workers.shutdown(wait=True, cancel_futures=True)
 
 
 def save(result: EmbedResult, output: Path) -> None:
-    """Write embeddings as .npy (rows in order), .npz (`embeddings` + `paths`) or .jsonl (one per image)."""
-    suffix = output.suffix.lower()
-    if suffix not in OUTPUT_FORMATS:
-        raise ConfigError(f"cannot write {output}: use a .npy, .npz or .jsonl file name")
-    if output.is_dir():
-        raise ConfigError(f"{output} is a directory; give a file name ending in {', '.join(OUTPUT_FORMATS)}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    paths = [str(p) for p in result.paths]
+    """Write embeddings as .npy (rows in order), .npz (`embeddings` + `paths`, or `texts`) or .jsonl (one
+    object per input, `path` or `text` and `embedding`), whole or not at all."""
+    suffix = check_output(output)
+    names = [str(p) for p in result.paths]
     if suffix == ".jsonl":
-        tmp = output.with_name(output.name + ".tmp")
-        with open(tmp, "w") as f:
-            for path, emb in zip(paths, result.embeddings, strict=True):
-                f.write(json.dumps({"path": path, "embedding": emb.tolist()}) + "\n")
-        tmp.replace(output)
+        with atomic_file(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for name, emb in zip(names, result.embeddings, strict=True):
+                f.write(json.dumps({result.kind: name, "embedding": emb.tolist()}, ensure_ascii=False) + "\n")
         return
     shapes = {e.shape for e in result.embeddings}
     if len(shapes) > 1:
@@ -112,9 +144,18 @@ def save(result: EmbedResult, output: Path) -> None:
         )
     dim = next(iter(shapes), (0,))
     stacked = np.stack(result.embeddings) if result.embeddings else np.zeros((0, *dim), np.float32)
-    tmp = output.with_name(output.name + ".tmp" + suffix)  # numpy appends the suffix when it is missing
-    if suffix == ".npy":
-        np.save(tmp, stacked)
-    else:
-        np.savez(tmp, embeddings=stacked, paths=np.array(paths, dtype=str))
-    tmp.replace(output)
+    with atomic_file(output) as tmp:
+        if suffix == ".npy":
+            np.save(tmp, stacked)
+        else:
+            np.savez(tmp, embeddings=stacked, **{f"{result.kind}s": np.array(names, dtype=str)})
+
+
+def check_output(output: Path) -> str:
+    """The output's format (its suffix), or a one-line error for a name `save` cannot write."""
+    suffix = Path(output).suffix.lower()
+    if Path(output).is_dir():
+        raise ConfigError(f"{output} is a directory; give a file name ending in {', '.join(OUTPUT_FORMATS)}")
+    if suffix not in OUTPUT_FORMATS:
+        raise ConfigError(f"cannot write {output}: use a .npy, .npz or .jsonl file name")
+    return suffix

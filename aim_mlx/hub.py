@@ -13,32 +13,31 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, ModelNotFoundError
+from .files import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    PREPROCESSOR_FILE,
+    SAFETENSORS_FILES,
+    SHARD_PATTERN,
+    TOKENIZER_FILES,
+)
 from .variants import DEFAULT_MODEL, VARIANTS, find_variant
 
 logger = logging.getLogger("aim_mlx")
 
-# The checkpoint and nothing else. At the pinned revisions Apple's repos hold the same tensors twice
-# (model.safetensors and mlx_model.safetensors): fetch one. Pickles (*.bin, *.pth) are never loaded.
-WEIGHT_PATTERNS = (
-    "config.json",
-    "preprocessor_config.json",
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "model-*-of-*.safetensors",
+# The checkpoint and nothing else: config, weights (one file or shards), and a text tower's tokenizer (absent
+# from the vision-only repos, which costs nothing). At the pinned revisions Apple's repos hold the same
+# tensors twice (model.safetensors and mlx_model.safetensors): fetch one. Pickles are never fetched.
+ALLOW_PATTERNS = (
+    CONFIG_FILE,
+    PREPROCESSOR_FILE,
+    SAFETENSORS_FILES[0],
+    INDEX_FILE,
+    SHARD_PATTERN,
+    *TOKENIZER_FILES,
 )
-# For text towers (LiT); absent from the vision-only repos, which costs nothing.
-TOKENIZER_PATTERNS = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-)
-ALLOW_PATTERNS = WEIGHT_PATTERNS + TOKENIZER_PATTERNS
-
 # Any one of these makes a folder loadable (mlx_model.safetensors: a cache filled by ml-aim's MLX backend).
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "mlx_model.safetensors")
-INDEX_FILE = "model.safetensors.index.json"
+WEIGHT_FILES = (*SAFETENSORS_FILES, INDEX_FILE)
 
 # `name` or `owner/name` as the hub spells them; '--' and '..' are refused because the hub refuses them.
 _PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"

@@ -1,21 +1,24 @@
-"""`load()`: a hub id or a local folder in, `(model, processor)` out."""
+"""`load()`: a hub id or a local folder in, `(model, processor)` out, built through the family registry."""
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import mlx.core as mx
 
-from . import _blas, hub, quantized, weights
-from .config import VisionConfig
+from . import backends, hub, quantized, weights
+from .backends import blas
 from .errors import ConfigError
-from .models.aimv2 import AIMv2VisionEncoder
-from .preprocess import ImageProcessor
+from .files import CONFIG_FILE
+from .registry import ModelInfo, family_of
 from .variants import find_variant
 
 logger = logging.getLogger("aim_mlx")
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_warned: set[str] = set()
 
 
 def default_dtype() -> str:
@@ -24,7 +27,7 @@ def default_dtype() -> str:
 
 
 def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
+    path = folder / CONFIG_FILE
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as exc:
@@ -45,41 +48,55 @@ def fill(model, raw: dict, state: dict[str, mx.array], folder: Path, dtype: mx.D
 
 
 def load(path_or_id: str, revision: str | None = None, dtype: str | None = None):
-    """Load an AIMv2 vision checkpoint from the hub (pinned revision by default) or a local folder.
+    """Load an AIM checkpoint from the hub (at the revision ml-aim pins, unless `revision` says otherwise) or
+    from a local folder (a checkpoint in any published layout, or one `aim-mlx convert` wrote).
 
-    Returns `(model, processor)`: `processor(images)` gives NHWC float32 pixels, `model(pixels)` a
-    VisionOutput and `model.encode_image(pixels)` pooled (B, D) embeddings. `dtype` is float32, float16 or
-    bfloat16 (default: float16 on Apple GPUs, float32 on CPUs).
+    Returns `(model, processor)`. `processor(images)` gives NHWC float32 pixels; `model.encode_image(pixels)`
+    pooled (B, D) embeddings, `model(pixels)` a VisionOutput (LiT: `model(pixels, texts)` logits, and
+    `encode_text`); `model.info` says what was loaded (family, source, revision, dims, dtype) and its `key`
+    identifies it for caches. `dtype` is float32, float16 or bfloat16 (default: float16 on Apple GPUs,
+    float32 on CPUs, where half precision is 20-30x slower). On a CPU with the fast BLAS, float32 blocks run
+    in the numpy backend (aim_mlx/backends; AIM_MLX_BACKEND=mlx keeps them in MLX); results are the same.
     """
-    loaded = _build(path_or_id, revision, dtype)
-    _blas.release_freed_memory()  # the checkpoint's load-time copies (e.g. before an upcast) are garbage now
-    return loaded
-
-
-def _build(path_or_id: str, revision: str | None, dtype: str | None):
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    backends.check_choice()  # a mistyped AIM_MLX_BACKEND fails before the download, not after
+    if dtype != "float32" and mx.default_device() == mx.cpu and dtype not in _warned:
+        _warned.add(dtype)
+        logger.warning(
+            "%s on a CPU runs 20-30x slower than float32 (MLX's CPU has no half-precision matmul kernels); "
+            "float32 is the fast dtype here",
+            dtype,
+        )
     folder = hub.resolve(path_or_id, revision)
-    variant = None if Path(path_or_id).expanduser().is_dir() else find_variant(path_or_id)
+    local = Path(path_or_id).expanduser().is_dir()
+    variant = None if local else find_variant(path_or_id)
     raw = read_config(folder)
-    if isinstance(raw.get("text_config"), dict):  # LiT: a text tower too; (AIMv2LiT, LiTProcessor)
-        from .lit import load_lit
-
-        model, processor = load_lit(folder, raw, DTYPES[dtype], variant)
-        logger.info("loaded %s (%s, %s)", path_or_id, folder, dtype)
-        return model, processor
-    config = VisionConfig.from_dict(raw)
-    state = weights.load_folder(folder, config.num_channels)
-    vision = raw.get("vision_config", raw)
-    if variant is not None:
-        config.is_native = variant.image_size is None
-    elif "is_native" not in vision:
-        # Apple's configs carry no flag: the native checkpoint is the one without a learned position table.
-        config.is_native = "pos_embed" not in state
-    model = fill(AIMv2VisionEncoder(config), raw, state, folder, DTYPES[dtype])
-    processor = ImageProcessor.from_pretrained(
-        folder, native=config.is_native, variant=variant, image_size=config.image_size
+    family = family_of(raw, variant)
+    channels = int(raw.get("vision_config", raw).get("num_channels", 3))
+    state = family.sanitize(weights.read_folder(folder), channels)
+    config = family.config(raw, state, variant)
+    model = fill(family.model(config), raw, state, folder, DTYPES[dtype])
+    del state
+    processor = family.processor(folder, config, variant)
+    if family.text:
+        model.tokenizer = processor.tokenizer  # encode_text takes strings
+    model.info = ModelInfo(
+        family=family.name,
+        source=str(folder.resolve()) if local else (variant.repo_id if variant else path_or_id),
+        revision=None if local else (folder.name if _COMMIT.fullmatch(folder.name) else revision),
+        dims=model.dims,
+        dtype=dtype,
+        quantization=raw.get("quantization"),
+        files=_file_stats(folder) if local else [],
+        backend=backends.install(model),
     )
-    logger.info("loaded %s (%s, %s)", path_or_id, folder, dtype)
+    blas.release_freed_memory()  # the checkpoint's load-time copies (e.g. before an upcast) are garbage now
+    logger.info("loaded %s (%s, %s, %s backend)", path_or_id, folder, dtype, model.info.backend)
     return model, processor
+
+
+def _file_stats(folder: Path) -> list:
+    """A local folder's files as (name, size, mtime): what tells an edited checkpoint from the one cached."""
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()]

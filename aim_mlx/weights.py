@@ -16,10 +16,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import WeightsError
-
-PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
-WEIGHT_FILES = ("model.safetensors", "mlx_model.safetensors")
-INDEX_FILE = "model.safetensors.index.json"
+from .files import INDEX_FILE, PICKLE_SUFFIXES, SAFETENSORS_FILES
 
 # (pattern, replacement) applied in order; the first match wins. Keys already in our layout match none.
 _APPLE_RULES = [
@@ -132,7 +129,7 @@ def weight_files(folder: Path) -> list[Path]:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise WeightsError(f"{index} is not a valid safetensors index ({exc})") from exc
         return [folder / s for s in shards]
-    for name in WEIGHT_FILES:
+    for name in SAFETENSORS_FILES:
         if (folder / name).exists():
             return [folder / name]
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -154,7 +151,7 @@ def load_file(path: Path) -> dict[str, mx.array]:
         raise WeightsError(f"{path} could not be read ({exc}); download it again") from exc
 
 
-def _read_folder(folder: Path) -> dict[str, mx.array]:
+def read_folder(folder: Path) -> dict[str, mx.array]:
     """Every tensor of a checkpoint folder (one file or the shards of its index), as stored."""
     weights = {}
     for path in weight_files(folder):
@@ -165,7 +162,8 @@ def _read_folder(folder: Path) -> dict[str, mx.array]:
 
 
 def load_folder(folder: Path, num_channels: int = 3) -> dict[str, mx.array]:
-    return sanitize(_read_folder(folder), num_channels)
+    """A vision checkpoint folder's tensors under aim-mlx's names."""
+    return sanitize(read_folder(folder), num_channels)
 
 
 def _first(names, n: int = 5) -> str:
@@ -245,6 +243,7 @@ _LIT_TEXT_RULES = [  # embeddings -> names the vision rules leave alone; positio
 
 
 def is_lit(keys) -> bool:
+    """Whether a checkpoint's tensors (any layout, or already renamed) hold a text tower."""
     return any(k.startswith(("text_encoder.", "text_model.")) for k in keys)
 
 
@@ -254,6 +253,8 @@ def sanitize_lit(weights: dict[str, mx.array], num_channels: int = 3) -> dict[st
     Each tower is renamed by the vision rules above once its prefix is stripped: the text tower's blocks are
     named exactly like the vision tower's in every layout.
     """
+    if not is_lit(weights):
+        raise WeightsError("config.json describes a LiT model but the weights have no text tower")
     towers: dict[str, dict[str, mx.array]] = {"image_encoder": {}, "text_encoder": {}}
     out = {}
     for key, value in weights.items():
@@ -279,7 +280,4 @@ def sanitize_lit(weights: dict[str, mx.array], num_channels: int = 3) -> dict[st
 
 def load_lit_folder(folder: Path, num_channels: int = 3) -> dict[str, mx.array]:
     """`load_folder` for a LiT checkpoint."""
-    weights = _read_folder(folder)
-    if not is_lit(weights):
-        raise WeightsError(f"{folder}: config.json describes a LiT model but the weights have no text tower")
-    return sanitize_lit(weights, num_channels)
+    return sanitize_lit(read_folder(folder), num_channels)

@@ -1,14 +1,14 @@
 """Zero-shot classification with a LiT model: label sets, prompt templates, a cached text classifier.
 
 A label's text embedding is the mean of its normalised prompt embeddings (one per template), normalised
-again: CLIP's prompt ensemble. The (labels x dim) matrix is cached on disk, keyed by the model, its revision
-or weight files, the labels and the templates, so a repeated label set costs one image forward.
+again: CLIP's prompt ensemble. The (labels x dim) matrix is cached on disk under aim-mlx's cache directory
+(files.cache_dir), keyed by the model's identity (`model.info.key`: source, revision or weight files, dtype,
+quantization), the labels and the templates, so a repeated label set costs one image forward.
 """
 
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -18,9 +18,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .embed import embed_images
+from .embed import iter_embeddings
 from .errors import ConfigError
-from .lit import require_lit
+from .files import atomic_file, cache_dir
+from .registry import require_text
 
 logger = logging.getLogger("aim_mlx")
 
@@ -80,7 +81,7 @@ def label_set(labels: str | None, labels_file: Path | None, imagenet: bool) -> l
         return check_labels(imagenet_classes(), allow_duplicates=True)  # CLIP's names repeat two
     if labels_file is not None:
         try:
-            names = Path(labels_file).read_text(encoding="utf-8").splitlines()
+            names = Path(labels_file).read_text(encoding="utf-8-sig").splitlines()  # an editor's BOM goes
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read --labels-file {labels_file} ({exc})") from None
         while names and not names[-1].strip():  # a trailing newline is not an empty label
@@ -96,12 +97,6 @@ def template_set(template: str | None, ensemble: str | None) -> list[str]:
     if ensemble not in (None, "imagenet"):
         raise ConfigError(f"unknown template set {ensemble!r}; the one available is imagenet")
     return check_templates(imagenet_templates() if ensemble else [template or DEFAULT_TEMPLATE])
-
-
-def cache_dir() -> Path:
-    """Where label embeddings are cached: beside aim-mlx's other cached files (see _blas.py)."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(os.environ.get("AIM_MLX_CACHE") or Path(root) / "aim-mlx") / "text-embeddings"
 
 
 def cache_key(model_key: str, labels: Sequence[str], templates: Sequence[str], dtype: str) -> str:
@@ -125,14 +120,11 @@ def _read_cache(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
 
 
 def _write_cache(path: Path, emb: np.ndarray) -> None:
-    """Write to a temporary name and rename: a reader never sees half a file."""
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    """Written whole or not at all (atomic_file): a reader never sees half a file."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, embeddings=emb)
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            np.savez(tmp, embeddings=emb)
     except OSError as exc:  # a read-only or full cache costs speed, not correctness
-        tmp.unlink(missing_ok=True)
         logger.warning("could not write the text-embedding cache %s (%s)", path, exc)
 
 
@@ -156,20 +148,15 @@ def encode_prompts(
 
 
 def text_classifier(
-    model,
-    processor,
-    labels,
-    templates,
-    model_key: str | None = None,
-    use_cache: bool = True,
-    progress: Progress | None = None,
+    model, processor, labels, templates, cache: bool = True, progress: Progress | None = None
 ) -> np.ndarray:
-    """The label embeddings, from the disk cache when `model_key` names the model (id@revision or weights).
+    """The labels' embeddings (L, P). With `cache`, read from (or written to) the disk cache, keyed by the
+    model's identity (`model.info.key`, which `aim_mlx.load` sets; a model built otherwise is not cached).
     `progress(done, total)` follows the prompts when they have to be encoded."""
-    if not (use_cache and model_key):
+    if not (cache and model.info is not None):
         return encode_prompts(model, processor, labels, templates, progress=progress)
     dtype = str(model.log_logit_scale.dtype)  # the compute dtype (a quantized projector stores uint32)
-    path = cache_dir() / f"{cache_key(model_key, labels, templates, dtype)}.npz"
+    path = cache_dir("text-embeddings") / f"{cache_key(model.info.key, labels, templates, dtype)}.npz"
     emb = _read_cache(path, (len(labels), model.config.projection_dim))
     if emb is None:
         emb = encode_prompts(model, processor, labels, templates, progress=progress)
@@ -177,16 +164,6 @@ def text_classifier(
     else:
         logger.info("text embeddings of %d labels from %s", len(labels), path)
     return emb
-
-
-def model_key(folder: Path, model_id: str, revision: str | None) -> str:
-    """What identifies a checkpoint for the cache: the id and revision asked for, the resolved folder (a hub
-    snapshot is named by its commit) and its files' names, sizes and times (weights and tokenizer alike)."""
-    stats = []
-    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
-        st = path.stat()
-        stats.append(f"{path.name}:{st.st_size}:{st.st_mtime_ns}")
-    return json.dumps([model_id, revision, str(Path(folder).resolve()), stats])
 
 
 @dataclass
@@ -205,20 +182,22 @@ def zero_shot(
     labels: Sequence[str],
     templates: Sequence[str] = (DEFAULT_TEMPLATE,),
     top_k: int = 5,
-    model_key: str | None = None,
+    cache: bool = True,
     allow_duplicate_labels: bool = False,
 ) -> list[Prediction]:
     """Classify each image among `labels`: softmax over logit_scale * cosine similarity, top-k per image.
 
     `images`: paths, PIL images or arrays (see ImageProcessor), or an (B, H, W, 3) pixel array already
-    preprocessed. `model_key` enables the on-disk text-embedding cache.
+    preprocessed. `templates`: prompts with `{}` for the label, averaged per label (imagenet_templates()
+    gives CLIP's 80). `cache`: keep the labels' text embeddings on disk (aim-mlx's cache directory, keyed by
+    the model's identity, the labels and the templates), so that the same labels cost nothing next time.
     """
-    require_lit(model, "this model", "classify zero-shot")
+    require_text(model, "classify zero-shot")
     labels = check_labels(labels, allow_duplicates=allow_duplicate_labels)
     templates = check_templates(templates)
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
-    classifier = text_classifier(model, processor, labels, templates, model_key)  # (L, P)
+    classifier = text_classifier(model, processor, labels, templates, cache)  # (L, P)
     pixels = images if isinstance(images, mx.array) else processor(images)
     image = np.asarray(model.encode_image(pixels).astype(mx.float32))  # (B, P)
     return predict(image, classifier, labels, float(model.logit_scale), top_k)
@@ -242,9 +221,13 @@ def classify_files(
 ) -> tuple[list[tuple[Path, Prediction]], list[tuple[Path, str]]]:
     """`zero_shot` over image files against the labels' `text_classifier` (L, P), each unreadable image
     skipped: ([(path, prediction)], [(path, reason)])."""
-    require_lit(model, "this model", "classify zero-shot")
-    result = embed_images(model.shared_space_images(), processor, paths, batch_size)
-    if not result.paths:
-        return [], result.failures
-    preds = predict(np.stack(result.embeddings), classifier, labels, float(model.logit_scale), top_k)
-    return list(zip(result.paths, preds, strict=True)), result.failures
+    require_text(model, "classify zero-shot")
+    done, failures = [], []
+    for item in iter_embeddings(model, processor, paths, batch_size):
+        (done if item.error is None else failures).append(item)
+    failures = [(item.path, item.error) for item in failures]
+    if not done:
+        return [], failures
+    image = np.stack([item.embedding for item in done])  # (B, P), normalised
+    preds = predict(image, classifier, labels, float(model.logit_scale), top_k)
+    return [(item.path, pred) for item, pred in zip(done, preds, strict=True)], failures

@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from aim_mlx import __version__, hub, quantized, weights
+from aim_mlx import __version__, files, hub, quantized, weights
 from aim_mlx.errors import ConfigError
 from aim_mlx.loading import DTYPES, load, read_config
 from aim_mlx.quantized import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODE
@@ -36,7 +36,7 @@ logger = logging.getLogger("aim_mlx")
 Q_BITS = (4, 8)
 MAX_SHARD_BYTES = 5 << 30  # the hub's per-file comfort limit, and mlx-lm's
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
-COPIED_FILES = ("preprocessor_config.json", *hub.TOKENIZER_PATTERNS)
+COPIED_FILES = ("preprocessor_config.json", *files.TOKENIZER_FILES)
 
 
 @dataclass

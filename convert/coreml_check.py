@@ -260,10 +260,10 @@ def check_package(package: str | Path, model, images=None) -> dict:
     images = photos() if images is None else images
     raw = np.stack([processor.center_crop(np.asarray(processor.resize(im.convert("RGB")))) for im in images])
     pixels = np.stack([processor.preprocess_one(im) for im in images])  # (B, S, S, 3), what MLX sees
-    ref = model(mx.array(pixels))
-    reference = {
-        "image_embeds": np.array(ref.pooler_output, np.float32),
-        "last_hidden_state": np.array(ref.last_hidden_state, np.float32),
+    x = mx.array(pixels)
+    reference = {  # the model interface (aim_mlx/registry.py): LiT's encode_image is its image-text space
+        "image_embeds": np.array(model.encode_image(x), np.float32),
+        "last_hidden_state": np.array(model.forward_intermediates(x, indices=[-1], norm=True)[0], np.float32),
     }
     main_input = next(iter(program.functions["main"].inputs))
     feed = raw if main_input == "image" else pixels

@@ -161,7 +161,7 @@ def check_lit(output: Path, net, texts=("a photo of a cat", "a photo of a rocket
     """Both packages against MLX: the image one on photos, the text one on prompts."""
     from . import coreml_check
 
-    image = coreml_check.check_package(output / IMAGE_PACKAGE, net.shared_space_images())
+    image = coreml_check.check_package(output / IMAGE_PACKAGE, net)
     text = coreml_check.check_text_package(output / TEXT_PACKAGE, net, list(texts))
     passed = image["passed"] and text["passed"]
     return {

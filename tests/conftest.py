@@ -15,6 +15,18 @@ from huggingface_hub import constants  # noqa: E402
 import aim_mlx  # noqa: E402,F401  (first, so MLX gets the fast BLAS before anything imports mlx.core)
 
 
+@pytest.fixture(params=["numpy", "mlx"])
+def backend(request, monkeypatch):
+    """What runs the blocks of the models a test loads (AIM_MLX_BACKEND): the numpy backend (float32 on a CPU
+    with the fast BLAS), or the MLX blocks themselves (what Apple GPUs and half precision run)."""
+    from aim_mlx.backends import blas
+
+    if request.param == "numpy" and not blas.loaded():
+        pytest.skip("the numpy backend needs the fast BLAS (Linux)")
+    monkeypatch.setenv("AIM_MLX_BACKEND", request.param)
+    return request.param
+
+
 @pytest.fixture
 def network_attempts(monkeypatch):
     """Sockets refused; a test using this fails if anything tried one, even if it caught the error."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aim_mlx import _blas
+from aim_mlx.backends import blas as _blas
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="the loader acts on Linux only")
 
@@ -19,7 +19,7 @@ import ctypes, json, sys
 import aim_mlx
 import mlx.core as mx
 import numpy as np
-from aim_mlx import _blas
+from aim_mlx.backends import blas as _blas
 
 try:
     address = ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
@@ -125,7 +125,8 @@ def test_importing_mlx_first_warns():
 
 @linux
 def test_gemm_takes_strided_and_transposed_views():
-    """What cpu.py's attention passes: heads as column blocks of a packed matrix, keys transposed."""
+    """What the numpy backend's attention passes: heads as column blocks of a packed matrix, keys
+    transposed."""
     import numpy as np
 
     assert _blas.loaded()
@@ -135,7 +136,7 @@ def test_gemm_takes_strided_and_transposed_views():
     _blas.gemm(a, b, canvas[:, 3:8], alpha=0.5)
     np.testing.assert_allclose(canvas[:, 3:8], 0.5 * a @ b, rtol=1e-5, atol=1e-5)
     assert not canvas[:, :3].any() and not canvas[:, 8:].any()  # nothing written outside the view
-    _blas.gemm(a, b, canvas[:, 3:8], beta=1.0)  # adds to what is there: cpu.py's residual stream
+    _blas.gemm(a, b, canvas[:, 3:8], beta=1.0)  # adds to what is there: the numpy trunk's residual stream
     np.testing.assert_allclose(canvas[:, 3:8], 1.5 * a @ b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unit stride"):
         _blas.gemm(a[:, ::2], b[::2], np.zeros((5, 5), np.float32))
@@ -146,7 +147,8 @@ def test_gemm_takes_strided_and_transposed_views():
 @linux
 @pytest.mark.parametrize("batched", [True, False])  # OpenBLAS's cblas_sgemm_batch_strided; a loop without it
 def test_gemm_takes_stacks_of_heads(batched, monkeypatch):
-    """What cpu.py's attention passes: heads 1..3 of a packed (N, 4 * hd) block as (heads, N, hd) views."""
+    """What the numpy backend's attention passes: heads 1..3 of a packed (N, 4 * hd) block as (heads, N, hd)
+    views."""
     import numpy as np
 
     class Unbatched:  # the library as OpenBLAS before 0.3.29 exports it
@@ -224,7 +226,7 @@ def test_freed_memory_is_kept_unless_the_user_tunes_malloc(env, kept):
 RELEASE = """
 import numpy as np
 import aim_mlx
-from aim_mlx import _blas
+from aim_mlx.backends import blas as _blas
 
 def resident_mb():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024

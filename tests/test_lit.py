@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 import aim_mlx
 from aim_mlx import weights, zeroshot
 from aim_mlx.cli import app
+from aim_mlx.config import VisionConfig
 from aim_mlx.errors import ConfigError, WeightsError
-from aim_mlx.models import cpu
-from aim_mlx.models.aimv2 import attention
+from aim_mlx.models.aimv2 import Attention
 
 runner = CliRunner()
 LIT_ID = "apple/aimv2-large-patch14-224-lit"
@@ -71,7 +71,7 @@ def close(ours, theirs, tol=1e-5):
 
 
 @pytest.mark.parametrize("layout", ["hf", "apple", "mlx"])
-def test_parity_with_transformers(reference, tmp_path, layout):
+def test_parity_with_transformers(reference, tmp_path, layout, backend):
     folder = write_lit_checkpoint(reference, tmp_path, layout)
     model, _ = aim_mlx.load(str(folder))
     x = pixels()
@@ -114,21 +114,27 @@ def test_sanitize_lit_is_idempotent_and_strict(reference, tmp_path):
 
 
 @pytest.mark.parametrize("dtype, tol", [(mx.float32, 1e-5), (mx.float16, 2e-3)])
-def test_causal_attention_both_paths(dtype, tol):
-    """float32 on the CPU takes cpu.py's kernel, float16 MLX's fused one: both must be causal."""
+def test_causal_attention_in_mlx(dtype, tol):
+    """The MLX blocks' attention (MLX's fused kernel, what Apple GPUs run) with and without the causal mask,
+    against numpy. (The numpy backend's is checked against these blocks in test_parity.py.)"""
+    config = VisionConfig(hidden_size=48, num_attention_heads=3)
+    causal, full = Attention(config, causal=True), Attention(config)
+    full.update(causal.parameters())
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((2, 3, 9, 16)).astype(np.float32) for _ in range(3))  # (B, H, N, hd)
-    scores = q @ k.swapaxes(-1, -2) * 0.25
+    x = rng.standard_normal((2, 9, 48)).astype(np.float32)
+    qkv = x @ np.asarray(causal.qkv.weight).T  # (B, N, 3D): q, k, v, heads packed
+    q, k, v = (qkv[..., i * 48 : (i + 1) * 48].reshape(2, 9, 3, 16).transpose(0, 2, 1, 3) for i in range(3))
+    scores = q @ k.swapaxes(-1, -2) * 16**-0.5  # (B, H, N, N)
     scores[..., np.triu(np.ones((9, 9), dtype=bool), 1)] = -np.inf
     weights_ = np.exp(scores - scores.max(-1, keepdims=True))
-    expected = ((weights_ / weights_.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(2, 9, 48)
-    qkv = mx.array(np.concatenate([a.transpose(0, 2, 1, 3).reshape(2, 9, 48) for a in (q, k, v)], -1))
-    qkv = qkv.astype(dtype)  # (B, N, 3D), heads packed as the qkv projection packs them
-    assert cpu.active(qkv) == (dtype == mx.float32)
-    ours = attention(qkv, 3, 0.25, causal=True)
+    heads = ((weights_ / weights_.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(2, 9, 48)
+    expected = heads @ np.asarray(causal.proj.weight).T
+    for layer in (causal, full):
+        layer.set_dtype(dtype)
+    ours = causal(mx.array(x).astype(dtype))
     np.testing.assert_allclose(np.asarray(ours.astype(mx.float32)), expected, rtol=tol, atol=tol)
-    full = attention(qkv, 3, 0.25)
-    assert np.abs(np.asarray(full.astype(mx.float32)) - expected).max() > 0.1  # the mask did something
+    unmasked = full(mx.array(x).astype(dtype))
+    assert np.abs(np.asarray(unmasked.astype(mx.float32)) - expected).max() > 0.1  # the mask did something
 
 
 def test_text_pools_at_first_eos(lit):
@@ -165,7 +171,6 @@ def test_template_ensemble_is_the_renormalised_mean(reference, lit, lit_folder):
 
 def test_cache_hit_miss_and_corrupt_file(lit, lit_folder, text_cache, monkeypatch, caplog):
     model, processor = lit
-    key = zeroshot.model_key(lit_folder, str(lit_folder), None)
     calls = []
     real = zeroshot.encode_prompts
 
@@ -174,26 +179,26 @@ def test_cache_hit_miss_and_corrupt_file(lit, lit_folder, text_cache, monkeypatc
         return real(*args, **kwargs)
 
     monkeypatch.setattr(zeroshot, "encode_prompts", counting)
-    first = zeroshot.text_classifier(model, processor, ["cat", "dog"], ["a {}."], key)
+    first = zeroshot.text_classifier(model, processor, ["cat", "dog"], ["a {}."])
     assert len(calls) == 1 and len(list(text_cache.glob("*.npz"))) == 1
-    again = zeroshot.text_classifier(model, processor, ["cat", "dog"], ["a {}."], key)
+    again = zeroshot.text_classifier(model, processor, ["cat", "dog"], ["a {}."])
     assert len(calls) == 1  # a hit: nothing encoded
     np.testing.assert_array_equal(first, again)
-    zeroshot.text_classifier(model, processor, ["cat", "dog", "cow"], ["a {}."], key)
+    zeroshot.text_classifier(model, processor, ["cat", "dog", "cow"], ["a {}."])
     assert calls[-1] == ["cat", "dog", "cow"] and len(calls) == 2  # a changed label set misses
-    zeroshot.text_classifier(model, processor, ["cat", "dog"], ["the {}."], key)
+    zeroshot.text_classifier(model, processor, ["cat", "dog"], ["the {}."])
     assert len(calls) == 3  # so does a changed template
     (path,) = [p for p in text_cache.glob("*.npz") if np.array_equal(np.load(p)["embeddings"], first)]
     path.write_bytes(b"not an npz file")
     with caplog.at_level(logging.WARNING, logger="aim_mlx"):
-        rebuilt = zeroshot.text_classifier(model, processor, ["cat", "dog"], ["a {}."], key)
+        rebuilt = zeroshot.text_classifier(model, processor, ["cat", "dog"], ["a {}."])
     assert len(calls) == 4 and "ignoring unreadable text-embedding cache" in caplog.text
     close(rebuilt, first)
     np.testing.assert_array_equal(np.load(path)["embeddings"], rebuilt)  # rewritten whole
     np.savez(path, embeddings=np.ones((2, 5), np.float32))  # readable, but not this model's width
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="aim_mlx"):
-        zeroshot.text_classifier(model, processor, ["cat", "dog"], ["a {}."], key)
+        zeroshot.text_classifier(model, processor, ["cat", "dog"], ["a {}."])
     assert len(calls) == 5 and "of shape (2, 5)" in caplog.text
     assert not list(text_cache.glob("*.tmp*"))
 

@@ -1,4 +1,7 @@
-"""aim-mlx's encoder against transformers' Aimv2VisionModel: patch embedding, every hidden state, output."""
+"""aim-mlx's encoder against transformers' Aimv2VisionModel: patch embedding, every hidden state, output.
+
+Every parity test runs on both backends: the MLX blocks (the model itself; what Apple GPUs run) and the numpy
+backend (float32 on a CPU with the fast BLAS); `backend` is the fixture that picks one."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -6,10 +9,14 @@ import numpy as np
 import pytest
 from checkpoints import LARGE, TINY, make_reference, reference_outputs, write_checkpoint
 
-from aim_mlx import _blas, quantized, weights
+from aim_mlx import backends, quantized, weights
+from aim_mlx.backends import blas, numpy_trunk
 from aim_mlx.config import VisionConfig
-from aim_mlx.models import aimv2, cpu
+from aim_mlx.errors import ConfigError
+from aim_mlx.models import aimv2
 from aim_mlx.models.aimv2 import AIMv2VisionEncoder
+
+needs_blas = pytest.mark.skipif(not blas.loaded(), reason="the numpy backend needs the fast BLAS (Linux)")
 
 
 def rel_err(ours, ref) -> float:
@@ -25,6 +32,8 @@ def build_ours(folder, native: bool | None = None) -> AIMv2VisionEncoder:
     config.is_native = "pos_embed" not in state if native is None else native
     model = AIMv2VisionEncoder(config)
     weights.load_into(model, state)
+    mx.eval(model.parameters())
+    backends.install(model)  # AIM_MLX_BACKEND's choice, numpy by default where it runs
     return model
 
 
@@ -43,92 +52,226 @@ def assert_parity(model, ref_model, pixels, tol):
 
 @pytest.fixture
 def count_parallel(monkeypatch):
-    """Calls of models/cpu.py's trunks: the batch shares' (their count), the numpy one's ("numpy")."""
+    """Calls of the numpy backend: batch shares (their count) and whole trunks ("numpy")."""
     calls = []
-    real_blocks, real_trunk = cpu.run_blocks, cpu.run_trunk
+    real_shares, real_trunk = numpy_trunk.NumpyTrunk._shares, numpy_trunk.NumpyTrunk._trunk
 
-    def blocks(blocks, x, n_workers, keep_hidden=False):
-        calls.append(n_workers)
-        return real_blocks(blocks, x, n_workers, keep_hidden)
+    def shares(self, x, depth, keep, n):
+        calls.append(n)
+        return real_shares(self, x, depth, keep, n)
 
-    def trunk(blocks, x, keep_hidden=False):
+    def trunk(self, *args):
         calls.append("numpy")
-        return real_trunk(blocks, x, keep_hidden)
+        return real_trunk(self, *args)
 
-    monkeypatch.setattr(cpu, "run_blocks", blocks)
-    monkeypatch.setattr(cpu, "run_trunk", trunk)
+    monkeypatch.setattr(numpy_trunk.NumpyTrunk, "_shares", shares)
+    monkeypatch.setattr(numpy_trunk.NumpyTrunk, "_trunk", trunk)
     return calls
 
 
 @pytest.mark.parametrize("family", list(TINY))
 @pytest.mark.parametrize("layout", ["hf", "apple", "mlx"])
-# One trunk: numpy's, or MLX's loop of blocks (quantized layers take it). Two uneven batch shares (2 + 1):
-# each running numpy's trunk, or MLX's loop on its own stream.
-@pytest.mark.parametrize("trunk", ["numpy", "loop", "shares", "shares of loops"])
-def test_tiny_families(tmp_path, family, layout, trunk, monkeypatch, count_parallel):
-    monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "2" if trunk.startswith("shares") else "1")
-    if "loop" in trunk:
-        monkeypatch.setattr(cpu, "trunk_ready", lambda x, blocks: False)
+@pytest.mark.parametrize("workers", [1, 2])  # numpy: one trunk, or two uneven batch shares (2 + 1)
+def test_tiny_families(tmp_path, family, layout, workers, backend, monkeypatch, count_parallel):
+    monkeypatch.setenv("AIM_MLX_CPU_WORKERS", str(workers))
     ref = make_reference(seed=hash(family) % 1000, image_size=56, **TINY[family])
     model = build_ours(write_checkpoint(ref, tmp_path, layout))
     pixels = np.random.default_rng(1).standard_normal((3, 56, 56, 3)).astype(np.float32)
     assert_parity(model, ref, pixels, tol=1e-4)
-    calls = {  # for the hidden states, then for encode_image
-        "numpy": ["numpy"] * 2,
-        "loop": [],
-        "shares": [2, "numpy", "numpy"] * 2,
-        "shares of loops": [2, 2],
-    }[trunk]
-    assert sorted(map(str, count_parallel)) == sorted(map(str, calls if _blas.loaded() else []))
+    calls = {1: ["numpy"] * 2, 2: [2, "numpy", "numpy"] * 2}[workers]  # the hidden states, encode_image
+    assert sorted(map(str, count_parallel)) == sorted(map(str, calls if backend == "numpy" else []))
 
 
-@pytest.mark.parametrize("share", ["numpy", "loop"])  # each share's trunk: numpy's, or MLX's loop of blocks
-def test_batch_shares_pass_errors_on_and_restore_blas_threads(tmp_path, monkeypatch, count_parallel, share):
+@pytest.mark.parametrize("family", list(TINY))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tiny_families_in_half_precision_on_the_mlx_blocks(tmp_path, family, dtype, count_parallel):
+    """The path Apple GPUs take (MLX's blocks in half precision), against the float32 reference at every
+    hidden state. Half precision never takes the numpy backend, whatever AIM_MLX_BACKEND's default."""
+    ref = make_reference(seed=hash(family) % 1000, image_size=56, **TINY[family])
+    model = build_ours(write_checkpoint(ref, tmp_path, "hf"))
+    model.set_dtype(getattr(mx, dtype))
+    pixels = np.random.default_rng(1).standard_normal((3, 56, 56, 3)).astype(np.float32)
+    reference = reference_outputs(ref, pixels)
+    out = model(mx.array(pixels), output_hidden_states=True)
+    tol = {"float16": 1e-2, "bfloat16": 5e-2}[dtype]  # 10 and 7 mantissa bits
+    for i, (ours, theirs) in enumerate(zip(out.hidden_states, reference["hidden_states"], strict=True)):
+        assert ours.dtype == getattr(mx, dtype)
+        assert rel_err(ours.astype(mx.float32), theirs) < tol, f"hidden state {i}"
+    assert rel_err(out.last_hidden_state.astype(mx.float32), reference["last_hidden_state"]) < tol
+    assert count_parallel == []
+
+
+def test_the_backends_agree_with_each_other(tmp_path, monkeypatch):
+    """numpy and MLX blocks on the same model and pixels: every hidden state to float rounding."""
+    ref = make_reference(seed=11, image_size=56, **TINY["huge"])
+    model = build_ours(write_checkpoint(ref, tmp_path, "hf"))
+    pixels = mx.array(np.random.default_rng(9).standard_normal((2, 56, 56, 3)).astype(np.float32))
+    monkeypatch.setenv("AIM_MLX_BACKEND", "mlx")
+    assert backends.install(model) == "mlx" and model.backend is None
+    on_mlx = model(pixels, output_hidden_states=True).hidden_states
+    if not blas.loaded():
+        return
+    monkeypatch.setenv("AIM_MLX_BACKEND", "numpy")
+    assert backends.install(model) == "numpy" and model.backend is not None
+    on_numpy = model(pixels, output_hidden_states=True).hidden_states
+    for i, (a, b) in enumerate(zip(on_mlx, on_numpy, strict=True)):
+        assert rel_err(a, np.asarray(b)) < 1e-5, f"hidden state {i}"
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_forward_intermediates_picks_blocks_like_timm(tmp_path, backend, stop_early, monkeypatch):
+    """indices: the last n, a list (negative from the end); norm applies the final RMSNorm; stop_early runs
+    no block after the last one chosen (counted on the blocks themselves)."""
+    ref = make_reference(
+        seed=12,
+        image_size=56,
+        num_hidden_layers=4,
+        **{k: v for k, v in TINY["large"].items() if k != "num_hidden_layers"},
+    )
+    model = build_ours(write_checkpoint(ref, tmp_path, "hf"))
+    pixels = np.random.default_rng(10).standard_normal((2, 56, 56, 3)).astype(np.float32)
+    hidden = reference_outputs(ref, pixels)["hidden_states"]  # input, then each of the 4 blocks
+    x = mx.array(pixels)
+    last_two = model.forward_intermediates(x, indices=2, stop_early=stop_early)
+    assert len(last_two) == 2 and all(rel_err(o, r) < 1e-4 for o, r in zip(last_two, hidden[3:], strict=True))
+    picked = model.forward_intermediates(x, indices=[-4, 1], stop_early=stop_early)
+    assert rel_err(picked[0], hidden[1]) < 1e-4 and rel_err(picked[1], hidden[2]) < 1e-4
+    final = model.forward_intermediates(x, indices=[-1], norm=True)[0]
+    assert rel_err(final, reference_outputs(ref, pixels)["last_hidden_state"]) < 1e-4
+    ran, block_call = [], aimv2.Block.__call__
+    monkeypatch.setattr(
+        aimv2.Block,
+        "__call__",
+        lambda b, h: ran.append([id(k) for k in model.blocks].index(id(b))) or block_call(b, h),
+    )
+    if backend == "numpy":
+        trunk_call = numpy_trunk.NumpyTrunk.__call__
+        monkeypatch.setattr(
+            numpy_trunk.NumpyTrunk,
+            "__call__",
+            lambda t, h, depth, keep=(): ran.append(depth) or trunk_call(t, h, depth, keep),
+        )
+    model.forward_intermediates(x, indices=[1], stop_early=stop_early)
+    if backend == "mlx":
+        assert ran == ([0, 1] if stop_early else [0, 1, 2, 3])
+    else:
+        assert ran == [2 if stop_early else 4]  # the depth the backend was asked for
+    with pytest.raises(ValueError, match="not within the 4 blocks"):
+        model.forward_intermediates(x, indices=[4])
+
+
+def test_backend_choice(monkeypatch):
+    """AIM_MLX_BACKEND: a typo is an error; numpy where it cannot run is an error; mlx installs nothing."""
+    config = VisionConfig(**TINY["large"])
+    model = AIMv2VisionEncoder(config)
+    monkeypatch.setenv("AIM_MLX_BACKEND", "torch")
+    with pytest.raises(ConfigError, match="AIM_MLX_BACKEND='torch' is not a backend"):
+        backends.install(model)
+    monkeypatch.setenv("AIM_MLX_BACKEND", "numpy")
+    model.set_dtype(mx.float16)
+    with pytest.raises(ConfigError, match="cannot run this model"):
+        backends.install(model)
+    monkeypatch.delenv("AIM_MLX_BACKEND")
+    assert backends.install(model) == "mlx" and model.backend is None  # the default falls back quietly
+    model.set_dtype(mx.float32)
+    assert backends.install(model) == ("numpy" if blas.loaded() else "mlx")
+
+
+@needs_blas
+def test_the_numpy_backend_rereads_replaced_weights(tmp_path):
+    """Weights replaced after install (a new load, set_dtype) are read again, or the MLX blocks run."""
+    ref = make_reference(seed=13, image_size=56, **TINY["large"])
+    model = build_ours(write_checkpoint(ref, tmp_path, "hf"))
+    x = mx.array(np.random.default_rng(3).standard_normal((1, 56, 56, 3)).astype(np.float32))
+    before = model.encode_image(x)
+    for block in model.blocks:
+        block.mlp.fc2.weight = block.mlp.fc2.weight * 0  # the MLP adds nothing any more
+    changed = model.encode_image(x)
+    model.backend = None
+    assert mx.allclose(changed, model.encode_image(x), atol=1e-5) and not mx.allclose(before, changed)
+    backends.install(model)
+    model.set_dtype(mx.float16)
+    assert not model.backend.takes(x.astype(mx.float16))
+
+
+def test_cpu_workers_must_be_a_number(monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "abc")
+    with pytest.raises(ConfigError, match="AIM_MLX_CPU_WORKERS='abc'"):
+        numpy_trunk.cores()
+
+
+@needs_blas
+def test_batch_shares_pass_errors_on_and_restore_blas_threads(tmp_path, monkeypatch, count_parallel):
     monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "2")
-    if share == "loop":
-        monkeypatch.setattr(cpu, "trunk_ready", lambda x, blocks: False)
     model = build_ours(write_checkpoint(make_reference(seed=2, **TINY["large"]), tmp_path, "hf"))
-    before = _blas.threads()
+    before = blas.threads()
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom in a worker")
 
-    monkeypatch.setattr(cpu, "_silu_mul", boom)  # SiLU·up, in every share's trunk
+    monkeypatch.setattr(numpy_trunk, "_silu_mul", boom)  # SiLU·up, in every share's trunk
     with pytest.raises(RuntimeError, match="boom in a worker"):
         model(mx.zeros((2, 56, 56, 3)))
-    assert count_parallel == [2] + (["numpy", "numpy"] if share == "numpy" else [])  # both shares started
-    assert _blas.threads() == before
+    assert count_parallel == [2, "numpy", "numpy"]  # both shares started
+    assert blas.threads() == before
 
 
-def test_split_covers_every_item_on_every_core_and_passes_errors_on():
+@needs_blas
+@pytest.mark.parametrize("shares", [1, 2])
+def test_an_interrupt_stops_the_workers_and_hands_the_cores_back(tmp_path, monkeypatch, shares):
+    """Ctrl-C in the calling thread while shares (or attention's split) run: the workers stop at their next
+    block, the BLAS gets its threads back, the lock is free, and the interrupt reaches the caller."""
     import threading
+    import time
 
-    seen, threads = [], set()
+    monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "2")
+    model = build_ours(write_checkpoint(make_reference(seed=2, **TINY["large"]), tmp_path, "hf"))
+    before, started = blas.threads(), threading.Event()
+    real = numpy_trunk._silu_mul
 
-    def record(lo, hi):
-        seen.extend(range(lo, hi))
-        threads.add(threading.get_ident())
+    def slow(*args):
+        started.set()
+        if threading.current_thread() is threading.main_thread():
+            raise KeyboardInterrupt  # what SIGINT raises in the main thread
+        time.sleep(0.2)
+        return real(*args)
 
-    cpu.split(record, 7)
-    assert sorted(seen) == list(range(7)) and len(threads) == min(7, _blas.threads())
-    before = _blas.threads()
+    monkeypatch.setattr(numpy_trunk, "_silu_mul", slow)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        if shares == 2:  # the main thread only waits on the shares: interrupt the wait itself
+            monkeypatch.setattr(numpy_trunk, "wait", _interrupted_wait(numpy_trunk.wait, started))
+        model(mx.zeros((shares, 56, 56, 3)))
+    assert time.monotonic() - t0 < 2
+    assert blas.threads() == before and not numpy_trunk._lock.locked()
+    assert all(not job._work_queue.qsize() for job in numpy_trunk._pools)  # nothing left queued
+    monkeypatch.setattr(numpy_trunk, "_silu_mul", real)
+    monkeypatch.undo()
+    assert model(mx.zeros((2, 56, 56, 3))).last_hidden_state.shape == (2, 16, 128)  # usable afterwards
 
-    def boom(lo, hi):
-        if hi == 4:  # the last share: a worker's when there are two cores
-            raise RuntimeError("boom in a share")
 
-    with pytest.raises(RuntimeError, match="boom in a share"):
-        cpu.split(boom, 4)
-    assert _blas.threads() == before
+def _interrupted_wait(real_wait, started):
+    calls = []
+
+    def wait(jobs, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            started.wait(5)
+            raise KeyboardInterrupt
+        return real_wait(jobs, *args, **kwargs)
+
+    return wait
 
 
-@pytest.mark.skipif(not _blas.loaded(), reason="cpu.py's kernels need the fast BLAS (Linux)")
+@needs_blas
 @pytest.mark.parametrize("group", [1, 2, 5])  # heads a thread takes at once; 2 splits images unevenly
 @pytest.mark.parametrize("causal", [False, True])
 def test_cpu_attention_in_groups_of_heads(group, causal, monkeypatch):
     """3 images x 5 heads in two shares (8 + 7 heads): groups stop at a share's and an image's end."""
+    import threading
+
     b, n, heads, hd = 3, 11, 5, 4
-    monkeypatch.setattr(cpu, "SCORES_BYTES", group * 4 * n * n)
+    monkeypatch.setattr(numpy_trunk, "SCORES_BYTES", group * 4 * n * n)
     monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "2")  # the two shares, on any machine
     qkv = np.random.default_rng(7).standard_normal((b, n, 3 * heads * hd)).astype(np.float32)
     q, k, v = qkv.reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
@@ -137,16 +280,20 @@ def test_cpu_attention_in_groups_of_heads(group, causal, monkeypatch):
         scores[..., np.triu(np.ones((n, n), dtype=bool), 1)] = -np.inf
     w = np.exp(scores - scores.max(-1, keepdims=True))
     expected = ((w / w.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(b, n, heads * hd)
-    ours = cpu.attention(mx.array(qkv), heads, 0.5, causal)
-    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-5, atol=1e-5)
+    ours = np.empty((b, n, heads * hd), np.float32)
+    cancel = threading.Event()
+    numpy_trunk._attention(
+        qkv, heads, 0.5, causal, ours, lambda fn, count: numpy_trunk._split(fn, count, cancel)
+    )
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not _blas.loaded(), reason="cpu.py's kernels need the fast BLAS (Linux)")
+@needs_blas
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 def test_numpy_trunk_matches_the_mlx_blocks(bias, causal):
-    """run_trunk against the blocks' own MLX loop: every hidden state, with biases (no AIMv2 checkpoint has
-    them, the config allows them) and causal attention (the LiT text tower's blocks)."""
+    """The numpy trunk against the blocks' own MLX loop: every hidden state, with biases (no AIMv2 checkpoint
+    has them, the config allows them) and causal attention (the LiT text tower's blocks)."""
     config = VisionConfig(**TINY["large"], qkv_bias=bias, mlp_bias=bias)
     blocks = [aimv2.Block(config, causal=causal) for _ in range(3)]
     for block in blocks:  # MLX initialises the norm weights to one
@@ -156,30 +303,43 @@ def test_numpy_trunk_matches_the_mlx_blocks(bias, causal):
     expected = [x]
     for block in blocks:
         expected.append(block(expected[-1]))
-    assert cpu.trunk_ready(x, blocks)
-    out, hidden = cpu.run_trunk(blocks, x, keep_hidden=True)
-    assert len(hidden) == 4 and rel_err(out, np.asarray(expected[-1])) < 1e-5
-    for ours, theirs in zip(hidden, expected, strict=True):
-        assert rel_err(ours, np.asarray(theirs)) < 1e-5
-    x_only, none = cpu.run_trunk(blocks, x)
-    assert none is None and mx.array_equal(x_only, out)
+    assert numpy_trunk.unsupported(blocks) is None
+    trunk = numpy_trunk.NumpyTrunk(blocks)
+    out, kept = trunk(x, 3, keep=range(3))
+    assert sorted(kept) == [0, 1, 2] and rel_err(out, np.asarray(expected[-1])) < 1e-5
+    for i in range(3):
+        assert rel_err(kept[i], np.asarray(expected[i + 1])) < 1e-5
+    x_only, none = trunk(x, 3)
+    assert none == {} and mx.array_equal(x_only, out)
+    two, _ = trunk(x, 2)
+    assert rel_err(two, np.asarray(expected[2])) < 1e-5
 
 
-def test_numpy_trunk_takes_float32_and_aim_mlx_quantized_layers_only():
+@needs_blas
+def test_numpy_trunk_takes_float32_aimv2_blocks_and_aim_mlx_quantized_layers_only():
     config = VisionConfig(**TINY["large"])
     blocks = [aimv2.Block(config) for _ in range(2)]
-    x = mx.zeros((1, 4, config.hidden_size))
-    assert cpu.trunk_ready(x, blocks) == _blas.loaded()
-    assert not cpu.trunk_ready(x.astype(mx.float16), blocks)
+    assert numpy_trunk.unsupported(blocks) is None
     quantized.quantize(blocks[0], {"group_size": 32, "bits": 4, "mode": quantized.MODE})
-    assert cpu.trunk_ready(x, blocks) == _blas.loaded()
+    assert numpy_trunk.unsupported(blocks) is None
     nn.quantize(blocks[1], group_size=32, bits=4)  # MLX's own layer: its quantized matmul, in MLX's loop
-    assert not cpu.trunk_ready(x, blocks)
+    assert "block 1's qkv is not a float32 Linear" in numpy_trunk.unsupported(blocks)
+    half = [aimv2.Block(config)]
+    half[0].set_dtype(mx.float16)
+    assert "float32" in numpy_trunk.unsupported(half)
+
+    class LayerNormBlock(nn.Module):  # another family's block (AIMv1: LayerNorm + GELU): no AttributeError
+        def __init__(self):
+            super().__init__()
+            self.norm_1 = nn.LayerNorm(8)
+
+    assert "not an AIMv2 block" in numpy_trunk.unsupported([LayerNormBlock()])
 
 
-@pytest.mark.skipif(not _blas.loaded(), reason="cpu.py's kernels need the fast BLAS (Linux)")
+@needs_blas
 def test_numpy_trunk_unpacks_quantized_layers_as_the_mlx_loop_does():
-    """4-bit attention, 8-bit MLP: run_trunk against the blocks' MLX loop (QuantizedLinear's CPU path)."""
+    """4-bit attention, 8-bit MLP: the numpy trunk against the blocks' MLX loop (QuantizedLinear's CPU
+    path)."""
     config = VisionConfig(**TINY["large"])
     blocks = [aimv2.Block(config) for _ in range(2)]
     for block in blocks:
@@ -189,13 +349,13 @@ def test_numpy_trunk_unpacks_quantized_layers_as_the_mlx_loop_does():
     expected = x
     for block in blocks:
         expected = block(expected)
-    out, _ = cpu.run_trunk(blocks, x)
+    out, _ = numpy_trunk.NumpyTrunk(blocks)(x, 2)
     assert rel_err(out, np.asarray(expected)) < 1e-5
 
 
 @pytest.mark.parametrize("layout", ["hf", "apple"])
 @pytest.mark.parametrize("hw", [(70, 42), (42, 98), (84, 84)])
-def test_native_non_square_grids(tmp_path, layout, hw):
+def test_native_non_square_grids(tmp_path, layout, hw, backend):
     ref = make_reference(seed=3, is_native=True, **TINY["large"])
     model = build_ours(write_checkpoint(ref, tmp_path, layout))
     assert model.config.is_native and "pos_embed" not in dict(model.parameters())
@@ -203,7 +363,7 @@ def test_native_non_square_grids(tmp_path, layout, hw):
     assert_parity(model, ref, pixels, tol=1e-4)
 
 
-def test_conv_floors_trailing_pixels(tmp_path):
+def test_conv_floors_trailing_pixels(tmp_path, backend):
     """Like the reference conv, pixels that fill no whole patch are dropped (native, 75x50 -> 5x3 grid)."""
     ref = make_reference(seed=4, is_native=True, **TINY["large"])
     model = build_ours(write_checkpoint(ref, tmp_path, "hf"))
@@ -211,7 +371,7 @@ def test_conv_floors_trailing_pixels(tmp_path):
     assert_parity(model, ref, pixels, tol=1e-4)
 
 
-def test_three_layouts_identical(tmp_path):
+def test_three_layouts_identical(tmp_path, backend):
     ref = make_reference(seed=5, **TINY["huge"])
     pixels = mx.array(np.random.default_rng(4).standard_normal((1, 56, 56, 3)).astype(np.float32))
     outs = [
@@ -230,15 +390,6 @@ def test_sanitize_is_idempotent(tmp_path):
         assert all(mx.array_equal(once[k], twice[k]) for k in once)
 
 
-def test_mlx_kernels_path(tmp_path, monkeypatch):
-    """The path Apple GPUs and half precision take (mx.fast.sdpa, MLX's silu) against the reference too."""
-    monkeypatch.setattr(cpu, "active", lambda x: False)
-    ref = make_reference(seed=8, image_size=56, **TINY["1B"])
-    model = build_ours(write_checkpoint(ref, tmp_path, "hf"))
-    pixels = np.random.default_rng(6).standard_normal((2, 56, 56, 3)).astype(np.float32)
-    assert_parity(model, ref, pixels, tol=1e-4)
-
-
 def test_half_precision_stays_close(tmp_path):
     ref = make_reference(seed=9, image_size=56, **TINY["large"])
     model = build_ours(write_checkpoint(ref, tmp_path, "hf"))
@@ -252,7 +403,7 @@ def test_half_precision_stays_close(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_size_large_224(tmp_path):
+def test_full_size_large_224(tmp_path, backend):
     """One real-size AIMv2-L/14-224 (random weights), Apple torch layout, 1e-3 relative."""
     ref = make_reference(seed=7, image_size=224, **LARGE)
     model = build_ours(write_checkpoint(ref, tmp_path, "apple"))

@@ -1,6 +1,8 @@
 """AIMv2 vision encoder in MLX: patch embedding, pre-norm SwiGLU transformer, final RMSNorm.
 
-Parameter names follow Apple's checkpoints (weights.py maps the other layouts onto them). Inputs are NHWC.
+This is the model: what runs on Apple GPUs, in half precision and wherever no faster backend is installed,
+and what a faster backend (aim_mlx/backends) must reproduce. Parameter names follow Apple's checkpoints
+(weights.py maps the other layouts onto them). Inputs are NHWC.
 """
 
 from dataclasses import dataclass
@@ -10,7 +12,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import VisionConfig
-from . import cpu
 
 
 @dataclass
@@ -66,19 +67,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.proj(attention(self.qkv(x), self.num_heads, self.scale, self.causal))
-
-
-def attention(qkv: mx.array, num_heads: int, scale: float, causal: bool = False) -> mx.array:
-    """softmax(q k^T * scale) v for every head, from the packed projections (B, N, 3D) -> (B, N, D).
-    `causal`: query i sees keys 0..i only. MLX's fused kernel, except on the CPU in float32, where cpu.py's
-    kernel is 2-3x faster than the fused op's CPU fallback."""
-    if cpu.active(qkv):
-        return cpu.attention(qkv, num_heads, scale, causal)
-    b, n, three_d = qkv.shape
-    q, k, v = qkv.reshape(b, n, 3, num_heads, -1).transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
-    return out.transpose(0, 2, 1, 3).reshape(b, n, three_d // 3)
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)  # (B, H, N, hd)
+        mask = "causal" if self.causal else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # (B, H, N, hd)
+        return self.proj(out.transpose(0, 2, 1, 3).reshape(b, n, d))
 
 
 class SwiGLU(nn.Module):
@@ -90,8 +83,7 @@ class SwiGLU(nn.Module):
         self.fc3 = nn.Linear(d, m, bias=bias)  # up
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = self.fc1(x), self.fc3(x)
-        return self.fc2(cpu.silu_mul(gate, up) if cpu.active(gate) else nn.silu(gate) * up)
+        return self.fc2(nn.silu(self.fc1(x)) * self.fc3(x))
 
 
 class Block(nn.Module):
@@ -107,20 +99,49 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_2(x))
 
 
-def run_in_order(blocks, x: mx.array, keep_hidden: bool = False):
-    """`blocks` applied to `x` one after the other: (output, [x, each block's output] when `keep_hidden`, else
-    None). On the CPU in float32 the whole trunk runs in numpy (cpu.run_trunk), elsewhere in MLX."""
-    if cpu.trunk_ready(x, blocks):
-        return cpu.run_trunk(blocks, x, keep_hidden)
-    hidden = [x] if keep_hidden else None
-    for block in blocks:
-        x = block(x)
-        if hidden is not None:
-            hidden.append(x)
-    return x, hidden
+class BlockStack(nn.Module):
+    """A module whose `blocks` run one after the other: the vision trunk, and the LiT text tower.
+
+    `backend` is where a faster implementation of the same blocks plugs in (aim_mlx/backends: load() installs
+    one only where it supports every block); it must give the same results, so None changes speed only."""
+
+    def __init__(self):
+        super().__init__()
+        self.backend = None
+
+    def run_blocks(self, x: mx.array, depth: int | None = None, keep=()) -> tuple[mx.array, dict]:
+        """The first `depth` blocks (default: all) applied to `x` (B, N, D): (output, {i: block i's output
+        for i in keep})."""
+        depth = len(self.blocks) if depth is None else depth
+        if self.backend is not None and self.backend.takes(x):
+            return self.backend(x, depth, keep)
+        kept = {}
+        for i, block in enumerate(self.blocks[:depth]):
+            x = block(x)
+            if i in keep:
+                kept[i] = x
+        return x, kept
 
 
-class AIMv2VisionEncoder(nn.Module):
+def block_indices(num_blocks: int, indices=None) -> list[int]:
+    """timm's `indices`: None -> every block, n -> the last n, a sequence -> those (negative from the end);
+    sorted, in range."""
+    if indices is None:
+        return list(range(num_blocks))
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"asked for the last {indices} blocks of {num_blocks}")
+        return list(range(num_blocks - indices, num_blocks))
+    chosen = sorted({i % num_blocks if -num_blocks <= i < num_blocks else i for i in indices})
+    if not chosen or chosen[0] < 0 or chosen[-1] >= num_blocks:
+        raise ValueError(f"block indices {list(indices)} are not within the {num_blocks} blocks")
+    return chosen
+
+
+class AIMv2VisionEncoder(BlockStack):
+    family = "aimv2"  # its row in aim_mlx/registry.py
+    info = None  # load() attaches a registry.ModelInfo: what was loaded, and its identity
+
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.config = config
@@ -129,6 +150,19 @@ class AIMv2VisionEncoder(nn.Module):
             self.pos_embed = mx.zeros((config.num_patches, config.hidden_size))  # learned, (N, D)
         self.blocks = [Block(config) for _ in range(config.num_hidden_layers)]
         self.post_trunk_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    @property
+    def dims(self) -> dict:
+        c = self.config
+        return {
+            "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "intermediate_size": c.intermediate_size,
+            "image_size": None if c.is_native else c.image_size,
+            "patch_size": c.patch_size,
+            "embed_dim": c.hidden_size,  # encode_image's width
+        }
 
     def embed(self, pixel_values: mx.array) -> mx.array:
         """Patch embedding plus positions: the input to block 0, (B, N, D)."""
@@ -148,17 +182,26 @@ class AIMv2VisionEncoder(nn.Module):
         return x + pos
 
     def __call__(self, pixel_values: mx.array, output_hidden_states: bool = False) -> VisionOutput:
-        x = self.embed(pixel_values)  # (B, N, D)
-        if (workers := cpu.workers(x)) > 1:  # the CPU: each core takes a share of the batch
-            x, hidden = cpu.run_blocks(self.blocks, x, workers, output_hidden_states)
-        else:
-            x, hidden = run_in_order(self.blocks, x, output_hidden_states)
+        x0 = self.embed(pixel_values)  # (B, N, D)
+        keep = range(len(self.blocks)) if output_hidden_states else ()
+        x, kept = self.run_blocks(x0, keep=keep)
         x = self.post_trunk_norm(x)
         return VisionOutput(
             last_hidden_state=x,
             pooler_output=x.mean(axis=1),
-            hidden_states=None if hidden is None else tuple(hidden),
+            hidden_states=(x0, *(kept[i] for i in keep)) if output_hidden_states else None,
         )
+
+    def forward_intermediates(
+        self, pixel_values: mx.array, indices=None, norm: bool = False, stop_early: bool = False
+    ) -> list[mx.array]:
+        """The outputs of the chosen blocks (timm's `indices`: None, the last n, or a list), each (B, N, D),
+        in block order; `norm` applies the final RMSNorm to each; `stop_early` skips the blocks after the
+        last one chosen. The final token grid is `indices=[-1], norm=True`."""
+        chosen = block_indices(len(self.blocks), indices)
+        depth = chosen[-1] + 1 if stop_early else None
+        _, kept = self.run_blocks(self.embed(pixel_values), depth, keep=chosen)
+        return [self.post_trunk_norm(kept[i]) if norm else kept[i] for i in chosen]
 
     def encode_image(self, pixel_values: mx.array) -> mx.array:
         """Pooled embeddings (B, D): the mean of the final token grid."""

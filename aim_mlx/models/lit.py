@@ -10,11 +10,10 @@ from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from ..config import VisionConfig
 from ..errors import ConfigError
-from .aimv2 import AIMv2VisionEncoder, Block, VisionOutput, run_in_order
+from .aimv2 import AIMv2VisionEncoder, Block, BlockStack, VisionOutput
 
 
 @dataclass
@@ -105,7 +104,7 @@ class LiTVisionEncoder(AIMv2VisionEncoder):
         return out
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(BlockStack):
     def __init__(self, config: TextConfig):
         super().__init__()
         self.config = config
@@ -121,7 +120,7 @@ class TextEncoder(nn.Module):
             raise ValueError(
                 f"{n} tokens; this text encoder takes at most {self.positional_embedding.shape[0]}"
             )
-        x, _ = run_in_order(self.blocks, self.text_embedding(input_ids) + self.positional_embedding[:n])
+        x, _ = self.run_blocks(self.text_embedding(input_ids) + self.positional_embedding[:n])  # (B, L, D)
         # Causal attention makes the first EOS summarise the text; padding after it never reaches it.
         first_eos = mx.argmax((input_ids == self.config.eos_token_id).astype(mx.int32), axis=-1)  # (B,)
         return self.post_trunk_norm(x[mx.arange(b), first_eos])  # (B, D); the norm is per token
@@ -140,6 +139,9 @@ class LiTOutput:
 
 
 class AIMv2LiT(nn.Module):
+    family = "aimv2-lit"  # its row in aim_mlx/registry.py
+    info = None  # load() attaches a registry.ModelInfo: what was loaded, and its identity
+
     def __init__(self, config: LiTConfig):
         super().__init__()
         self.config = config
@@ -149,6 +151,17 @@ class AIMv2LiT(nn.Module):
         self.text_projector = nn.Linear(config.text.hidden_size, config.projection_dim, bias=False)
         self.log_logit_scale = mx.array(math.log(1 / 0.07))
         self.tokenizer = None  # set by load(): lets encode_text take strings
+
+    @property
+    def dims(self) -> dict:
+        t = self.config.text
+        return {
+            **self.image_encoder.dims,
+            "text_hidden_size": t.hidden_size,
+            "text_num_hidden_layers": t.num_hidden_layers,
+            "context_length": t.max_position_embeddings,
+            "embed_dim": self.config.projection_dim,  # encode_image's and encode_text's width
+        }
 
     def encode_image(self, pixel_values: mx.array) -> mx.array:
         """(B, H, W, 3) pixels -> (B, P) L2-normalised embeddings in the shared space."""
@@ -163,18 +176,19 @@ class AIMv2LiT(nn.Module):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer attached; pass token ids or use aim_mlx.load()")
             texts = self.tokenizer([texts] if isinstance(texts, str) else list(texts))
-        ids = np.array(texts, dtype=np.int32, ndmin=2)  # (B, L)
+        ids = mx.array(texts, dtype=mx.int32)
+        ids = ids[None] if ids.ndim == 1 else ids  # (B, L)
         is_eos = ids == self.config.text.eos_token_id
-        if is_eos.any(axis=-1).all():
+        if is_eos.any(axis=-1).all().item():
             # Causal attention: tokens after the last first-EOS cannot change any pooled state, so they are
             # not computed. Prompts are ~10-20 of the 77 positions, so this is most of the text tower's time.
-            ids = ids[:, : is_eos.argmax(axis=-1).max() + 1]
-        pooled = self.text_encoder(mx.array(ids))  # (B, D)
+            ids = ids[:, : mx.argmax(is_eos, axis=-1).max().item() + 1]
+        pooled = self.text_encoder(ids)  # (B, D)
         return l2_normalize(self.text_projector(pooled))
 
-    def shared_space_images(self) -> "SharedSpaceImages":
-        """A vision model whose pooled output is `encode_image`'s, for code written for vision encoders."""
-        return SharedSpaceImages(self)
+    def forward_intermediates(self, pixel_values: mx.array, **kwargs) -> list[mx.array]:
+        """The image tower's block outputs (see AIMv2VisionEncoder.forward_intermediates)."""
+        return self.image_encoder.forward_intermediates(pixel_values, **kwargs)
 
     @property
     def logit_scale(self) -> mx.array:
@@ -185,15 +199,3 @@ class AIMv2LiT(nn.Module):
         text = self.encode_text(texts)
         logits_per_text = self.logit_scale.astype(text.dtype) * text @ image.T  # (B_texts, B_images)
         return LiTOutput(logits_per_text.T, logits_per_text, image, text)
-
-
-class SharedSpaceImages:
-    """`model(pixels)` -> VisionOutput whose pooler_output is the LiT image embedding (as encode_image)."""
-
-    def __init__(self, lit: AIMv2LiT):
-        self.lit = lit
-
-    def __call__(self, pixel_values: mx.array) -> VisionOutput:
-        out = self.lit.image_encoder(pixel_values)
-        out.pooler_output = l2_normalize(self.lit.image_projector(out.pooler_output))  # (B, P)
-        return out

