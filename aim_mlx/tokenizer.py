@@ -74,6 +74,13 @@ class ClipTokenizer:
         self.bos_id, self.eos_id, self.pad_id = ids
         self.context_length = context_length
 
+    def __repr__(self) -> str:
+        return (
+            f"ClipTokenizer(vocab_size={self.backend.get_vocab_size()}, "
+            f"context_length={self.context_length}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
+            f"pad_id={self.pad_id})"
+        )
+
     @classmethod
     def from_folder(cls, folder: str | Path, context_length: int = CONTEXT_LENGTH) -> "ClipTokenizer":
         """tokenizer.json when there is one (transformers prefers it too), else vocab.json + merges.txt."""

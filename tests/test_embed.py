@@ -111,3 +111,16 @@ def test_model_info_is_the_identity(model, tmp_path):
     info = net.info
     assert info.family == "aimv2" and info.revision is None and info.dims["embed_dim"] == 128
     assert info.to_dict()["key"] == info.key and len(info.key) == 32
+
+
+def test_processors_and_models_say_what_they_are(model):
+    """repr of the processors; docstrings that help() shows for load and the public classes."""
+    import aim_mlx.loading
+    from aim_mlx.lit import LiTProcessor
+    from aim_mlx.models.aimv2 import AIMv2VisionEncoder
+    from aim_mlx.models.lit import AIMv2LiT
+
+    _, processor = model
+    assert repr(processor).startswith("ImageProcessor(") and "image_mean=" in repr(processor)
+    for thing in (aim_mlx.load, aim_mlx.loading.load, LiTProcessor, AIMv2VisionEncoder, AIMv2LiT):
+        assert thing.__doc__ and len(thing.__doc__.strip()) > 30, thing

@@ -139,6 +139,10 @@ def block_indices(num_blocks: int, indices=None) -> list[int]:
 
 
 class AIMv2VisionEncoder(BlockStack):
+    """The AIMv2 vision encoder: `model(pixels)` -> VisionOutput (final tokens, their mean, optionally every
+    hidden state), `encode_image(pixels)` -> (B, D), `forward_intermediates(pixels, indices, norm,
+    stop_early)` -> chosen blocks' outputs. Pixels are NHWC float32, as the processor makes them."""
+
     family = "aimv2"  # its row in aim_mlx/registry.py
     info = None  # load() attaches a registry.ModelInfo: what was loaded, and its identity
 

@@ -139,6 +139,9 @@ class LiTOutput:
 
 
 class AIMv2LiT(nn.Module):
+    """AIMv2 LiT: `encode_image(pixels)` and `encode_text(texts or token ids)` -> L2-normalised (B, P) in one
+    space; `model(pixels, texts)` -> LiTOutput with logits scaled by the learned logit scale."""
+
     family = "aimv2-lit"  # its row in aim_mlx/registry.py
     info = None  # load() attaches a registry.ModelInfo: what was loaded, and its identity
 
