@@ -46,8 +46,8 @@ def timed_in_turns(trees: dict[str, Path], folder: str, batch: int, trials: int)
     procs = {}
     try:
         for name, tree in trees.items():  # one after the other: each load has the machine to itself
-            env = dict(os.environ, PYTHONPATH=str(tree))
-            pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+            env = dict(os.environ, PYTHONPATH=str(tree))  # and run in the tree: `-c` puts the cwd first
+            pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True, "cwd": tree}
             procs[name] = subprocess.Popen(
                 [sys.executable, "-c", CHILD, folder, str(batch)], env=env, **pipes
             )
