@@ -67,7 +67,7 @@ def dtypes(model) -> set:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_load_matches_the_transformers_reference(ref, folders, pixels, layout):
+def test_load_matches_the_transformers_reference(ref, folders, pixels, layout, backend):
     model, _ = aim_mlx.load(str(folders[layout]), dtype="float32")
     assert not model.config.is_native
     assert dtypes(model) == {mx.float32}
@@ -112,6 +112,46 @@ def test_low_precision_dtypes(folders, pixels, dtype, tol):
     err = rel_err(out.last_hidden_state, np.asarray(expected.last_hidden_state))
     assert 0 < err < tol  # close, and really computed at the lower precision
     assert rel_err(half.encode_image(x), np.asarray(full.encode_image(x))) < tol
+
+
+def test_half_precision_on_a_cpu_warns_once(folders, monkeypatch, caplog):
+    from aim_mlx import loading
+
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the warning is for CPUs")
+    monkeypatch.setattr(loading, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="aim_mlx"):
+        aim_mlx.load(str(folders["hf"]), dtype="float32")
+        assert "slower" not in caplog.text
+        aim_mlx.load(str(folders["hf"]), dtype="float16")
+        aim_mlx.load(str(folders["hf"]), dtype="float16")
+    warnings = [r.getMessage() for r in caplog.records if "20-30x slower" in r.getMessage()]
+    assert (
+        len(warnings) == 1
+        and "float16 on a CPU" in warnings[0]
+        and "float32 is the fast dtype" in warnings[0]
+    )
+
+
+def test_model_info_names_what_was_loaded(cache, folders, tmp_path):
+    """info: family, source, revision (hub commit) or the local files; `key` changes with what changes the
+    embeddings (the files, the dtype) and only with that."""
+    add_folder(cache, "someone/tiny-aimv2", COMMIT, folders["hf"])
+    hub_model, _ = aim_mlx.load("someone/tiny-aimv2", dtype="float32")
+    assert (hub_model.info.family, hub_model.info.source) == ("aimv2", "someone/tiny-aimv2")
+    assert hub_model.info.revision == COMMIT and hub_model.info.files == []
+    local, _ = aim_mlx.load(str(folders["hf"]), dtype="float32")
+    assert local.info.revision is None and local.info.source == str(folders["hf"].resolve())
+    assert local.info.key == aim_mlx.load(str(folders["hf"]), dtype="float32")[0].info.key
+    assert local.info.key != aim_mlx.load(str(folders["hf"]), dtype="float16")[0].info.key
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in folders["hf"].iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    before = aim_mlx.load(str(copy), dtype="float32")[0].info.key
+    (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")  # an edited checkpoint
+    assert aim_mlx.load(str(copy), dtype="float32")[0].info.key != before
+    assert local.info.backend in ("numpy", "mlx") and local.info.dims["embed_dim"] == DIMS["hidden_size"]
 
 
 def test_default_dtype(folders):
