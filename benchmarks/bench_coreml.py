@@ -44,7 +44,7 @@ def main():
     from checkpoints import LARGE, make_reference, write_checkpoint
 
     import aim_mlx
-    from aim_mlx.bench import header, machine
+    from aim_mlx.benchmark.timing import header, machine
 
     cases = CASES
     if args.cases:

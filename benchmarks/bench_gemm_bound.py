@@ -72,7 +72,7 @@ def main():
     from checkpoints import LARGE, make_reference, write_checkpoint
 
     import aim_mlx  # before mlx.core: it gives MLX its fast BLAS
-    from aim_mlx.bench import flops_per_image, header, machine, sgemm_gflops
+    from aim_mlx.benchmark.timing import flops_per_image, header, machine, sgemm_gflops
 
     print(header(machine()))
     import mlx.core as mx

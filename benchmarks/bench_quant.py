@@ -46,7 +46,7 @@ CONFIGS = {  # name -> convert() options
 CONVERT_CHILD = """
 import json, sys
 import aim_mlx
-from aim_mlx.bench import peak_rss_mb
+from aim_mlx.benchmark.timing import peak_rss_mb
 from aim_mlx.convert.convert import convert
 convert(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))
 print(peak_rss_mb())
@@ -97,7 +97,8 @@ def main():
     import numpy as np
     from checkpoints import LARGE, make_reference, write_checkpoint
 
-    from aim_mlx.bench import header, machine, run_isolated, summarize
+    from aim_mlx.benchmark.harness import run_isolated
+    from aim_mlx.benchmark.timing import header, machine, summarize
 
     info = machine()
     print(header(info))

@@ -64,7 +64,7 @@ def main():
 
     import aim_mlx
     from aim_mlx import zeroshot
-    from aim_mlx.bench import header, machine, sgemm_gflops
+    from aim_mlx.benchmark.timing import header, machine, sgemm_gflops
 
     info = machine()
     print(header(info))

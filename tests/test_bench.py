@@ -1,8 +1,11 @@
 """`aim-mlx bench` on tiny random checkpoints: table, JSON schema, plot, torch comparison, refusals."""
 
+import ast
 import json
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from aim_mlx.convert.convert import convert
@@ -10,8 +13,14 @@ from checkpoints import TINY, make_reference, write_checkpoint
 from lit_checkpoints import TINY_VISION, make_lit_reference, write_lit_checkpoint
 from typer.testing import CliRunner
 
-from aim_mlx import bench
+import aim_mlx
+from aim_mlx.benchmark.coreml_engine import coreml_row
+from aim_mlx.benchmark.harness import group_by, run_interleaved
+from aim_mlx.benchmark.report import plot, table
+from aim_mlx.benchmark.timing import flops_per_image
 from aim_mlx.cli import app
+from aim_mlx.config import VisionConfig
+from aim_mlx.errors import AimMlxError
 
 runner = CliRunner()
 ROW_KEYS = {
@@ -40,11 +49,11 @@ def native(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(tiny, tmp_path_factory):
     """One full run: two batch sizes, the torch comparison, JSON and a plot."""
-    plot = tmp_path_factory.mktemp("plot") / "curve.png"
+    curve = tmp_path_factory.mktemp("plot") / "curve.png"
     args = ["bench", "-m", str(tiny), "--batch-sizes", "1,2", "--num-trials", "3", "--compare-torch"]
-    result = runner.invoke(app, [*args, "--json", "--plot", str(plot)])
+    result = runner.invoke(app, [*args, "--json", "--plot", str(curve)])
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout), plot
+    return json.loads(result.stdout), curve
 
 
 def test_json_schema(report):
@@ -66,7 +75,7 @@ def test_numbers_are_plausible(report):
         # throughput, latency and batch size describe the same median call
         assert r["images_per_s"] * r["ms_per_image_p50"] / 1e3 == pytest.approx(1, rel=1e-6)
         assert r["gflops"] == pytest.approx(r["flops_per_image"] * r["images_per_s"] / 1e9, rel=1e-6)
-    expected = bench.flops_per_image(bench.VisionConfig(**TINY["large"], num_hidden_layers=2, image_size=56))
+    expected = flops_per_image(VisionConfig(**TINY["large"], num_hidden_layers=2, image_size=56))
     assert data["results"][0]["flops_per_image"] == expected
 
 
@@ -80,8 +89,8 @@ def test_torch_ratio(report):
 
 
 def test_plot_is_written(report):
-    _, plot = report
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _, curve = report
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_table_on_stdout(tiny):
@@ -100,8 +109,8 @@ def test_native_image_size(native):
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)["results"][0]
     assert row["image_size"] == 84
-    assert row["flops_per_image"] == bench.flops_per_image(
-        bench.VisionConfig(**TINY["large"], num_hidden_layers=2), grid=(6, 6)
+    assert row["flops_per_image"] == flops_per_image(
+        VisionConfig(**TINY["large"], num_hidden_layers=2), grid=(6, 6)
     )
 
 
@@ -146,21 +155,21 @@ def test_quantized_in_memory_and_converted_folders(tmp_path):
 def test_lit_checkpoint_benchmarks_its_image_tower(tmp_path):
     folder = write_lit_checkpoint(make_lit_reference(seed=3), tmp_path / "lit")
     [row] = bench_json("-m", str(folder))
-    vision = bench.VisionConfig(**TINY_VISION, image_size=56)
-    assert row["images_per_s"] > 0 and row["flops_per_image"] == bench.flops_per_image(vision)
+    vision = VisionConfig(**TINY_VISION, image_size=56)
+    assert row["images_per_s"] > 0 and row["flops_per_image"] == flops_per_image(vision)
     result = runner.invoke(app, ["bench", "-m", str(folder), "--num-trials", "1", "--compare-torch"])
     assert result.exit_code == 1 and "a LiT checkpoint" in result.stderr
 
 
 def test_coreml_rows_fit_the_table_and_plot(tmp_path):
     """The rows `--coreml` makes on macOS (timings here are made up: only the shape is checked)."""
-    rows = [bench.coreml_row(tmp_path / "m.mlpackage", unit, [0.02, 0.03], 0.5, "int8") for unit in ("ALL",)]
+    rows = [coreml_row(tmp_path / "m.mlpackage", unit, [0.02, 0.03], 0.5, "int8") for unit in ("ALL",)]
     assert rows[0].keys() >= ROW_KEYS - {"image_size", "flops_per_image", "times"}
     assert rows[0]["gflops"] is None and rows[0]["ms_per_image_p95"] >= rows[0]["ms_per_image_p50"]
-    line = bench.table(rows).splitlines()[1].split()
+    line = table(rows).splitlines()[1].split()
     assert line[:6] == ["m.mlpackage", "coreml", "ALL", "package", "int8", "1"] and line[9] == "-"
     json.dumps(rows, allow_nan=False)  # machine-readable: no NaN
-    bench.plot(rows, tmp_path / "curve.png")
+    plot(rows, tmp_path / "curve.png")
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="Core ML runs there; this checks the refusal elsewhere")
@@ -176,7 +185,7 @@ def test_interleaved_runs_take_turns_and_report_each_engine(tiny):
     ]
     specs = [{**spec, "trials": 3, "warmup": 0} for spec in specs]
     turns = []  # wall-clock time of each turn's start
-    rows = bench.run_interleaved(specs, between=lambda: turns.append(time.time()))
+    rows = run_interleaved(specs, between=lambda: turns.append(time.time()))
     assert len(turns) == 3
     for i, turn in enumerate(turns):  # both engines' call i falls in turn i, in A B / B A order
         first, second = (rows[0], rows[1]) if i % 2 == 0 else (rows[1], rows[0])
@@ -194,13 +203,54 @@ def test_interleaved_failure_is_the_childs_one_line_error(tiny, tmp_path):
         {"engine": "aim-mlx", "model": str(path), "dtype": "float32", "batch": 1, "image_size": None}
         for path in (tiny, tmp_path / "missing")
     ]
-    with pytest.raises(bench.AimMlxError, match="missing") as info:
-        bench.run_interleaved([{**spec, "trials": 1, "warmup": 0} for spec in specs])
+    with pytest.raises(AimMlxError, match="missing") as info:
+        run_interleaved([{**spec, "trials": 1, "warmup": 0} for spec in specs])
     assert "\n" not in str(info.value)
 
 
 def test_group_by_keeps_first_appearance_order():
     specs = [{"model": m, "batch": b, "engine": e} for b in (1, 8) for m in "ab" for e in ("x", "y")]
-    groups = bench.group_by(specs, ("model", "batch"))
+    groups = group_by(specs, ("model", "batch"))
     assert [[s["engine"] for s in g] for g in groups] == [["x", "y"]] * 4
     assert [(g[0]["model"], g[0]["batch"]) for g in groups] == [("a", 1), ("b", 1), ("a", 8), ("b", 8)]
+
+
+AIM_MLX = Path(aim_mlx.__file__).parent
+OPTIONAL = ("torch", "transformers", "coremltools")
+
+
+def imports(path: Path) -> set[str]:
+    """Every module a source file imports, at any depth, relative imports spelled out from `aim_mlx`."""
+    package = ["aim_mlx", *path.parent.relative_to(AIM_MLX).parts]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, node.module] if node.module else base)
+            names |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_torch_and_coreml_are_imported_only_by_the_benchmark_package():
+    """torch, transformers and coremltools stay out of aim_mlx outside aim_mlx/benchmark; the runtime does
+    not import the benchmark package (the CLI and the temporary aim_mlx/bench.py may)."""
+    for path in AIM_MLX.rglob("*.py"):
+        part = path.relative_to(AIM_MLX).parts[0]
+        if part == "benchmark":
+            continue
+        names = imports(path)
+        assert not {n for n in names if n.split(".")[0] in OPTIONAL}, path
+        if part not in ("cli", "cli.py", "bench.py"):
+            assert not {n for n in names if n.startswith("aim_mlx.benchmark")}, path
+
+
+def test_importing_the_benchmark_imports_neither_torch_nor_coremltools():
+    """Only a torch configuration loads torch (in its own child process); the rest of the package, and the
+    CLI that imports it, load neither torch nor coremltools."""
+    names = ("harness", "timing", "report", "mlx_engine", "coreml_engine", "__main__")
+    modules = ["aim_mlx.cli", *(f"aim_mlx.benchmark.{m}" for m in names)]
+    code = f"import sys; {'; '.join(f'import {m}' for m in modules)}; print(sorted(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert not [name for name in OPTIONAL if f"'{name}'" in loaded]
