@@ -150,6 +150,8 @@ def test_quantized_in_memory_and_converted_folders(tmp_path):
     assert (float_row["weights"], q4_row["weights"], converted["weights"]) == ("float", "q4", "q8")
     assert q4_row["bits"] == 4 and q4_row["images_per_s"] > 0
     assert q4_row["flops_per_image"] == float_row["flops_per_image"] == converted["flops_per_image"]
+    result = runner.invoke(app, ["bench", "-m", str(tmp_path / "q8"), "--num-trials", "1", "--compare-torch"])
+    assert result.exit_code == 1 and "a quantized folder" in result.stderr
 
 
 def test_lit_checkpoint_benchmarks_its_image_tower(tmp_path):

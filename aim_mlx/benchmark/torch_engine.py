@@ -1,4 +1,4 @@
-"""The reference engine: transformers' Aimv2VisionModel (torch, CPU, float32) on the same checkpoint.
+"""The reference engine: transformers' Aimv2VisionModel (torch, CPU, float32) with the weights aim-mlx loads.
 
 The only module of aim_mlx that imports torch and transformers, and only when a torch configuration runs
 (`bench --compare-torch`).
@@ -6,41 +6,39 @@ The only module of aim_mlx that imports torch and transformers, and only when a 
 
 import os
 
-import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
-from .. import hub, weights
-from ..config import VisionConfig
+from .. import weights
 from ..errors import AimMlxError, ConfigError
-from ..loading import read_config
+from ..loading import load
 from .harness import measure
+from .mlx_engine import weight_format
 
 
 def run_torch(spec: dict) -> dict:
     """The same configuration in transformers' Aimv2VisionModel (torch, CPU, float32)."""
     try:
         import torch
-        from transformers import Aimv2VisionConfig, Aimv2VisionModel
+        import transformers
     except ImportError:
         raise AimMlxError("--compare-torch needs torch and transformers: pip install -e '.[test]'") from None
 
     def load_model():
-        folder = hub.resolve(spec["model"], spec.get("revision"))
-        raw = read_config(folder)
-        if "text_config" in raw or "quantization" in raw:
+        # Loaded as aim-mlx loads it (strict, native or not decided there), then handed over to torch.
+        model, _ = load(spec["model"], revision=spec.get("revision"), dtype="float32")
+        lit = hasattr(model, "encode_text")
+        if lit or weight_format(model) != "float":
             raise ConfigError(
                 f"--compare-torch runs float vision-only checkpoints; {spec['model']} is "
-                + ("a LiT checkpoint" if "text_config" in raw else "a quantized folder")
+                + ("a LiT checkpoint" if lit else "a quantized folder")
             )
-        config = VisionConfig.from_dict(raw)
-        state = weights.load_folder(folder, config.num_channels)
-        config.is_native = "pos_embed" not in state
-        hf = Aimv2VisionConfig(**{**config.to_dict(), "use_head": False})
+        hf = transformers.Aimv2VisionConfig(**{**model.config.to_dict(), "use_head": False})
         hf._attn_implementation = "sdpa"
-        net = Aimv2VisionModel(hf).eval()
-        state = weights.to_transformers(state)
-        net.load_state_dict({k: torch.from_numpy(np.array(v.astype(mx.float32))) for k, v in state.items()})
-        return net, config
+        net = transformers.Aimv2VisionModel(hf).eval()
+        state = weights.to_transformers(dict(tree_flatten(model.parameters())))
+        net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+        return net, model.config
 
     def run(net, x):
         with torch.inference_mode():
