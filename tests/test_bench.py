@@ -14,10 +14,11 @@ from lit_checkpoints import TINY_VISION, make_lit_reference, write_lit_checkpoin
 from typer.testing import CliRunner
 
 import aim_mlx
-from aim_mlx.benchmark.coreml_engine import coreml_row
+from aim_mlx.benchmark.coreml_engine import coreml_row, run_coreml
 from aim_mlx.benchmark.harness import group_by, run_interleaved
-from aim_mlx.benchmark.report import plot, table
+from aim_mlx.benchmark.report import check_plot_path, plot, table
 from aim_mlx.benchmark.timing import flops_per_image
+from aim_mlx.benchmark.torch_engine import run_torch
 from aim_mlx.cli import app
 from aim_mlx.config import VisionConfig
 from aim_mlx.errors import AimMlxError
@@ -178,6 +179,35 @@ def test_coreml_rows_fit_the_table_and_plot(tmp_path):
 def test_coreml_refused_off_macos(tmp_path):
     result = runner.invoke(app, ["bench", "--coreml", str(tmp_path / "model.mlpackage")])
     assert result.exit_code == 1 and "needs macOS" in result.stderr
+
+
+def test_plot_without_matplotlib_is_refused_before_any_benchmark(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` meets when it is absent
+    with pytest.raises(AimMlxError) as info:
+        check_plot_path(tmp_path / "curve.png")
+    assert str(info.value) == "matplotlib is not installed; pip install 'aim-mlx[plot]'"
+    # a model that does not exist: had a benchmark run first, its error would be the one printed
+    args = ["bench", "-m", str(tmp_path / "missing"), "--plot", str(tmp_path / "curve.png")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and result.stderr == f"error: {info.value}\n"
+
+
+@pytest.mark.parametrize("missing", ["torch", "transformers"])
+def test_compare_torch_without_torch_names_the_bench_extra(monkeypatch, tiny, missing):
+    monkeypatch.setitem(sys.modules, missing, None)
+    spec = {"engine": "torch", "model": str(tiny), "batch": 1, "image_size": None, "trials": 1, "warmup": 0}
+    with pytest.raises(AimMlxError) as info:
+        run_torch(spec)
+    assert str(info.value) == f"{missing} is not installed; pip install 'aim-mlx[bench]'"
+
+
+def test_coreml_without_coremltools_names_the_coreml_extra(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "platform", "darwin")  # past the macOS check, to the import
+    monkeypatch.setitem(sys.modules, "coremltools", None)
+    (tmp_path / "m.mlpackage").mkdir()
+    with pytest.raises(AimMlxError) as info:
+        run_coreml(tmp_path / "m.mlpackage")
+    assert str(info.value) == "coremltools is not installed; pip install 'aim-mlx[coreml]'"
 
 
 def test_interleaved_runs_take_turns_and_report_each_engine(tiny):

@@ -1,6 +1,7 @@
 """The Core ML engine: `MLModel.predict` latency of an exported package, per compute unit (macOS only).
 
-The only module of aim_mlx that imports coremltools, and only when `bench --coreml` runs.
+The only module of aim_mlx that imports coremltools, and only when `bench --coreml` runs; without it that
+is a one-line error naming the `coreml` extra.
 """
 
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AimMlxError, ConfigError
+from .harness import require
 from .timing import peak_rss_mb, summarize, time_calls
 
 COREML_UNITS = ("ALL", "CPU_AND_GPU", "CPU_AND_NE", "CPU_ONLY")
@@ -21,7 +23,7 @@ def run_coreml(package: Path, trials: int = 5, warmup: int = 1) -> list[dict]:
         raise AimMlxError(f"--coreml needs macOS: Core ML cannot run predictions on {sys.platform}")
     if not package.exists():
         raise ConfigError(f"--coreml {package}: no such package")
-    import coremltools as ct
+    ct = require("coremltools", "coreml")
     from PIL import Image
 
     rows = []

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from ..errors import AimMlxError, ConfigError
+from ..errors import ConfigError
+from .harness import require
 
 
 def torch_ratios(rows: list[dict]) -> list[dict]:
@@ -59,12 +60,11 @@ def table(rows: list[dict]) -> str:
 
 
 def check_plot_path(path: Path) -> None:
+    """Refuse a `--plot` that cannot be drawn (a format matplotlib guesses wrong, no matplotlib) before any
+    benchmark runs, rather than after minutes of measuring."""
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"--plot {path}: use a .png, .svg or .pdf file name")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise AimMlxError("--plot needs matplotlib: pip install 'aim-mlx[plot]'") from None
+    require("matplotlib", "plot")
 
 
 def plot(rows: list[dict], path: Path) -> None:

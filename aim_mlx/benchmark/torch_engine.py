@@ -1,7 +1,7 @@
 """The reference engine: transformers' Aimv2VisionModel (torch, CPU, float32) with the weights aim-mlx loads.
 
 The only module of aim_mlx that imports torch and transformers, and only when a torch configuration runs
-(`bench --compare-torch`).
+(`bench --compare-torch`); without them that is a one-line error naming the `bench` extra.
 """
 
 import os
@@ -10,19 +10,16 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import weights
-from ..errors import AimMlxError, ConfigError
+from ..errors import ConfigError
 from ..loading import load
-from .harness import measure
+from .harness import measure, require
 from .mlx_engine import weight_format
 
 
 def run_torch(spec: dict) -> dict:
     """The same configuration in transformers' Aimv2VisionModel (torch, CPU, float32)."""
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        raise AimMlxError("--compare-torch needs torch and transformers: pip install -e '.[test]'") from None
+    torch = require("torch", "bench")
+    transformers = require("transformers", "bench")
 
     def load_model():
         # Loaded as aim-mlx loads it (strict, native or not decided there), then handed over to torch.
