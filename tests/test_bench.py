@@ -175,6 +175,23 @@ def test_coreml_rows_fit_the_table_and_plot(tmp_path):
     plot(rows, tmp_path / "curve.png")
 
 
+def test_a_failed_plot_leaves_the_old_file_and_no_other(monkeypatch, tmp_path):
+    """The plot is written beside its path and renamed into place: a failure halfway leaves nothing."""
+    from matplotlib.figure import Figure
+
+    def fail(self, path, **kwargs):
+        Path(path).write_bytes(b"half a PNG")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", fail)
+    (tmp_path / "curve.png").write_bytes(b"the last plot")
+    rows = [coreml_row(tmp_path / "m.mlpackage", "ALL", [0.02, 0.03], 0.5, "int8")]
+    with pytest.raises(OSError, match="disk full"):
+        plot(rows, tmp_path / "curve.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
+    assert (tmp_path / "curve.png").read_bytes() == b"the last plot"
+
+
 @pytest.mark.skipif(sys.platform == "darwin", reason="Core ML runs there; this checks the refusal elsewhere")
 def test_coreml_refused_off_macos(tmp_path):
     result = runner.invoke(app, ["bench", "--coreml", str(tmp_path / "model.mlpackage")])

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import atomic_file
 from .harness import require
 
 
@@ -92,7 +93,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp" + path.suffix)
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path) as tmp:  # the temporary name keeps the suffix, which picks the format
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
