@@ -13,7 +13,6 @@ from .. import weights
 from ..errors import ConfigError
 from ..loading import load
 from .harness import measure, require
-from .mlx_engine import weight_format
 
 
 def run_torch(spec: dict) -> dict:
@@ -24,11 +23,10 @@ def run_torch(spec: dict) -> dict:
     def load_model():
         # Loaded as aim-mlx loads it (strict, native or not decided there), then handed over to torch.
         model, _ = load(spec["model"], revision=spec.get("revision"), dtype="float32")
-        lit = hasattr(model, "encode_text")
-        if lit or weight_format(model) != "float":
+        if model.info.text or model.info.quantization:
             raise ConfigError(
                 f"--compare-torch runs float vision-only checkpoints; {spec['model']} is "
-                + ("a LiT checkpoint" if lit else "a quantized folder")
+                + ("a LiT checkpoint" if model.info.text else "a quantized folder")
             )
         hf = transformers.Aimv2VisionConfig(**{**model.config.to_dict(), "use_head": False})
         hf._attn_implementation = "sdpa"
