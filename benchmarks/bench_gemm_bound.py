@@ -5,7 +5,7 @@
 One process, random weights, float32 on the CPU. Three things are timed in turns, a call of each per turn:
 - numpy's 2048² sgemm rate (the roofline of bench_embed.py; best of 3 after a warm-up),
 - the whole model (`encode_image`, one 224 px image), as bench_embed.py times it,
-- the same model's GEMMs alone, through the BLAS calls that cpu.run_trunk makes: the patch embedding, then for
+- the same model's GEMMs alone, through the BLAS calls the numpy backend makes: the patch embedding, then for
   each block the qkv projection (one call on all the cores), attention's two products (batched calls, the
   heads split over the cores), the output projection and the three MLP projections. No softmax, SiLU, norm
   or residual add; each block reads the embedded image, so values stay bounded.
@@ -28,11 +28,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def gemms_only(model, pixels):
-    """The model's GEMMs through the BLAS calls the batch-1 forward (cpu.run_trunk) makes, in its order."""
+    """The model's GEMMs through the BLAS calls the batch-1 forward (the numpy backend's trunk) makes, in its
+    order."""
+    import threading
+
     import mlx.core as mx
 
-    from aim_mlx import _blas
-    from aim_mlx.models import cpu
+    from aim_mlx.backends import blas as _blas
+    from aim_mlx.backends import numpy_trunk
 
     x = model.embed(pixels)  # the patch embedding's GEMM (plus a norm and the positions: 0.1 % of the work)
     mx.eval(x)
@@ -56,7 +59,7 @@ def gemms_only(model, pixels):
             return out
 
         _blas.gemm(x, np.asarray(attn.qkv.weight).T, qkv)
-        cpu.split(products, h)
+        numpy_trunk._split(products, h, threading.Event())
         linear(heads, attn.proj)
         gate = linear(x, mlp.fc1)
         linear(x, mlp.fc3)
