@@ -1,17 +1,20 @@
-"""Core ML export: an ML program built with coremltools' MIL builder straight from the encoder's weights.
+"""Core ML export: `export_coreml` checks the options, builds the programs, converts, describes and writes.
 
 No torch: the weights come from `aim_mlx.load` (any published layout, strictly loaded) as numpy arrays and
-the graph is written op by op. Choices, each for Core ML's GPU and Neural Engine:
-- the patch embedding is a strided conv, attention splits heads into 4-D (1, H, N, hd) tensors for two batched
-  matmuls, SwiGLU is silu * up; nothing needs dynamic shapes;
-- RMSNorm squares activations, which overflows float16 (residual streams reach thousands), so the graph
-  divides by max(max|x|, 1) first: x / rms(x) == y / sqrt(mean(y²) + eps / m²) for y = x / m, exactly;
-- Core ML's image preprocessing has one scale for all channels, so the per-channel mean/std sits in the graph;
-- the native-resolution checkpoint is exported at one size per package (`image_size`), with its sin-cos
-  table as a constant: fixed shapes are what the Neural Engine runs, while flexible and enumerated input
-  shapes can send a model back to the GPU or CPU.
+the graph is written op by op. The modules depend one way: this entry point -> the programs
+(coreml_vision.py, coreml_lit.py) -> their layers (mil.py); --compress is coreml_compress.py and --check is
+coreml_check.py, which reads packages back from disk and imports none of the others.
+
+A vision checkpoint becomes one `.mlpackage`; the LiT checkpoint becomes a folder:
+  ImageEncoder.mlpackage   image -> `image_embeds` (1, P), L2-normalised, in the shared space
+  TextEncoder.mlpackage    `input_ids` int32 (1, 77) -> `text_embeds` (1, P), L2-normalised
+  tokenizer/               the checkpoint's CLIP BPE files (pad with the end-of-text id, context 77)
+  lit.json                 logit scale, token ids, context length, image size, mean/std, source, versions
+  label_embeddings.json    optional: labels, the prompt template and their (L, P) text embeddings
+Either is written beside `output` and renamed into place, only once --check has passed.
 """
 
+import json
 import logging
 import os
 import shutil
@@ -21,19 +24,30 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, hub
 from ..errors import AimMlxError, ConfigError
+from ..loading import load, read_config
+from ..variants import find_variant
+from . import coreml_lit, coreml_vision
+from .coreml_check import check_lit, check_package
+from .coreml_compress import COMPRESSIONS, compress_model
 
 logger = logging.getLogger("aim_mlx")
 
 PRECISIONS = ("float16", "float32")
-COMPRESSIONS = ("none", "int8", "int4", "palettize4", "palettize6", "palettize8")
 TARGETS = ("macOS14", "iOS17", "macOS15", "iOS18")
 INPUTS = ("image", "tensor")
 OUTPUTS = ("pooled", "pooled,tokens")
-INT4_BLOCK = 32  # int4 scales are per block of 32 input channels (Core ML's per-block mode, iOS18+)
 MIN_PATCHES, MAX_PATCHES = 112, 4096  # what the native checkpoint was trained on (see preprocess.py)
 LICENSE_TEXT = {"apple-amlr": "Apple Machine Learning Research Model License (apple-amlr)"}
+IMAGE_PACKAGE, TEXT_PACKAGE = "ImageEncoder.mlpackage", "TextEncoder.mlpackage"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 @dataclass
@@ -74,202 +88,6 @@ def package_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def numpy_params(module) -> dict[str, np.ndarray]:
-    """A module's parameters as float32 numpy arrays; MLX-quantized layers (from `aim-mlx convert -q`) are
-    dequantized, since Core ML compression is --compress's job."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-
-    params = dict(tree_flatten(module.parameters()))
-    for name, layer in module.named_modules():
-        if isinstance(layer, nn.QuantizedLinear):
-            prefix = f"{name}." if name else ""
-            for key in ("scales", "biases"):
-                params.pop(prefix + key, None)
-            params[prefix + "weight"] = mx.dequantize(
-                layer.weight,
-                layer.scales,
-                layer.get("biases"),
-                layer.group_size,
-                layer.bits,
-                mode=getattr(layer, "mode", "affine"),
-            )
-    return {k: np.array(v.astype(mx.float32)) for k, v in params.items()}
-
-
-def _vision_weights(model) -> dict[str, np.ndarray]:
-    """The vision encoder's weights, refusing anything the graph below does not build."""
-    from ..models.aimv2 import AIMv2VisionEncoder
-
-    if not isinstance(model, AIMv2VisionEncoder):
-        raise ConfigError(f"Core ML export takes an AIMv2 vision encoder, not a {type(model).__name__}")
-    params = numpy_params(model)
-    odd = sorted(k for k in params if not k.endswith(("weight", "bias", "pos_embed", "cls_token")))
-    if odd:
-        raise ConfigError(f"cannot export a model with the parameter {odd[0]}: not an AIMv2 encoder layer")
-    if model.config.qkv_bias or model.config.mlp_bias:
-        raise ConfigError(
-            "Core ML export supports the published AIMv2 encoders, which have no qkv/MLP biases"
-        )
-    return params
-
-
-def rms_norm(mb, x, weight, eps: float):
-    """RMSNorm over the last axis that float16 cannot overflow: x / rms(x) == y / sqrt(mean(y²) + eps / m²)
-    for y = x / m, and m = max(max|x|, 1) keeps |y| <= 1."""
-    m = mb.maximum(x=mb.reduce_max(x=mb.abs(x=x), axes=[-1], keep_dims=True), y=np.float32(1.0))
-    y = mb.real_div(x=x, y=m)
-    mean_sq = mb.reduce_mean(x=mb.mul(x=y, y=y), axes=[-1], keep_dims=True)
-    mean_sq = mb.add(x=mean_sq, y=mb.real_div(x=np.float32(eps), y=mb.mul(x=m, y=m)))
-    return mb.mul(x=mb.mul(x=y, y=mb.rsqrt(x=mean_sq)), y=weight)
-
-
-def l2_normalize(mb, x):
-    """x / |x| over the last axis, scaled by max|x| first for the same float16 reason as `rms_norm`."""
-    y = mb.real_div(x=x, y=mb.reduce_max(x=mb.abs(x=x), axes=[-1], keep_dims=True))
-    return mb.mul(x=y, y=mb.rsqrt(x=mb.reduce_sum(x=mb.mul(x=y, y=y), axes=[-1], keep_dims=True)))
-
-
-def transformer(mb, x, w: dict, prefix: str, layers: int, heads: int, eps: float, mask=None):
-    """Pre-norm blocks on (1, N, D): `x + attn(norm_1(x))`, then `x + mlp(norm_2(x))`. `mask`, added to
-    the attention scores, makes it causal."""
-    _, n, d = x.shape
-    hd = d // heads
-
-    def split_heads(t):  # (1, N, D) -> (1, H, N, hd)
-        return mb.transpose(x=mb.reshape(x=t, shape=[1, n, heads, hd]), perm=[0, 2, 1, 3])
-
-    for i in range(layers):
-        b = f"{prefix}{i}."
-        h = rms_norm(mb, x, w[b + "norm_1.weight"], eps)
-        qkv = w[b + "attn.qkv.weight"]  # (3D, D), rows q, k, v
-        # The softmax scale is folded into the query weights: one op fewer, smaller float16 scores.
-        q = split_heads(mb.linear(x=h, weight=qkv[:d] * np.float32(hd**-0.5)))
-        k = split_heads(mb.linear(x=h, weight=qkv[d : 2 * d]))
-        v = split_heads(mb.linear(x=h, weight=qkv[2 * d :]))
-        scores = mb.matmul(x=q, y=k, transpose_y=True)  # (1, H, N, N)
-        if mask is not None:
-            scores = mb.add(x=scores, y=mask)
-        out = mb.transpose(x=mb.matmul(x=mb.softmax(x=scores, axis=-1), y=v), perm=[0, 2, 1, 3])  # (1,N,H,hd)
-        x = mb.add(x=x, y=mb.linear(x=mb.reshape(x=out, shape=[1, n, d]), weight=w[b + "attn.proj.weight"]))
-        h = rms_norm(mb, x, w[b + "norm_2.weight"], eps)
-        gate = mb.linear(x=h, weight=w[b + "mlp.fc1.weight"])
-        up = mb.linear(x=h, weight=w[b + "mlp.fc3.weight"])
-        x = mb.add(x=x, y=mb.linear(x=mb.mul(x=mb.silu(x=gate), y=up), weight=w[b + "mlp.fc2.weight"]))
-    return x
-
-
-def build_program(
-    w: dict[str, np.ndarray],
-    config,
-    image_size: int,
-    mean,
-    std,
-    rescale: float,
-    input_kind: str,
-    tokens: bool,
-    opset,
-    pool=None,
-):
-    """The encoder as a MIL program: (1, 3, S, S) pixels in, `image_embeds` (+ `last_hidden_state`) out.
-
-    `pool(mb, tokens)` makes the (1, D') embedding from the final (1, N, D) tokens; default: their mean."""
-    from coremltools.converters.mil import Builder as mb
-
-    from ..models.aimv2 import sincos_2d
-
-    d, p, eps = config.hidden_size, config.patch_size, config.rms_norm_eps
-    n = (image_size // p) ** 2
-    # The native checkpoint's positions: the (N, D) sin-cos table MLX computes for this grid.
-    pos = np.array(sincos_2d(image_size // p, image_size // p, d)) if config.is_native else w["pos_embed"]
-    # pixel * rescale / std - mean / std, per channel; the identity for already normalised tensors
-    gain = (rescale / np.asarray(std, np.float32)).reshape(1, 3, 1, 1).astype(np.float32)
-    shift = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).reshape(1, 3, 1, 1)
-
-    def encoder(x):
-        if input_kind == "image":
-            x = mb.add(x=mb.mul(x=x, y=gain), y=shift)
-        conv = w["patch_embed.proj.weight"].transpose(0, 3, 1, 2)  # MLX (D, p, p, C) -> Core ML OIHW
-        x = mb.conv(x=x, weight=conv, bias=w["patch_embed.proj.bias"], strides=[p, p], pad_type="valid")
-        x = mb.transpose(x=mb.reshape(x=x, shape=[1, d, n]), perm=[0, 2, 1])  # (1, N, D), rows outer
-        x = mb.add(x=rms_norm(mb, x, w["patch_embed.norm.weight"], eps), y=pos[None])
-        x = transformer(mb, x, w, "blocks.", config.num_hidden_layers, config.num_attention_heads, eps)
-        x = rms_norm(mb, x, w["post_trunk_norm.weight"], eps)
-        if pool is None:
-            pooled = mb.reduce_mean(x=x, axes=[1], keep_dims=False, name="image_embeds")  # (1, D)
-        else:
-            pooled = mb.identity(x=pool(mb, x), name="image_embeds")
-        if tokens:
-            return pooled, mb.identity(x=x, name="last_hidden_state")  # (1, N, D)
-        return pooled
-
-    # mb.program names the input after the function's argument.
-    spec = [mb.TensorSpec(shape=(1, 3, image_size, image_size))]
-    if input_kind == "image":
-
-        @mb.program(input_specs=spec, opset_version=opset)
-        def program(image):
-            return encoder(image)
-
-    else:
-
-        @mb.program(input_specs=spec, opset_version=opset)
-        def program(pixel_values):
-            return encoder(pixel_values)
-
-    return program
-
-
-def kmeans_1d(values: np.ndarray, k: int, iterations: int = 30) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd's k-means on scalars: (k centroids, index of each value). Deterministic (quantile start).
-
-    On sorted values every cluster is a contiguous run, so each step is a search and two prefix sums."""
-    flat = values.reshape(-1).astype(np.float64)
-    ordered = np.sort(flat)
-    prefix = np.concatenate([[0.0], np.cumsum(ordered)])
-    centroids = np.quantile(ordered, (np.arange(k) + 0.5) / k)
-    for _ in range(iterations):
-        edges = np.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2)
-        starts, ends = np.r_[0, edges], np.r_[edges, len(ordered)]
-        counts = ends - starts
-        updated = np.where(counts > 0, (prefix[ends] - prefix[starts]) / np.maximum(counts, 1), centroids)
-        if np.array_equal(updated, centroids):
-            break
-        centroids = updated
-    indices = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, flat)
-    return centroids, indices
-
-
-def _kmeans_lut(nbits: int):
-    """A LUT function for `palettize_weights` (mode "custom"): coremltools' own k-means mode needs
-    scikit-learn, or kmeans1d with float16 weights only."""
-
-    def lut_function(weight: np.ndarray):
-        centroids, indices = kmeans_1d(weight, 1 << nbits)
-        return centroids.astype(weight.dtype), indices.astype(np.uint8)
-
-    return lut_function
-
-
-def compress_model(mlmodel, compress: str):
-    if compress == "none":
-        return mlmodel
-    import coremltools.optimize.coreml as cto
-
-    if compress in ("int8", "int4"):
-        op = cto.OpLinearQuantizerConfig(
-            mode="linear_symmetric",
-            dtype=compress,
-            granularity="per_channel" if compress == "int8" else "per_block",
-            **({"block_size": INT4_BLOCK} if compress == "int4" else {}),
-        )
-        return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=op))
-    nbits = int(compress.removeprefix("palettize"))
-    op = cto.OpPalettizerConfig(mode="custom", lut_function=_kmeans_lut(nbits))
-    return cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=op))
-
-
 def _source_revision(folder: Path) -> str:
     """The hub commit of a cached snapshot (its folder name), or `local` for a user's folder."""
     return folder.name if folder.parent.name == "snapshots" else "local"
@@ -295,7 +113,7 @@ def export_coreml(
     A vision checkpoint becomes one `.mlpackage`: one (1, 3, S, S) input, `image` (RGB, 0-255; resize and
     centre-crop to S first) or, with input_kind="tensor", normalised `pixel_values`; outputs `image_embeds`
     (1, D) float32, the mean of the final tokens, and with outputs="pooled,tokens" also `last_hidden_state`
-    (1, N, D). The LiT checkpoint becomes a folder with an image and a text package (see coreml_lit.py),
+    (1, N, D). The LiT checkpoint becomes a folder with an image and a text package (see the module doc),
     and with `labels` their precomputed embeddings for zero-shot classification.
     `check` verifies the result against MLX (coreml_check.py) and writes nothing if it misses its bound.
     """
@@ -303,10 +121,6 @@ def export_coreml(
     outputs = outputs.replace(" ", "")
     validate_options(output, precision, compress, target, input_kind, outputs, force)
     start = time.perf_counter()
-    from .. import hub
-    from ..loading import load, read_config
-    from ..variants import find_variant
-
     folder = hub.resolve(model, revision)
     raw = read_config(folder)
     lit = isinstance(raw.get("text_config"), dict)
@@ -347,32 +161,14 @@ def export_coreml(
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         if lit:
-            from . import coreml_lit
-
-            coreml_lit.export_lit(net, processor, folder, tmp, options, meta, labels)
+            tmp.mkdir(parents=True)
+            _write_lit(net, processor, folder, tmp, options, meta, labels)
+            report = check_lit(tmp, net) if check else None
         else:
-            program = build_program(
-                _vision_weights(net),
-                vision,
-                size,
-                image_processor.image_mean,
-                image_processor.image_std,
-                image_processor.rescale_factor,
-                input_kind,
-                outputs == "pooled,tokens",
-                getattr(_ct().target, target),
-            )
-            mlmodel = convert_program(program, options, size)
-            describe(mlmodel, meta, input_kind, size, vision.hidden_size)
-            mlmodel.save(str(tmp))
-        report = None
-        if check:
-            from .coreml_check import check_package
-            from .coreml_lit import check_lit
-
-            report = check_lit(tmp, net) if lit else check_package(tmp, net)
-            if not report["passed"]:
-                raise AimMlxError(f"--check failed, nothing written: {report['summary']}")
+            _vision_model(net, image_processor, size, options, meta).save(str(tmp))
+            report = check_package(tmp, net) if check else None
+        if report is not None and not report["passed"]:
+            raise AimMlxError(f"--check failed, nothing written: {report['summary']}")
         _move_into_place(tmp, output)
     except OSError as exc:  # the writes above: a full disk, a read-only folder, a file in the path
         raise AimMlxError(f"cannot write {output} ({exc}); choose a writable location") from exc
@@ -384,10 +180,95 @@ def export_coreml(
     return ExportResult(output, seconds, package_size(output), report, meta)
 
 
+def _vision_model(net, image_processor, size: int, options: dict, meta: dict):
+    """The vision checkpoint's converted, compressed and described model."""
+    program = coreml_vision.build_program(
+        coreml_vision.vision_weights(net),
+        net.config,
+        size,
+        image_processor.image_mean,
+        image_processor.image_std,
+        image_processor.rescale_factor,
+        options["input_kind"],
+        options["outputs"] == "pooled,tokens",
+        _opset(options),
+    )
+    mlmodel = convert_program(program, options, size)
+    describe(mlmodel, meta, options["input_kind"], size, net.config.hidden_size)
+    return mlmodel
+
+
+def _write_lit(net, processor, folder: Path, output: Path, options: dict, meta: dict, labels=None) -> None:
+    """Write the LiT folder's contents into `output`, a temporary folder the caller renames into place."""
+    image_w, text_w = coreml_lit.lit_weights(net)
+    vision, size = net.config.vision, net.config.vision.image_size
+    program = coreml_vision.build_program(
+        image_w,
+        vision,
+        size,
+        processor.image.image_mean,
+        processor.image.image_std,
+        processor.image.rescale_factor,
+        options["input_kind"],
+        options["outputs"] == "pooled,tokens",
+        _opset(options),
+        pool=coreml_lit.image_pool(image_w, vision.num_attention_heads),
+    )
+    image = convert_program(program, options, size)
+    projection = int(image_w["image_projector.weight"].shape[0])
+    meta = {**meta, "embedding_size": str(projection)}
+    describe(image, meta, options["input_kind"], size, projection)
+    image.output_description["image_embeds"] = f"(1, {projection}) float32, L2-normalised (shared space)"
+    image.save(str(output / IMAGE_PACKAGE))
+
+    text_program = coreml_lit.build_text_program(text_w, net.config.text, _opset(options))
+    text = convert_program(text_program, options, None)
+    text.author, text.license, text.version = image.author, image.license, image.version
+    text.short_description = (
+        f"AIMv2 LiT text encoder ({meta['source_model']}): token ids to a {projection}-d embedding."
+    )
+    length = net.config.text.max_position_embeddings
+    text.user_defined_metadata.update({**meta, "context_length": str(length)})
+    text.input_description["input_ids"] = f"(1, {length}) int32 CLIP BPE ids, padded with the pad id"
+    text.output_description["text_embeds"] = f"(1, {projection}) float32, L2-normalised (shared space)"
+    text.save(str(output / TEXT_PACKAGE))
+
+    copied = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if not copied:
+        raise AimMlxError(f"{folder} has no tokenizer files to ship with the text package")
+    (output / "tokenizer").mkdir()
+    for name in copied:
+        shutil.copyfile(folder / name, output / "tokenizer" / name)
+    lit = {
+        "image_package": IMAGE_PACKAGE,
+        "text_package": TEXT_PACKAGE,
+        "logit_scale": float(np.array(net.logit_scale)),
+        "context_length": length,
+        "bos_token_id": int(net.tokenizer.bos_id),
+        "eos_token_id": int(net.tokenizer.eos_id),
+        "pad_token_id": int(net.tokenizer.pad_id),
+        "tokenizer_files": copied,
+        **meta,
+        "embedding_size": projection,
+    }
+    (output / "lit.json").write_text(json.dumps(lit, indent=2))
+    if labels is not None:
+        from ..zeroshot import DEFAULT_TEMPLATE, check_labels, encode_prompts
+
+        labels = check_labels(labels)
+        emb = encode_prompts(net, processor, labels, [DEFAULT_TEMPLATE])  # (L, P), MLX float32
+        table = {"labels": labels, "template": DEFAULT_TEMPLATE, "embeddings": emb.round(6).tolist()}
+        (output / "label_embeddings.json").write_text(json.dumps(table))
+
+
 def _ct():
     import coremltools
 
     return coremltools
+
+
+def _opset(options: dict):
+    return getattr(_ct().target, options["target"])
 
 
 def convert_program(program, options: dict, size: int | None):

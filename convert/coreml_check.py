@@ -8,6 +8,7 @@ Neural Engine do). It checks the program as written, not Core ML's compiler or k
 `check_package` also runs `MLModel.predict`.
 """
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -340,3 +341,19 @@ def _compare(outputs: list[dict], reference: dict) -> dict:
             errors.append(np.abs(got - reference[name]).max() / np.abs(reference[name]).max())
     figures["max_rel_error"] = float(max(errors))
     return figures
+
+
+def check_lit(folder: str | Path, net, texts=("a photo of a cat", "a photo of a rocket", "coffee")) -> dict:
+    """A LiT export folder against MLX: its image package on photos, its text package on prompts. The
+    package names come from the folder's lit.json, as an app would read them."""
+    folder = Path(folder)
+    facts = json.loads((folder / "lit.json").read_text())
+    image = check_package(folder / facts["image_package"], net.shared_space_images())
+    text = check_text_package(folder / facts["text_package"], net, list(texts))
+    return {
+        "passed": image["passed"] and text["passed"],
+        "image": image,
+        "text": text,
+        "summary": f"image: {image['summary']}; text: {text['summary']}",
+        "predict": image["predict"],
+    }

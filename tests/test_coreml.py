@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 from aim_mlx.convert import coreml_check
-from aim_mlx.convert.coreml import export_coreml, kmeans_1d
-from aim_mlx.convert.coreml_check import check_package, load_program, run_program, tolerance
+from aim_mlx.convert.coreml import export_coreml
+from aim_mlx.convert.coreml_check import check_lit, check_package, load_program, run_program, tolerance
+from aim_mlx.convert.coreml_compress import kmeans_1d
 from checkpoints import TINY, make_reference, write_checkpoint, write_processor
 from typer.testing import CliRunner
 
@@ -358,8 +359,6 @@ def lit(tmp_path_factory):
 
 @pytest.mark.parametrize("precision, compress", [("float32", "none"), ("float16", "int8")])
 def test_lit_exports_image_and_text_packages(lit, tmp_path, precision, compress):
-    from aim_mlx.convert.coreml_lit import check_lit
-
     folder, model = lit
     labels = ["cat", "rocket", "cup of coffee"]
     out = export_coreml(
