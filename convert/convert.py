@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten
 
 from aim_mlx import __version__, hub, quantized, weights
 from aim_mlx.errors import ConfigError
+from aim_mlx.files import CONFIG_FILE, INDEX_FILE, PREPROCESSOR_FILE, TOKENIZER_FILES
 from aim_mlx.loading import DTYPES, load, read_config
 from aim_mlx.quantized import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODE
 from aim_mlx.variants import find_variant
@@ -35,8 +36,9 @@ logger = logging.getLogger("aim_mlx")
 
 Q_BITS = (4, 8)
 MAX_SHARD_BYTES = 5 << 30  # the hub's per-file comfort limit, and mlx-lm's
-SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
-COPIED_FILES = ("preprocessor_config.json", *hub.TOKENIZER_PATTERNS)
+WEIGHTS_FILE = "model.safetensors"  # the single-file name transformers and mlx-lm write
+SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"  # matches aim_mlx.files.SHARD_PATTERN
+COPIED_FILES = (PREPROCESSOR_FILE, *TOKENIZER_FILES)
 
 
 @dataclass
@@ -106,14 +108,12 @@ def convert(
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
         done.files = _write_weights(model, staging, max_shard_bytes)
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in COPIED_FILES:
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, staging / name)
-        if not (staging / "preprocessor_config.json").exists():  # the processor `load` settled on
-            (staging / "preprocessor_config.json").write_text(
-                json.dumps(processor.to_dict(), indent=2) + "\n"
-            )
+        if not (staging / PREPROCESSOR_FILE).exists():  # the processor `load` settled on
+            (staging / PREPROCESSOR_FILE).write_text(json.dumps(processor.to_dict(), indent=2) + "\n")
         (staging / "README.md").write_text(model_card(done, config))
         done.bytes_after = sum((staging / name).stat().st_size for name in done.files)
         _move_into_place(staging, output, force)
@@ -140,6 +140,12 @@ def _check_options(dtype, quantize, q_bits, q_group_size, quant_predicate) -> No
                 f"--quant-predicate {quant_predicate} only applies when quantizing; add -q "
                 f"(recipes: {', '.join(RECIPES)})"
             )
+
+
+def is_lit(raw: dict) -> bool:
+    """Whether a raw config.json is the LiT (zero-shot) checkpoint's. The one place convert/ guesses the
+    family from a config: a model registry can answer instead, here."""
+    return isinstance(raw.get("text_config"), dict)
 
 
 def _check_output(output: Path, force: bool) -> None:
@@ -206,15 +212,15 @@ def _write_weights(model: nn.Module, folder: Path, max_shard_bytes: int) -> list
         shards[-1][key] = value
         size += value.nbytes
     if len(shards) == 1:
-        mx.save_safetensors(str(folder / "model.safetensors"), shards[0], metadata={"format": "mlx"})
-        return ["model.safetensors"]
+        mx.save_safetensors(str(folder / WEIGHTS_FILE), shards[0], metadata={"format": "mlx"})
+        return [WEIGHTS_FILE]
     names = [SHARD_NAME.format(i + 1, len(shards)) for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards, strict=True):
         mx.save_safetensors(str(folder / name), shard, metadata={"format": "mlx"})
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": sum(v.nbytes for v in params.values())}, "weight_map": weight_map}
-    (folder / weights.INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return names
 
 
@@ -250,7 +256,7 @@ def model_card(done: Conversion, config: dict) -> str:
         front.append(f"base_model: {done.source}")
     if variant is not None:
         front.append(f"license: other\nlicense_name: {variant.license}")
-    lit = "text_config" in config
+    lit = is_lit(config)
     task = "zero-shot-image-classification" if lit else "image-feature-extraction"
     front += [f"pipeline_tag: {task}", "tags:", "- mlx", "- aimv2", "- vision", "---"]
     q = config.get("quantization")

@@ -16,6 +16,7 @@ Either is written beside `output` and renamed into place, only once --check has 
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -26,9 +27,12 @@ import numpy as np
 
 from .. import __version__, hub
 from ..errors import AimMlxError, ConfigError
+from ..files import TOKENIZER_FILES
 from ..loading import load, read_config
+from ..preprocess import MAX_PATCHES, MIN_PATCHES
 from ..variants import find_variant
 from . import coreml_lit, coreml_vision
+from .convert import is_lit
 from .coreml_check import check_lit, check_package
 from .coreml_compress import COMPRESSIONS, compress_model
 
@@ -38,16 +42,8 @@ PRECISIONS = ("float16", "float32")
 TARGETS = ("macOS14", "iOS17", "macOS15", "iOS18")
 INPUTS = ("image", "tensor")
 OUTPUTS = ("pooled", "pooled,tokens")
-MIN_PATCHES, MAX_PATCHES = 112, 4096  # what the native checkpoint was trained on (see preprocess.py)
 LICENSE_TEXT = {"apple-amlr": "Apple Machine Learning Research Model License (apple-amlr)"}
 IMAGE_PACKAGE, TEXT_PACKAGE = "ImageEncoder.mlpackage", "TextEncoder.mlpackage"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
 
 
 @dataclass
@@ -123,7 +119,7 @@ def export_coreml(
     start = time.perf_counter()
     folder = hub.resolve(model, revision)
     raw = read_config(folder)
-    lit = isinstance(raw.get("text_config"), dict)
+    lit = is_lit(raw)
     if lit and output.suffix == ".mlpackage":
         raise ConfigError(
             f"{output}: the LiT checkpoint exports a folder (image and text packages, tokenizer, lit.json); "
@@ -307,9 +303,11 @@ def _image_size(config, image_size: int | None) -> int:
     size = image_size or 224
     patches = (size // config.patch_size) ** 2
     if size % config.patch_size or not MIN_PATCHES <= patches <= MAX_PATCHES:
+        p = config.patch_size
+        sides = [k * p for k in range(1, math.isqrt(MAX_PATCHES) + 1) if k * k >= MIN_PATCHES]
         raise ConfigError(
-            f"--image-size {size}: the native checkpoint takes multiples of {config.patch_size} with "
-            f"{MIN_PATCHES}-{MAX_PATCHES} patches, i.e. 154 to 896 (e.g. 224, 336, 448)"
+            f"--image-size {size}: the native checkpoint takes multiples of {p} with "
+            f"{MIN_PATCHES}-{MAX_PATCHES} patches, i.e. {sides[0]} to {sides[-1]} (e.g. 224, 336, 448)"
         )
     return size
 

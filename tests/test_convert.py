@@ -4,6 +4,7 @@ The reference for every converted folder is the unconverted checkpoint loaded by
 test_load.py checks against transformers), run on the same pixels.
 """
 
+import fnmatch
 import json
 
 import mlx.core as mx
@@ -11,6 +12,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import skimage.data
+from aim_mlx.convert import convert as convert_module
 from aim_mlx.convert.convert import convert
 from checkpoints import TINY, make_reference, write_checkpoint
 from fakehub import add_folder
@@ -20,7 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import aim_mlx
-from aim_mlx import quantized
+from aim_mlx import files, quantized
 from aim_mlx.cli import app
 from aim_mlx.errors import ConfigError, ModelNotFoundError, WeightsError
 from aim_mlx.preprocess import ImageProcessor
@@ -247,6 +249,12 @@ def test_gpu_path_is_mlx_quantized_matmul(monkeypatch):
 
 
 # --- the folder ---------------------------------------------------------------------------------------
+
+
+def test_written_names_are_the_checkpoint_names_aim_mlx_reads():
+    assert fnmatch.fnmatch(convert_module.SHARD_NAME.format(1, 2), files.SHARD_PATTERN)
+    assert convert_module.WEIGHTS_FILE in files.SAFETENSORS_FILES
+    assert set(convert_module.COPIED_FILES) == {files.PREPROCESSOR_FILE, *files.TOKENIZER_FILES}
 
 
 def test_sharded_weights_with_an_index(source, float_model, pixels, tmp_path):

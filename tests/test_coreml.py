@@ -225,7 +225,8 @@ def test_native_checkpoint_one_size_per_package(tmp_path, photos):
         assert spec.description.input[0].type.imageType.width == size
         assert check_package(path.path, model, photos[:2])["max_rel_error"] <= 1e-4
     for bad in (100, 140, 910):  # not a multiple of 14; 100 patches; 4225 patches
-        with pytest.raises(ConfigError, match="--image-size"):
+        # 154 = 14 * 11 (121 patches, the fewest >= 112); 896 = 14 * 64 (4096 patches)
+        with pytest.raises(ConfigError, match="--image-size .* 112-4096 patches, i.e. 154 to 896"):
             export_coreml(str(folder), tmp_path / "bad.mlpackage", image_size=bad)
     assert not (tmp_path / "bad.mlpackage").exists()
 
