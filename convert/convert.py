@@ -8,14 +8,12 @@ reads it like any other checkpoint.
 The source is loaded through `aim_mlx.load`, so it gets the same checks (safe format, strict keys and
 shapes), in float32; it is then cast and quantized a tensor at a time, each new tensor replacing the float32
 one it came from, so peak memory stays near the float32 checkpoint's size. Everything is written to a hidden
-folder beside the output and renamed into place when complete.
+folder beside the output and renamed into place when complete (aim_mlx.files.atomic_folder).
 """
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from mlx.utils import tree_flatten
 
 from aim_mlx import __version__, hub, quantized, weights
 from aim_mlx.errors import ConfigError
-from aim_mlx.files import CONFIG_FILE, INDEX_FILE, PREPROCESSOR_FILE, TOKENIZER_FILES
+from aim_mlx.files import CONFIG_FILE, INDEX_FILE, PREPROCESSOR_FILE, TOKENIZER_FILES, atomic_folder
 from aim_mlx.loading import DTYPES, load, read_config
 from aim_mlx.quantized import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODE
 from aim_mlx.variants import find_variant
@@ -104,21 +102,19 @@ def convert(
         config["quantization"] = {**defaults, **(done.quantized if predicate else {})}
         config["quantization_config"] = config["quantization"]
     _evaluate_one_by_one(model)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
-        done.files = _write_weights(model, staging, max_shard_bytes)
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in COPIED_FILES:
-            if (folder / name).is_file():
-                shutil.copyfile(folder / name, staging / name)
-        if not (staging / PREPROCESSOR_FILE).exists():  # the processor `load` settled on
-            (staging / PREPROCESSOR_FILE).write_text(json.dumps(processor.to_dict(), indent=2) + "\n")
-        (staging / "README.md").write_text(model_card(done, config))
-        done.bytes_after = sum((staging / name).stat().st_size for name in done.files)
-        _move_into_place(staging, output, force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_folder(output, replace=force) as staging:
+            done.files = _write_weights(model, staging, max_shard_bytes)
+            (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            for name in COPIED_FILES:
+                if (folder / name).is_file():
+                    shutil.copyfile(folder / name, staging / name)
+            if not (staging / PREPROCESSOR_FILE).exists():  # the processor `load` settled on
+                (staging / PREPROCESSOR_FILE).write_text(json.dumps(processor.to_dict(), indent=2) + "\n")
+            (staging / "README.md").write_text(model_card(done, config))
+            done.bytes_after = sum((staging / name).stat().st_size for name in done.files)
+    except FileExistsError:
+        _check_output(output, force)  # it appeared while converting: the one-line refusal
         raise
     logger.info("converted %s to %s", hf_path, output)
     return done
@@ -222,18 +218,6 @@ def _write_weights(model: nn.Module, folder: Path, max_shard_bytes: int) -> list
     index = {"metadata": {"total_size": sum(v.nbytes for v in params.values())}, "weight_map": weight_map}
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return names
-
-
-def _move_into_place(staging: Path, output: Path, force: bool) -> None:
-    if not output.exists():
-        os.replace(staging, output)
-        return
-    _check_output(output, force)  # it appeared while converting
-    # A folder cannot be renamed over a non-empty one: move the old one aside first, delete it last.
-    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
-    os.replace(output, old / output.name)
-    os.replace(staging, output)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def describe_quantization(quantized_layers: dict[str, dict]) -> str:

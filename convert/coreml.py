@@ -11,7 +11,7 @@ A vision checkpoint becomes one `.mlpackage`; the LiT checkpoint becomes a folde
   tokenizer/               the checkpoint's CLIP BPE files (pad with the end-of-text id, context 77)
   lit.json                 logit scale, token ids, context length, image size, mean/std, source, versions
   label_embeddings.json    optional: labels, the prompt template and their (L, P) text embeddings
-Either is written beside `output` and renamed into place, only once --check has passed.
+Either appears whole or not at all (aim_mlx.files.atomic_folder), and only once --check has passed.
 """
 
 import json
@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import __version__, hub
 from ..errors import AimMlxError, ConfigError
-from ..files import TOKENIZER_FILES
+from ..files import TOKENIZER_FILES, atomic_folder, normal_mode
 from ..loading import load, read_config
 from ..preprocess import MAX_PATCHES, MIN_PATCHES
 from ..variants import find_variant
@@ -152,25 +152,24 @@ def export_coreml(
         "aim_mlx_version": __version__,
     }
 
-    suffix = ".mlpackage" if not lit else ""  # coremltools wants the suffix on a package path
-    tmp = output.with_name(f".{output.stem}.tmp-{os.getpid()}{suffix}")
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        if lit:
-            tmp.mkdir(parents=True)
-            _write_lit(net, processor, folder, tmp, options, meta, labels)
-            report = check_lit(tmp, net) if check else None
-        else:
-            _vision_model(net, image_processor, size, options, meta).save(str(tmp))
-            report = check_package(tmp, net) if check else None
-        if report is not None and not report["passed"]:
-            raise AimMlxError(f"--check failed, nothing written: {report['summary']}")
-        _move_into_place(tmp, output)
+        with atomic_folder(output, replace=force) as staging:
+            if lit:
+                _write_lit(net, processor, folder, staging, options, meta, labels)
+                report = check_lit(staging, net) if check else None
+            else:
+                # coremltools saves only to a path named *.mlpackage: the package is saved inside the staging
+                # folder, checked there, then its contents move up so that the staging folder is the package.
+                package = staging / output.name
+                _save(_vision_model(net, image_processor, size, options, meta), package)
+                report = check_package(package, net) if check else None
+                for part in package.iterdir():
+                    part.rename(staging / part.name)
+                package.rmdir()
+            if report is not None and not report["passed"]:
+                raise AimMlxError(f"--check failed, nothing written: {report['summary']}")
     except OSError as exc:  # the writes above: a full disk, a read-only folder, a file in the path
         raise AimMlxError(f"cannot write {output} ({exc}); choose a writable location") from exc
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     seconds = time.perf_counter() - start
     logger.info("exported %s to %s in %.1f s", model, output, seconds)
     return ExportResult(output, seconds, package_size(output), report, meta)
@@ -195,7 +194,7 @@ def _vision_model(net, image_processor, size: int, options: dict, meta: dict):
 
 
 def _write_lit(net, processor, folder: Path, output: Path, options: dict, meta: dict, labels=None) -> None:
-    """Write the LiT folder's contents into `output`, a temporary folder the caller renames into place."""
+    """Write the LiT folder's contents into `output` (the staging folder)."""
     image_w, text_w = coreml_lit.lit_weights(net)
     vision, size = net.config.vision, net.config.vision.image_size
     program = coreml_vision.build_program(
@@ -215,7 +214,7 @@ def _write_lit(net, processor, folder: Path, output: Path, options: dict, meta: 
     meta = {**meta, "embedding_size": str(projection)}
     describe(image, meta, options["input_kind"], size, projection)
     image.output_description["image_embeds"] = f"(1, {projection}) float32, L2-normalised (shared space)"
-    image.save(str(output / IMAGE_PACKAGE))
+    _save(image, output / IMAGE_PACKAGE)
 
     text_program = coreml_lit.build_text_program(text_w, net.config.text, _opset(options))
     text = convert_program(text_program, options, None)
@@ -227,7 +226,7 @@ def _write_lit(net, processor, folder: Path, output: Path, options: dict, meta: 
     text.user_defined_metadata.update({**meta, "context_length": str(length)})
     text.input_description["input_ids"] = f"(1, {length}) int32 CLIP BPE ids, padded with the pad id"
     text.output_description["text_embeds"] = f"(1, {projection}) float32, L2-normalised (shared space)"
-    text.save(str(output / TEXT_PACKAGE))
+    _save(text, output / TEXT_PACKAGE)
 
     copied = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
     if not copied:
@@ -292,6 +291,16 @@ def convert_program(program, options: dict, size: int | None):
     return compress_model(mlmodel, options["compress"])
 
 
+def _save(mlmodel, package: Path) -> None:
+    """Save `mlmodel` at `package` (named *.mlpackage) with the user's normal permissions: coremltools copies
+    its temporary package there, private modes (0700 folders, 0600 files) included."""
+    mlmodel.save(str(package))
+    for root, _, names in os.walk(package):
+        os.chmod(root, normal_mode(folder=True))
+        for name in names:
+            os.chmod(os.path.join(root, name), normal_mode())
+
+
 def _image_size(config, image_size: int | None) -> int:
     if not config.is_native:
         if image_size not in (None, config.image_size):
@@ -338,18 +347,3 @@ def describe(mlmodel, meta: dict, input_kind: str, size: int, embedding_size: in
         mlmodel.output_description["last_hidden_state"] = (
             "(1, N, D) tokens after the final RMSNorm, rows outer"
         )
-
-
-def _move_into_place(tmp: Path, output: Path) -> None:
-    """Rename the finished package into place; a replaced one is moved aside first and deleted last."""
-    old = output.with_name(f".{output.name}.old-{os.getpid()}")
-    if output.exists():
-        output.rename(old)
-    try:
-        tmp.rename(output)
-    except OSError:
-        if old.exists():
-            old.rename(output)
-        raise
-    if old.exists():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()

@@ -6,6 +6,7 @@ test_load.py checks against transformers), run on the same pixels.
 
 import fnmatch
 import json
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -249,6 +250,18 @@ def test_gpu_path_is_mlx_quantized_matmul(monkeypatch):
 
 
 # --- the folder ---------------------------------------------------------------------------------------
+
+
+def test_converted_folder_has_normal_permissions(source, tmp_path):
+    """What lands is the user's, not the staging folder's private 0700 (mkdtemp's)."""
+    old = os.umask(0o022)
+    try:
+        convert(str(source), tmp_path / "out")
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert out.stat().st_mode & 0o077 == 0o055
+    assert all(p.stat().st_mode & 0o077 == 0o044 for p in out.iterdir())
 
 
 def test_written_names_are_the_checkpoint_names_aim_mlx_reads():

@@ -7,6 +7,7 @@ Core ML itself predicts only on macOS: those checks are skipped elsewhere.
 
 import json
 import logging
+import os
 import sys
 
 import mlx.nn as nn
@@ -305,6 +306,27 @@ def test_failed_check_writes_nothing(checkpoint, tmp_path, monkeypatch):
     with pytest.raises(AimMlxError, match="--check failed, nothing written"):
         export_coreml(str(checkpoint), tmp_path / "m.mlpackage", check=True)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _private(folder) -> list[str]:
+    """Everything under `folder` (itself included) that the group or others cannot read (or enter)."""
+    paths = [folder, *folder.rglob("*")]
+    return [str(p) for p in paths if p.stat().st_mode & 0o077 != (0o055 if p.is_dir() else 0o044)]
+
+
+def test_package_has_normal_permissions(checkpoint, tmp_path, umask_022):
+    """Not the private modes of coremltools' temporary package (0700 folders, 0600 model.mlmodel)."""
+    path = export_coreml(str(checkpoint), tmp_path / "m.mlpackage").path
+    assert path.stat().st_mode & 0o077 == 0o055
+    assert (path / "Data" / "com.apple.CoreML" / "model.mlmodel").is_file()
+    assert _private(path) == []
 
 
 def test_kmeans_1d_against_brute_force():
