@@ -35,6 +35,7 @@ from . import coreml_lit, coreml_vision
 from .convert import is_lit
 from .coreml_check import check_lit, check_package
 from .coreml_compress import COMPRESSIONS, compress_model
+from .extras import require
 
 logger = logging.getLogger("aim_mlx")
 
@@ -116,6 +117,9 @@ def export_coreml(
     output = Path(output).expanduser()
     outputs = outputs.replace(" ", "")
     validate_options(output, precision, compress, target, input_kind, outputs, force)
+    require("coremltools")  # before minutes of loading, not after
+    if check:
+        require("skimage")
     start = time.perf_counter()
     folder = hub.resolve(model, revision)
     raw = read_config(folder)
@@ -256,19 +260,13 @@ def _write_lit(net, processor, folder: Path, output: Path, options: dict, meta: 
         (output / "label_embeddings.json").write_text(json.dumps(table))
 
 
-def _ct():
-    import coremltools
-
-    return coremltools
-
-
 def _opset(options: dict):
-    return getattr(_ct().target, options["target"])
+    return getattr(require("coremltools").target, options["target"])
 
 
 def convert_program(program, options: dict, size: int | None):
     """ct.convert, then --compress. `size` given: an image model (input per options); None: the text model."""
-    ct = _ct()
+    ct = require("coremltools")
     if size is None:
         shape = tuple(program.functions["main"].inputs["input_ids"].shape)  # (1, context length)
         inputs = [ct.TensorType(name="input_ids", shape=shape, dtype=np.int32)]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AimMlxError
+from .extras import require
 
 logger = logging.getLogger("aim_mlx")
 
@@ -30,7 +31,7 @@ MIN_COSINE_DEFAULT = 0.9  # palettize4
 
 def load_program(package: str | Path):
     """The package's MIL program, with its weights read from the package's weight file."""
-    import coremltools as ct
+    ct = require("coremltools")
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
 
     package = Path(package)
@@ -221,13 +222,9 @@ def _is_float(value) -> bool:
 
 def photos() -> list:
     """Real photos from scikit-image's data module (no download)."""
-    try:
-        from skimage import data
-    except ImportError:
-        raise AimMlxError(
-            "--check needs scikit-image for its test photos: pip install 'aim-mlx[coreml]'"
-        ) from None
+    require("skimage")
     from PIL import Image
+    from skimage import data
 
     return [Image.fromarray(getattr(data, name)()) for name in ("astronaut", "chelsea", "coffee", "rocket")]
 

@@ -14,7 +14,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from aim_mlx.convert import coreml_check
+from aim_mlx.convert import coreml, coreml_check
 from aim_mlx.convert.coreml import export_coreml
 from aim_mlx.convert.coreml_check import check_lit, check_package, load_program, run_program, tolerance
 from aim_mlx.convert.coreml_compress import kmeans_1d
@@ -327,6 +327,31 @@ def test_package_has_normal_permissions(checkpoint, tmp_path, umask_022):
     assert path.stat().st_mode & 0o077 == 0o055
     assert (path / "Data" / "com.apple.CoreML" / "model.mlmodel").is_file()
     assert _private(path) == []
+
+
+def test_missing_coremltools_is_one_error(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "coremltools", None)  # `import coremltools` now fails
+    with pytest.raises(AimMlxError) as caught:
+        export_coreml(str(checkpoint), tmp_path / "m.mlpackage")
+    assert str(caught.value) == "coremltools is not installed; pip install 'aim-mlx[coreml]'"
+    assert list(tmp_path.iterdir()) == []
+    result = CliRunner().invoke(
+        app, ["export", "coreml", "-m", str(checkpoint), "-o", str(tmp_path / "m.mlpackage")]
+    )
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [f"error: {caught.value}"]
+
+
+def test_missing_scikit_image_is_one_error_for_check(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    # Found missing before the model loads (minutes for a real one), not when --check starts.
+    monkeypatch.setattr(coreml, "load", lambda *args, **kwargs: pytest.fail("loaded before checking"))
+    message = "scikit-image is not installed; pip install 'aim-mlx[coreml]'"
+    with pytest.raises(AimMlxError) as caught:
+        export_coreml(str(checkpoint), tmp_path / "m.mlpackage", check=True)
+    assert str(caught.value) == message
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(AimMlxError, match="scikit-image is not installed"):
+        coreml_check.photos()
 
 
 def test_kmeans_1d_against_brute_force():
