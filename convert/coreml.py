@@ -53,7 +53,7 @@ class ExportResult:
     seconds: float
     size_bytes: int
     check: dict | None = None  # see coreml_check.check_package
-    metadata: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)  # the packages' user-defined metadata (strings)
 
 
 def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
@@ -142,14 +142,15 @@ def export_coreml(
     # A folder written by `aim-mlx convert` records where it came from.
     source = raw.get("source_model") or model
     variant = None if Path(source).expanduser().is_dir() else find_variant(source)
-    meta = {
+    # Numbers stay numbers here (lit.json); Core ML's user-defined metadata holds strings (see _strings).
+    facts = {
         "source_model": variant.repo_id if variant else source,
         "source_revision": raw.get("source_revision") or _source_revision(folder),
         "license": variant.license if variant else "see the source checkpoint",
-        "image_mean": ",".join(f"{v:.8g}" for v in image_processor.image_mean),
-        "image_std": ",".join(f"{v:.8g}" for v in image_processor.image_std),
-        "image_size": str(size),
-        "embedding_size": str(vision.hidden_size),
+        "image_mean": [float(v) for v in image_processor.image_mean],
+        "image_std": [float(v) for v in image_processor.image_std],
+        "image_size": size,
+        "embedding_size": vision.hidden_size,
         "precision": precision,
         "compression": compress,
         "input": input_kind,
@@ -159,13 +160,13 @@ def export_coreml(
     try:
         with atomic_folder(output, replace=force) as staging:
             if lit:
-                _write_lit(net, processor, folder, staging, options, meta, labels)
+                _write_lit(net, processor, folder, staging, options, facts, labels)
                 report = check_lit(staging, net) if check else None
             else:
                 # coremltools saves only to a path named *.mlpackage: the package is saved inside the staging
                 # folder, checked there, then its contents move up so that the staging folder is the package.
                 package = staging / output.name
-                _save(_vision_model(net, image_processor, size, options, meta), package)
+                _save(_vision_model(net, image_processor, size, options, facts), package)
                 report = check_package(package, net) if check else None
                 for part in package.iterdir():
                     part.rename(staging / part.name)
@@ -176,10 +177,10 @@ def export_coreml(
         raise AimMlxError(f"cannot write {output} ({exc}); choose a writable location") from exc
     seconds = time.perf_counter() - start
     logger.info("exported %s to %s in %.1f s", model, output, seconds)
-    return ExportResult(output, seconds, package_size(output), report, meta)
+    return ExportResult(output, seconds, package_size(output), report, _strings(facts))
 
 
-def _vision_model(net, image_processor, size: int, options: dict, meta: dict):
+def _vision_model(net, image_processor, size: int, options: dict, facts: dict):
     """The vision checkpoint's converted, compressed and described model."""
     program = coreml_vision.build_program(
         coreml_vision.vision_weights(net),
@@ -193,11 +194,11 @@ def _vision_model(net, image_processor, size: int, options: dict, meta: dict):
         _opset(options),
     )
     mlmodel = convert_program(program, options, size)
-    describe(mlmodel, meta, options["input_kind"], size, net.config.hidden_size)
+    describe(mlmodel, facts, options["input_kind"], size, net.config.hidden_size)
     return mlmodel
 
 
-def _write_lit(net, processor, folder: Path, output: Path, options: dict, meta: dict, labels=None) -> None:
+def _write_lit(net, processor, folder: Path, output: Path, options: dict, facts: dict, labels=None) -> None:
     """Write the LiT folder's contents into `output` (the staging folder)."""
     image_w, text_w = coreml_lit.lit_weights(net)
     vision, size = net.config.vision, net.config.vision.image_size
@@ -215,8 +216,8 @@ def _write_lit(net, processor, folder: Path, output: Path, options: dict, meta: 
     )
     image = convert_program(program, options, size)
     projection = int(image_w["image_projector.weight"].shape[0])
-    meta = {**meta, "embedding_size": str(projection)}
-    describe(image, meta, options["input_kind"], size, projection)
+    facts = {**facts, "embedding_size": projection}
+    describe(image, facts, options["input_kind"], size, projection)
     image.output_description["image_embeds"] = f"(1, {projection}) float32, L2-normalised (shared space)"
     _save(image, output / IMAGE_PACKAGE)
 
@@ -224,10 +225,10 @@ def _write_lit(net, processor, folder: Path, output: Path, options: dict, meta: 
     text = convert_program(text_program, options, None)
     text.author, text.license, text.version = image.author, image.license, image.version
     text.short_description = (
-        f"AIMv2 LiT text encoder ({meta['source_model']}): token ids to a {projection}-d embedding."
+        f"AIMv2 LiT text encoder ({facts['source_model']}): token ids to a {projection}-d embedding."
     )
     length = net.config.text.max_position_embeddings
-    text.user_defined_metadata.update({**meta, "context_length": str(length)})
+    text.user_defined_metadata.update(_strings({**facts, "context_length": length}))
     text.input_description["input_ids"] = f"(1, {length}) int32 CLIP BPE ids, padded with the pad id"
     text.output_description["text_embeds"] = f"(1, {projection}) float32, L2-normalised (shared space)"
     _save(text, output / TEXT_PACKAGE)
@@ -242,13 +243,12 @@ def _write_lit(net, processor, folder: Path, output: Path, options: dict, meta: 
         "image_package": IMAGE_PACKAGE,
         "text_package": TEXT_PACKAGE,
         "logit_scale": float(np.array(net.logit_scale)),
-        "context_length": length,
+        "context_length": int(length),
         "bos_token_id": int(net.tokenizer.bos_id),
         "eos_token_id": int(net.tokenizer.eos_id),
         "pad_token_id": int(net.tokenizer.pad_id),
         "tokenizer_files": copied,
-        **meta,
-        "embedding_size": projection,
+        **facts,
     }
     (output / "lit.json").write_text(json.dumps(lit, indent=2))
     if labels is not None:
@@ -319,8 +319,14 @@ def _image_size(config, image_size: int | None) -> int:
     return size
 
 
-def describe(mlmodel, meta: dict, input_kind: str, size: int, embedding_size: int) -> None:
+def _strings(facts: dict) -> dict[str, str]:
+    """Core ML's user-defined metadata: every value a string, a list as comma-separated numbers."""
+    return {k: ",".join(f"{x:.8g}" for x in v) if isinstance(v, list) else str(v) for k, v in facts.items()}
+
+
+def describe(mlmodel, facts: dict, input_kind: str, size: int, embedding_size: int) -> None:
     """Author, license, version, description, input/output descriptions and the user-defined fields."""
+    meta = _strings(facts)
     mlmodel.author = "Apple (AIMv2 weights); Core ML package by aim-mlx"
     mlmodel.license = LICENSE_TEXT.get(meta["license"], meta["license"])
     mlmodel.version = f"{meta['source_revision'][:12]}-aim-mlx{__version__}"

@@ -441,6 +441,25 @@ def test_lit_exports_image_and_text_packages(lit, tmp_path, precision, compress)
     assert cosines.min() >= (0.99999 if precision == "float32" else report["text"]["bound"])
 
 
+def test_lit_json_holds_numbers(lit, tmp_path, umask_022):
+    """lit.json is for apps: numbers as JSON numbers (the package metadata must be strings, lit.json not)."""
+    folder, model = lit
+    out = export_coreml(str(folder), tmp_path / "lit", precision="float32").path
+    facts = json.loads((out / "lit.json").read_text())
+    assert facts["logit_scale"] == pytest.approx(float(np.array(model.logit_scale)))
+    for key in ("context_length", "bos_token_id", "eos_token_id", "pad_token_id", "image_size"):
+        assert type(facts[key]) is int, (key, facts[key])
+    assert facts["image_size"] == model.config.vision.image_size
+    assert facts["embedding_size"] == model.text_projector.weight.shape[0]
+    assert facts["image_mean"] == pytest.approx(CLIP_MEAN) and facts["image_std"] == pytest.approx(CLIP_STD)
+    assert all(type(v) is float for v in facts["image_mean"] + facts["image_std"] + [facts["logit_scale"]])
+    # ... while the packages' metadata stays Core ML's strings, the same facts written as before.
+    meta = ct.utils.load_spec(str(out / facts["image_package"])).description.metadata.userDefined
+    assert meta["image_size"] == str(facts["image_size"])
+    assert [float(v) for v in meta["image_mean"].split(",")] == pytest.approx(CLIP_MEAN)
+    assert _private(out) == []  # the folder and both packages have the user's normal permissions
+
+
 def test_lit_output_is_a_folder(lit, checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="without .mlpackage"):
         export_coreml(str(lit[0]), tmp_path / "lit.mlpackage")
