@@ -28,11 +28,12 @@ from aim_mlx.loading import DTYPES, load, read_config
 from aim_mlx.quantized import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODE
 from aim_mlx.variants import find_variant
 
-from .recipes import RECIPES, recipe
+from .recipes import recipe
 
 logger = logging.getLogger("aim_mlx")
 
 Q_BITS = (4, 8)
+DEFAULT_BITS = 4
 MAX_SHARD_BYTES = 5 << 30  # the hub's per-file comfort limit, and mlx-lm's
 WEIGHTS_FILE = "model.safetensors"  # the single-file name transformers and mlx-lm write
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"  # matches aim_mlx.files.SHARD_PATTERN
@@ -60,8 +61,8 @@ def convert(
     revision: str | None = None,
     dtype: str | None = None,
     quantize: bool = False,
-    q_bits: int = 4,
-    q_group_size: int = DEFAULT_GROUP_SIZE,
+    q_bits: int | None = None,
+    q_group_size: int | None = None,
     quant_predicate: str | None = None,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
@@ -70,7 +71,8 @@ def convert(
 
     `dtype` (float32, float16, bfloat16) defaults to the source's recorded dtype. With `quantize`, every
     Linear layer is packed to `q_bits` with groups of `q_group_size` (4 and 64 unless given), or per layer as
-    the named `quant_predicate` recipe says. An existing `mlx_path` is refused unless `force`.
+    the named `quant_predicate` recipe says; giving any of the three without `quantize` is refused, since it
+    would do nothing. An existing `mlx_path` is refused unless `force`.
     """
     output = Path(mlx_path).expanduser()
     _check_options(dtype, quantize, q_bits, q_group_size, quant_predicate)
@@ -95,6 +97,8 @@ def convert(
     )
     config = _output_config(raw, model, dtype, done)
     if quantize:
+        q_bits = DEFAULT_BITS if q_bits is None else q_bits
+        q_group_size = DEFAULT_GROUP_SIZE if q_group_size is None else q_group_size
         defaults = {"group_size": q_group_size, "bits": q_bits, "mode": MODE}
         predicate = recipe(quant_predicate)(model, q_group_size) if quant_predicate else None
         done.quantized = quantized.quantize(model, defaults, predicate)
@@ -121,21 +125,21 @@ def convert(
 
 
 def _check_options(dtype, quantize, q_bits, q_group_size, quant_predicate) -> None:
+    """Each option's value, then the quantization options given without -q (None: not given)."""
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if q_bits not in Q_BITS:
+    if q_bits is not None and q_bits not in Q_BITS:
         raise ConfigError(f"--q-bits {q_bits} is not supported; use {' or '.join(map(str, Q_BITS))}")
-    if q_group_size not in GROUP_SIZES:
+    if q_group_size is not None and q_group_size not in GROUP_SIZES:
         raise ConfigError(
             f"--q-group-size {q_group_size} is not supported; use {', '.join(map(str, GROUP_SIZES))}"
         )
     if quant_predicate is not None:
         recipe(quant_predicate)
-        if not quantize:
-            raise ConfigError(
-                f"--quant-predicate {quant_predicate} only applies when quantizing; add -q "
-                f"(recipes: {', '.join(RECIPES)})"
-            )
+    given = {"--q-bits": q_bits, "--q-group-size": q_group_size, "--quant-predicate": quant_predicate}
+    for flag, value in given.items():
+        if value is not None and not quantize:
+            raise ConfigError(f"{flag} {value} only applies when quantizing; add -q/--quantize")
 
 
 def is_lit(raw: dict) -> bool:
