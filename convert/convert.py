@@ -8,14 +8,12 @@ reads it like any other checkpoint.
 The source is loaded through `aim_mlx.load`, so it gets the same checks (safe format, strict keys and
 shapes), in float32; it is then cast and quantized a tensor at a time, each new tensor replacing the float32
 one it came from, so peak memory stays near the float32 checkpoint's size. Everything is written to a hidden
-folder beside the output and renamed into place when complete.
+folder beside the output and renamed into place when complete (aim_mlx.files.atomic_folder).
 """
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,20 +21,24 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from aim_mlx import __version__, files, hub, quantized, weights
+from aim_mlx import __version__, hub, quantized, weights
 from aim_mlx.errors import ConfigError
+from aim_mlx.files import CONFIG_FILE, INDEX_FILE, PREPROCESSOR_FILE, TOKENIZER_FILES, atomic_folder
 from aim_mlx.loading import DTYPES, load, read_config
 from aim_mlx.quantized import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODE
+from aim_mlx.registry import family_of as model_family
 from aim_mlx.variants import find_variant
 
-from .recipes import RECIPES, recipe
+from .recipes import recipe
 
 logger = logging.getLogger("aim_mlx")
 
 Q_BITS = (4, 8)
+DEFAULT_BITS = 4
 MAX_SHARD_BYTES = 5 << 30  # the hub's per-file comfort limit, and mlx-lm's
-SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
-COPIED_FILES = ("preprocessor_config.json", *files.TOKENIZER_FILES)
+WEIGHTS_FILE = "model.safetensors"  # the single-file name transformers and mlx-lm write
+SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"  # matches aim_mlx.files.SHARD_PATTERN
+COPIED_FILES = (PREPROCESSOR_FILE, *TOKENIZER_FILES)
 
 
 @dataclass
@@ -60,8 +62,8 @@ def convert(
     revision: str | None = None,
     dtype: str | None = None,
     quantize: bool = False,
-    q_bits: int = 4,
-    q_group_size: int = DEFAULT_GROUP_SIZE,
+    q_bits: int | None = None,
+    q_group_size: int | None = None,
     quant_predicate: str | None = None,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
@@ -70,7 +72,8 @@ def convert(
 
     `dtype` (float32, float16, bfloat16) defaults to the source's recorded dtype. With `quantize`, every
     Linear layer is packed to `q_bits` with groups of `q_group_size` (4 and 64 unless given), or per layer as
-    the named `quant_predicate` recipe says. An existing `mlx_path` is refused unless `force`.
+    the named `quant_predicate` recipe says; giving any of the three without `quantize` is refused, since it
+    would do nothing. An existing `mlx_path` is refused unless `force`.
     """
     output = Path(mlx_path).expanduser()
     _check_options(dtype, quantize, q_bits, q_group_size, quant_predicate)
@@ -95,6 +98,8 @@ def convert(
     )
     config = _output_config(raw, model, dtype, done)
     if quantize:
+        q_bits = DEFAULT_BITS if q_bits is None else q_bits
+        q_group_size = DEFAULT_GROUP_SIZE if q_group_size is None else q_group_size
         defaults = {"group_size": q_group_size, "bits": q_bits, "mode": MODE}
         predicate = recipe(quant_predicate)(model, q_group_size) if quant_predicate else None
         done.quantized = quantized.quantize(model, defaults, predicate)
@@ -102,44 +107,40 @@ def convert(
         config["quantization"] = {**defaults, **(done.quantized if predicate else {})}
         config["quantization_config"] = config["quantization"]
     _evaluate_one_by_one(model)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
-        done.files = _write_weights(model, staging, max_shard_bytes)
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in COPIED_FILES:
-            if (folder / name).is_file():
-                shutil.copyfile(folder / name, staging / name)
-        if not (staging / "preprocessor_config.json").exists():  # the processor `load` settled on
-            (staging / "preprocessor_config.json").write_text(
-                json.dumps(processor.to_dict(), indent=2) + "\n"
-            )
-        (staging / "README.md").write_text(model_card(done, config))
-        done.bytes_after = sum((staging / name).stat().st_size for name in done.files)
-        _move_into_place(staging, output, force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_folder(output, replace=force) as staging:
+            done.files = _write_weights(model, staging, max_shard_bytes)
+            (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            for name in COPIED_FILES:
+                if (folder / name).is_file():
+                    shutil.copyfile(folder / name, staging / name)
+            if not (staging / PREPROCESSOR_FILE).exists():  # the processor `load` settled on
+                (staging / PREPROCESSOR_FILE).write_text(json.dumps(processor.to_dict(), indent=2) + "\n")
+            (staging / "README.md").write_text(model_card(done, config))
+            done.bytes_after = sum((staging / name).stat().st_size for name in done.files)
+    except FileExistsError:
+        _check_output(output, force)  # it appeared while converting: the one-line refusal
         raise
     logger.info("converted %s to %s", hf_path, output)
     return done
 
 
 def _check_options(dtype, quantize, q_bits, q_group_size, quant_predicate) -> None:
+    """Each option's value, then the quantization options given without -q (None: not given)."""
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if q_bits not in Q_BITS:
+    if q_bits is not None and q_bits not in Q_BITS:
         raise ConfigError(f"--q-bits {q_bits} is not supported; use {' or '.join(map(str, Q_BITS))}")
-    if q_group_size not in GROUP_SIZES:
+    if q_group_size is not None and q_group_size not in GROUP_SIZES:
         raise ConfigError(
             f"--q-group-size {q_group_size} is not supported; use {', '.join(map(str, GROUP_SIZES))}"
         )
     if quant_predicate is not None:
         recipe(quant_predicate)
-        if not quantize:
-            raise ConfigError(
-                f"--quant-predicate {quant_predicate} only applies when quantizing; add -q "
-                f"(recipes: {', '.join(RECIPES)})"
-            )
+    given = {"--q-bits": q_bits, "--q-group-size": q_group_size, "--quant-predicate": quant_predicate}
+    for flag, value in given.items():
+        if value is not None and not quantize:
+            raise ConfigError(f"{flag} {value} only applies when quantizing; add -q/--quantize")
 
 
 def _check_output(output: Path, force: bool) -> None:
@@ -175,8 +176,7 @@ def _output_config(raw: dict, model: nn.Module, dtype: str, done: Conversion) ->
     config = json.loads(json.dumps(raw))  # a deep copy
     config.pop("auto_map", None)  # Apple's remote-code pointers: that code is not part of the folder
     vision = config.get("vision_config", config)
-    vision_model = getattr(model, "image_encoder", model)  # a LiT model's vision tower, or the model
-    vision["is_native"] = vision_model.config.is_native  # Apple's configs leave it implicit
+    vision["is_native"] = model.dims["image_size"] is None  # Apple's configs leave it implicit
     vision["torch_dtype"] = dtype
     if "dtype" in vision:  # transformers 5 writes this name
         vision["dtype"] = dtype
@@ -206,28 +206,16 @@ def _write_weights(model: nn.Module, folder: Path, max_shard_bytes: int) -> list
         shards[-1][key] = value
         size += value.nbytes
     if len(shards) == 1:
-        mx.save_safetensors(str(folder / "model.safetensors"), shards[0], metadata={"format": "mlx"})
-        return ["model.safetensors"]
+        mx.save_safetensors(str(folder / WEIGHTS_FILE), shards[0], metadata={"format": "mlx"})
+        return [WEIGHTS_FILE]
     names = [SHARD_NAME.format(i + 1, len(shards)) for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards, strict=True):
         mx.save_safetensors(str(folder / name), shard, metadata={"format": "mlx"})
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": sum(v.nbytes for v in params.values())}, "weight_map": weight_map}
-    (folder / weights.INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return names
-
-
-def _move_into_place(staging: Path, output: Path, force: bool) -> None:
-    if not output.exists():
-        os.replace(staging, output)
-        return
-    _check_output(output, force)  # it appeared while converting
-    # A folder cannot be renamed over a non-empty one: move the old one aside first, delete it last.
-    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
-    os.replace(output, old / output.name)
-    os.replace(staging, output)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def describe_quantization(quantized_layers: dict[str, dict]) -> str:
@@ -250,7 +238,7 @@ def model_card(done: Conversion, config: dict) -> str:
         front.append(f"base_model: {done.source}")
     if variant is not None:
         front.append(f"license: other\nlicense_name: {variant.license}")
-    lit = "text_config" in config
+    lit = model_family(config).text
     task = "zero-shot-image-classification" if lit else "image-feature-extraction"
     front += [f"pipeline_tag: {task}", "tags:", "- mlx", "- aimv2", "- vision", "---"]
     q = config.get("quantization")

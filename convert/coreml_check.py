@@ -8,6 +8,7 @@ Neural Engine do). It checks the program as written, not Core ML's compiler or k
 `check_package` also runs `MLModel.predict`.
 """
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AimMlxError
+from .extras import require
 
 logger = logging.getLogger("aim_mlx")
 
@@ -29,7 +31,7 @@ MIN_COSINE_DEFAULT = 0.9  # palettize4
 
 def load_program(package: str | Path):
     """The package's MIL program, with its weights read from the package's weight file."""
-    import coremltools as ct
+    ct = require("coremltools")
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
 
     package = Path(package)
@@ -220,13 +222,9 @@ def _is_float(value) -> bool:
 
 def photos() -> list:
     """Real photos from scikit-image's data module (no download)."""
-    try:
-        from skimage import data
-    except ImportError:
-        raise AimMlxError(
-            "--check needs scikit-image for its test photos: pip install 'aim-mlx[coreml]'"
-        ) from None
+    require("skimage")
     from PIL import Image
+    from skimage import data
 
     return [Image.fromarray(getattr(data, name)()) for name in ("astronaut", "chelsea", "coffee", "rocket")]
 
@@ -340,3 +338,19 @@ def _compare(outputs: list[dict], reference: dict) -> dict:
             errors.append(np.abs(got - reference[name]).max() / np.abs(reference[name]).max())
     figures["max_rel_error"] = float(max(errors))
     return figures
+
+
+def check_lit(folder: str | Path, net, texts=("a photo of a cat", "a photo of a rocket", "coffee")) -> dict:
+    """A LiT export folder against MLX: its image package on photos, its text package on prompts. The
+    package names come from the folder's lit.json, as an app would read them."""
+    folder = Path(folder)
+    facts = json.loads((folder / "lit.json").read_text())
+    image = check_package(folder / facts["image_package"], net)
+    text = check_text_package(folder / facts["text_package"], net, list(texts))
+    return {
+        "passed": image["passed"] and text["passed"],
+        "image": image,
+        "text": text,
+        "summary": f"image: {image['summary']}; text: {text['summary']}",
+        "predict": image["predict"],
+    }

@@ -7,15 +7,17 @@ Core ML itself predicts only on macOS: those checks are skipped elsewhere.
 
 import json
 import logging
+import os
 import sys
 
 import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from aim_mlx.convert import coreml_check
-from aim_mlx.convert.coreml import export_coreml, kmeans_1d
-from aim_mlx.convert.coreml_check import check_package, load_program, run_program, tolerance
+from aim_mlx.convert import coreml, coreml_check
+from aim_mlx.convert.coreml import export_coreml
+from aim_mlx.convert.coreml_check import check_lit, check_package, load_program, run_program, tolerance
+from aim_mlx.convert.coreml_compress import kmeans_1d
 from checkpoints import TINY, make_reference, write_checkpoint, write_processor
 from typer.testing import CliRunner
 
@@ -224,7 +226,8 @@ def test_native_checkpoint_one_size_per_package(tmp_path, photos):
         assert spec.description.input[0].type.imageType.width == size
         assert check_package(path.path, model, photos[:2])["max_rel_error"] <= 1e-4
     for bad in (100, 140, 910):  # not a multiple of 14; 100 patches; 4225 patches
-        with pytest.raises(ConfigError, match="--image-size"):
+        # 154 = 14 * 11 (121 patches, the fewest >= 112); 896 = 14 * 64 (4096 patches)
+        with pytest.raises(ConfigError, match="--image-size .* 112-4096 patches, i.e. 154 to 896"):
             export_coreml(str(folder), tmp_path / "bad.mlpackage", image_size=bad)
     assert not (tmp_path / "bad.mlpackage").exists()
 
@@ -305,6 +308,52 @@ def test_failed_check_writes_nothing(checkpoint, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _private(folder) -> list[str]:
+    """Everything under `folder` (itself included) that the group or others cannot read (or enter)."""
+    paths = [folder, *folder.rglob("*")]
+    return [str(p) for p in paths if p.stat().st_mode & 0o077 != (0o055 if p.is_dir() else 0o044)]
+
+
+def test_package_has_normal_permissions(checkpoint, tmp_path, umask_022):
+    """Not the private modes of coremltools' temporary package (0700 folders, 0600 model.mlmodel)."""
+    path = export_coreml(str(checkpoint), tmp_path / "m.mlpackage").path
+    assert path.stat().st_mode & 0o077 == 0o055
+    assert (path / "Data" / "com.apple.CoreML" / "model.mlmodel").is_file()
+    assert _private(path) == []
+
+
+def test_missing_coremltools_is_one_error(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "coremltools", None)  # `import coremltools` now fails
+    with pytest.raises(AimMlxError) as caught:
+        export_coreml(str(checkpoint), tmp_path / "m.mlpackage")
+    assert str(caught.value) == "coremltools is not installed; pip install 'aim-mlx[coreml]'"
+    assert list(tmp_path.iterdir()) == []
+    result = CliRunner().invoke(
+        app, ["export", "coreml", "-m", str(checkpoint), "-o", str(tmp_path / "m.mlpackage")]
+    )
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [f"error: {caught.value}"]
+
+
+def test_missing_scikit_image_is_one_error_for_check(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    # Found missing before the model loads (minutes for a real one), not when --check starts.
+    monkeypatch.setattr(coreml, "load", lambda *args, **kwargs: pytest.fail("loaded before checking"))
+    message = "scikit-image is not installed; pip install 'aim-mlx[coreml]'"
+    with pytest.raises(AimMlxError) as caught:
+        export_coreml(str(checkpoint), tmp_path / "m.mlpackage", check=True)
+    assert str(caught.value) == message
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(AimMlxError, match="scikit-image is not installed"):
+        coreml_check.photos()
+
+
 def test_kmeans_1d_against_brute_force():
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.normal(-3, 0.1, 300), rng.normal(0, 0.1, 300), rng.normal(5, 0.1, 300)])
@@ -358,8 +407,6 @@ def lit(tmp_path_factory):
 
 @pytest.mark.parametrize("precision, compress", [("float32", "none"), ("float16", "int8")])
 def test_lit_exports_image_and_text_packages(lit, tmp_path, precision, compress):
-    from aim_mlx.convert.coreml_lit import check_lit
-
     folder, model = lit
     labels = ["cat", "rocket", "cup of coffee"]
     out = export_coreml(
@@ -392,6 +439,25 @@ def test_lit_exports_image_and_text_packages(lit, tmp_path, precision, compress)
     )
     cosines = (packaged * np.asarray(table["embeddings"])).sum(-1) / np.linalg.norm(packaged, axis=-1)
     assert cosines.min() >= (0.99999 if precision == "float32" else report["text"]["bound"])
+
+
+def test_lit_json_holds_numbers(lit, tmp_path, umask_022):
+    """lit.json is for apps: numbers as JSON numbers (the package metadata must be strings, lit.json not)."""
+    folder, model = lit
+    out = export_coreml(str(folder), tmp_path / "lit", precision="float32").path
+    facts = json.loads((out / "lit.json").read_text())
+    assert facts["logit_scale"] == pytest.approx(float(np.array(model.logit_scale)))
+    for key in ("context_length", "bos_token_id", "eos_token_id", "pad_token_id", "image_size"):
+        assert type(facts[key]) is int, (key, facts[key])
+    assert facts["image_size"] == model.config.vision.image_size
+    assert facts["embedding_size"] == model.text_projector.weight.shape[0]
+    assert facts["image_mean"] == pytest.approx(CLIP_MEAN) and facts["image_std"] == pytest.approx(CLIP_STD)
+    assert all(type(v) is float for v in facts["image_mean"] + facts["image_std"] + [facts["logit_scale"]])
+    # ... while the packages' metadata stays Core ML's strings, the same facts written as before.
+    meta = ct.utils.load_spec(str(out / facts["image_package"])).description.metadata.userDefined
+    assert meta["image_size"] == str(facts["image_size"])
+    assert [float(v) for v in meta["image_mean"].split(",")] == pytest.approx(CLIP_MEAN)
+    assert _private(out) == []  # the folder and both packages have the user's normal permissions
 
 
 def test_lit_output_is_a_folder(lit, checkpoint, tmp_path):

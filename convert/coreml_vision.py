@@ -1,0 +1,88 @@
+"""The AIMv2 vision encoder as a MIL program: (1, 3, S, S) pixels in, `image_embeds` (+ tokens) out.
+
+- The patch embedding is a strided conv; the blocks are mil.py's.
+- Core ML's image preprocessing has one scale for all channels, so the per-channel mean/std sits in the graph.
+- The native-resolution checkpoint is built at one size per program, with its sin-cos table as a constant:
+  fixed shapes are what the Neural Engine runs, while flexible and enumerated input shapes can send a model
+  back to the GPU or CPU.
+"""
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..models.aimv2 import AIMv2VisionEncoder, sincos_2d
+from .mil import numpy_params, rms_norm, transformer
+
+
+def vision_weights(model) -> dict[str, np.ndarray]:
+    """The vision encoder's weights, refusing anything the graph below does not build."""
+    if not isinstance(model, AIMv2VisionEncoder):
+        raise ConfigError(f"Core ML export takes an AIMv2 vision encoder, not a {type(model).__name__}")
+    params = numpy_params(model)
+    odd = sorted(k for k in params if not k.endswith(("weight", "bias", "pos_embed", "cls_token")))
+    if odd:
+        raise ConfigError(f"cannot export a model with the parameter {odd[0]}: not an AIMv2 encoder layer")
+    if model.config.qkv_bias or model.config.mlp_bias:
+        raise ConfigError(
+            "Core ML export supports the published AIMv2 encoders, which have no qkv/MLP biases"
+        )
+    return params
+
+
+def build_program(
+    w: dict[str, np.ndarray],
+    config,
+    image_size: int,
+    mean,
+    std,
+    rescale: float,
+    input_kind: str,
+    tokens: bool,
+    opset,
+    pool=None,
+):
+    """The encoder as a MIL program: (1, 3, S, S) pixels in, `image_embeds` (+ `last_hidden_state`) out.
+
+    `pool(mb, tokens)` makes the (1, D') embedding from the final (1, N, D) tokens; default: their mean."""
+    from coremltools.converters.mil import Builder as mb
+
+    d, p, eps = config.hidden_size, config.patch_size, config.rms_norm_eps
+    n = (image_size // p) ** 2
+    # The native checkpoint's positions: the (N, D) sin-cos table MLX computes for this grid.
+    pos = np.array(sincos_2d(image_size // p, image_size // p, d)) if config.is_native else w["pos_embed"]
+    # pixel * rescale / std - mean / std, per channel; the identity for already normalised tensors
+    gain = (rescale / np.asarray(std, np.float32)).reshape(1, 3, 1, 1).astype(np.float32)
+    shift = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).reshape(1, 3, 1, 1)
+
+    def encoder(x):
+        if input_kind == "image":
+            x = mb.add(x=mb.mul(x=x, y=gain), y=shift)
+        conv = w["patch_embed.proj.weight"].transpose(0, 3, 1, 2)  # MLX (D, p, p, C) -> Core ML OIHW
+        x = mb.conv(x=x, weight=conv, bias=w["patch_embed.proj.bias"], strides=[p, p], pad_type="valid")
+        x = mb.transpose(x=mb.reshape(x=x, shape=[1, d, n]), perm=[0, 2, 1])  # (1, N, D), rows outer
+        x = mb.add(x=rms_norm(mb, x, w["patch_embed.norm.weight"], eps), y=pos[None])
+        x = transformer(mb, x, w, "blocks.", config.num_hidden_layers, config.num_attention_heads, eps)
+        x = rms_norm(mb, x, w["post_trunk_norm.weight"], eps)
+        if pool is None:
+            pooled = mb.reduce_mean(x=x, axes=[1], keep_dims=False, name="image_embeds")  # (1, D)
+        else:
+            pooled = mb.identity(x=pool(mb, x), name="image_embeds")
+        if tokens:
+            return pooled, mb.identity(x=x, name="last_hidden_state")  # (1, N, D)
+        return pooled
+
+    # mb.program names the input after the function's argument.
+    spec = [mb.TensorSpec(shape=(1, 3, image_size, image_size))]
+    if input_kind == "image":
+
+        @mb.program(input_specs=spec, opset_version=opset)
+        def program(image):
+            return encoder(image)
+
+    else:
+
+        @mb.program(input_specs=spec, opset_version=opset)
+        def program(pixel_values):
+            return encoder(pixel_values)
+
+    return program

@@ -1,0 +1,26 @@
+"""The export tooling's optional dependencies: imported when needed, or one line that names the extra.
+
+coremltools (building and reading packages) and scikit-image (the photos `--check` verifies on) come with
+`pip install 'aim-mlx[coreml]'`; the runtime and `aim-mlx convert` never need them.
+"""
+
+import importlib
+from types import ModuleType
+
+from ..errors import AimMlxError
+
+# import name -> (the distribution pip installs, the aim-mlx extra that brings it)
+OPTIONAL = {"coremltools": ("coremltools", "coreml"), "skimage": ("scikit-image", "coreml")}
+
+
+def require(module: str) -> ModuleType:
+    """`module`, imported; if it is missing, an AimMlxError such as
+    "coremltools is not installed; pip install 'aim-mlx[coreml]'" instead of an ImportError traceback.
+    A module that is installed but fails to import (a dependency of its own missing) still raises."""
+    package, extra = OPTIONAL[module]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        raise AimMlxError(f"{package} is not installed; pip install 'aim-mlx[{extra}]'") from None
