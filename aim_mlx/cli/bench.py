@@ -7,7 +7,7 @@ import typer
 
 from ..errors import ConfigError
 from ..variants import DEFAULT_MODEL
-from .common import DType, Json, QBits, check_output, choices, force_option, model_help, say, stderr_console
+from .common import DType, Json, QBits, check_output, choices, force_option, model_help, progress, say
 
 EXAMPLES = [
     "aim-mlx bench",
@@ -75,7 +75,7 @@ def bench(
     """
     import json as json_module
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
     from .. import bench as benchmark
 
@@ -100,16 +100,16 @@ def bench(
     # With torch, each model and batch size is one group, timed in turns; otherwise one spec at a time.
     groups = benchmark.group_by(specs, ("model", "batch")) if compare_torch else [[s] for s in specs]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=stderr_console(), transient=True) as progress:
-        task = progress.add_task("benchmark", total=len(specs))
+    with progress(*columns) as bar:
+        task = bar.add_task("benchmark", total=len(specs))
         for group in groups:
             spec = group[0]
             name = " + ".join(s["engine"] for s in group)
             name += f" {Path(spec['model']).name} {'/'.join(s['dtype'] for s in group)} batch {spec['batch']}"
             name += f" q{spec['bits']}" if spec.get("bits") else ""
-            progress.update(task, description=name)
+            bar.update(task, description=name)
             rows += benchmark.run_interleaved(group) if len(group) > 1 else [benchmark.run_isolated(spec)]
-            progress.advance(task, len(group))
+            bar.advance(task, len(group))
     info = benchmark.machine()
     ratios = benchmark.torch_ratios(rows)
     if json:

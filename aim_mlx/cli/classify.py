@@ -18,8 +18,9 @@ from .common import (
     load,
     model_help,
     partial,
+    progress,
     say,
-    stderr_console,
+    spinner,
     value,
     warn,
 )
@@ -77,7 +78,7 @@ def classify(
     repeated label set costs about one image forward. Unreadable images are named on stderr and skipped;
     the others are still classified (exit code 3), and --json lists them with their error.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from .. import zeroshot
     from ..registry import require_text
@@ -89,16 +90,15 @@ def classify(
     paths = image_paths(images)
     net, processor = load(model, revision, dtype)
     require_text(net, "classify zero-shot")
-    err = stderr_console()
     columns = (TextColumn("encoding prompts"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as bar:  # shows only while prompts are encoded
+    with progress(*columns) as bar:  # shows only while prompts are encoded
         task = bar.add_task("prompts", total=len(names) * len(prompts), visible=False)
 
         def advance(done: int, total: int) -> None:
             bar.update(task, completed=done, visible=total > 256)  # more than one batch
 
         classifier = zeroshot.text_classifier(net, processor, names, prompts, progress=advance)
-    with err.status(f"classifying {len(paths)} images among {len(names)} labels"):
+    with spinner(f"classifying {len(paths)} images among {len(names)} labels"):
         predictions, failures = zeroshot.classify_files(
             net, processor, paths, names, classifier, top_k, batch_size
         )

@@ -163,18 +163,34 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def stderr_console():
-    """rich's console on stderr, for spinners and progress bars (hidden when stderr is no terminal)."""
+def progress(*columns, hide: bool = False):
+    """A transient rich progress bar on stderr, shown only on a terminal: elsewhere rich would still end
+    its line, leaving a blank line in a log."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    return Progress(*columns, console=console, transient=True, disable=hide or not console.is_terminal)
+
+
+@contextmanager
+def spinner(text: str) -> Iterator[None]:
+    """A spinner on stderr while something runs, on a terminal only (see `progress`)."""
     from rich.console import Console
 
-    return Console(stderr=True)
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield
+        return
+    with console.status(text):
+        yield
 
 
 def load(model: str, revision: str | None, dtype: DType | None):
     """aim_mlx.load with a spinner on stderr."""
     from ..loading import load as load_model
 
-    with stderr_console().status(f"loading {model}"):
+    with spinner(f"loading {model}"):
         return load_model(model, revision=revision, dtype=value(dtype))
 
 

@@ -13,7 +13,7 @@ from .common import (
     Revision,
     check_output,
     force_option,
-    stderr_console,
+    spinner,
     value,
 )
 
@@ -55,7 +55,7 @@ def convert(
         "q_group_size": q_group_size and int(q_group_size.value),
         "quant_predicate": value(quant_predicate),
     }
-    with stderr_console().status(f"converting {hf_path}"):
+    with spinner(f"converting {hf_path}"):
         done = run_convert(
             hf_path,
             mlx_path,

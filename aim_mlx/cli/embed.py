@@ -22,8 +22,8 @@ from .common import (
     model_help,
     partial,
     plural,
+    progress,
     say,
-    stderr_console,
 )
 
 EXAMPLES = [
@@ -99,17 +99,17 @@ def embed(
 
 
 def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_array) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from .. import embed as embedding
-
     done = 0
     try:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+        from .. import embed as embedding
+
         net, processor = load(model, revision, dtype)
         if one_array and getattr(processor, "native", False):  # a local folder: known once its config is read
             raise ConfigError(NATIVE_TOKENS)
         columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        bar = Progress(*columns, console=stderr_console(), transient=True, disable=len(paths) <= batch_size)
+        bar = progress(*columns, hide=len(paths) <= batch_size)
         with bar:
             task = bar.add_task("embed", total=len(paths))
 

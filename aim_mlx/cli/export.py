@@ -18,7 +18,7 @@ from .common import (
     check_output,
     force_option,
     model_help,
-    stderr_console,
+    spinner,
 )
 
 EXAMPLES = [
@@ -83,7 +83,7 @@ def coreml(
         logging.getLogger("coremltools").setLevel(logging.ERROR)
     from ..convert.coreml import export_coreml
 
-    with stderr_console().status(f"exporting {model}"):
+    with spinner(f"exporting {model}"):
         done = export_coreml(
             model,
             output,
