@@ -11,7 +11,8 @@ from .common import DType, Json, QBits, check_output, choices, force_option, mod
 
 EXAMPLES = [
     "aim-mlx bench",
-    "aim-mlx bench -m aimv2-large-patch14-224 -m aimv2-huge-patch14-224 --batch-sizes 1,8,32",
+    "aim-mlx bench -m aimv2-large-patch14-224 -m aimv2-huge-patch14-224 \\",
+    "    --batch-sizes 1,8,32",
     "aim-mlx bench --dtype float32 --dtype bfloat16 --json > results.json",
     "aim-mlx bench -q --q-bits 8",
     "aim-mlx bench --compare-torch --plot curve.png",

@@ -28,7 +28,7 @@ from .common import (
 EXAMPLES = [
     "aim-mlx classify photo.jpg --labels 'cat,dog,horse'",
     "aim-mlx classify ~/Pictures --imagenet --top-k 3 --json",
-    "aim-mlx classify a.jpg --labels-file labels.txt --template 'a drawing of a {}.'",
+    "aim-mlx classify a.jpg --labels-file labels.txt --template 'a {} drawing'",
 ]
 
 

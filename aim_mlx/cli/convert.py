@@ -18,9 +18,10 @@ from .common import (
 )
 
 EXAMPLES = [
-    "aim-mlx convert --hf-path apple/aimv2-large-patch14-224 --mlx-path aimv2-l-mlx",
-    "aim-mlx convert --hf-path apple/aimv2-large-patch14-224 --mlx-path aimv2-l-4bit -q",
-    "aim-mlx convert --hf-path ./checkpoint --mlx-path out -q --quant-predicate mixed_4_8",
+    "aim-mlx convert --hf-path apple/aimv2-large-patch14-224 --mlx-path aimv2-l",
+    "aim-mlx convert --hf-path aimv2-large-patch14-224 --mlx-path aimv2-l-4bit -q",
+    "aim-mlx convert --hf-path ./checkpoint --mlx-path out -q \\",
+    "    --quant-predicate mixed_4_8",
 ]
 
 

@@ -23,9 +23,12 @@ from .common import (
 
 EXAMPLES = [
     "aim-mlx export coreml -o AIMv2L.mlpackage --check",
-    "aim-mlx export coreml -m apple/aimv2-large-patch14-native --image-size 336 -o native336.mlpackage",
-    "aim-mlx export coreml -o l8.mlpackage --compress int8 --outputs pooled,tokens",
-    "aim-mlx export coreml -o l4.mlpackage --compress int4 --min-deployment-target iOS18",
+    "aim-mlx export coreml -m aimv2-large-patch14-native --image-size 336 \\",
+    "    -o native336.mlpackage",
+    "aim-mlx export coreml -o l8.mlpackage --compress int8 \\",
+    "    --outputs pooled,tokens",
+    "aim-mlx export coreml -o l4.mlpackage --compress int4 \\",
+    "    --min-deployment-target iOS18",
 ]
 
 
