@@ -7,7 +7,7 @@ import typer
 
 from ..errors import ConfigError
 from ..variants import DEFAULT_MODEL
-from .common import DType, Json, QBits, check_output, choices, force_option, model_help, progress, say
+from .common import DType, Json, QBits, check_output, choices, force_option, model_option, progress, say
 
 EXAMPLES = [
     "aim-mlx bench",
@@ -21,13 +21,7 @@ EXAMPLES = [
 
 def bench(
     model: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--model",
-            "-m",
-            metavar="MODEL",
-            help=model_help("Hub id or local folder; repeat for several.", DEFAULT_MODEL),
-        ),
+        list[str] | None, model_option("Hub id or local folder; repeat for several.", DEFAULT_MODEL)
     ] = None,
     batch_sizes: Annotated[str, typer.Option(metavar="N,N...", help="Comma-separated batch sizes.")] = "1,8",
     dtype: Annotated[
@@ -83,7 +77,7 @@ def bench(
     sizes = benchmark.parse_batch_sizes(batch_sizes)
     if q_bits is not None and not quantize:
         raise ConfigError(f"--q-bits {q_bits.value} only applies when quantizing; add -q")
-    bits = int((q_bits or QBits.four).value) if quantize else None
+    bits = int((q_bits or QBits("4")).value) if quantize else None
     if plot is not None:
         plot = check_output(plot, force, "--plot")
         benchmark.check_plot_path(plot)

@@ -16,7 +16,7 @@ from .common import (
     all_failed,
     image_paths,
     load,
-    model_help,
+    model_option,
     partial,
     progress,
     say,
@@ -57,14 +57,7 @@ def classify(
     ] = None,
     top_k: Annotated[int, typer.Option(min=1, metavar="K", help="Labels shown per image.")] = 5,
     model: Annotated[
-        str,
-        typer.Option(
-            "--model",
-            "-m",
-            metavar="MODEL",
-            show_default=False,
-            help=model_help("A zero-shot (LiT) checkpoint: hub id or local folder.", DEFAULT_TEXT_MODEL),
-        ),
+        str, model_option("A zero-shot (LiT) checkpoint: hub id or local folder.", DEFAULT_TEXT_MODEL)
     ] = DEFAULT_TEXT_MODEL,
     revision: Revision = None,
     dtype: DTypeOpt = None,

@@ -45,69 +45,24 @@ def examples(*commands: str) -> str:
 EXIT_CODES_HELP = verbatim("Exit codes:", [f"{int(code):<4} {text}" for code, text in EXIT_CODES.items()])
 
 
-# Choices: Typer lists an Enum's values in --help and refuses others as a usage error (exit 2).
-# tests/test_cli_help.py checks that each list matches the library's own.
-class DType(str, Enum):
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
+def choice(name: str, *values: str) -> type[Enum]:
+    """A str Enum whose members are named by their values. Typer lists the values in --help and refuses any
+    other as a usage error (exit 2)."""
+    return Enum(name, [(v, v) for v in values], type=str)
 
 
-class Pool(str, Enum):
-    mean = "mean"
-    none = "none"
-
-
-class Templates(str, Enum):
-    imagenet = "imagenet"
-
-
-class QBits(str, Enum):
-    four = "4"
-    eight = "8"
-
-
-class QGroupSize(str, Enum):
-    g32 = "32"
-    g64 = "64"
-    g128 = "128"
-
-
-class QuantRecipe(str, Enum):
-    mixed_4_8 = "mixed_4_8"
-    ends_4_8 = "ends_4_8"
-    mixed_4_6 = "mixed_4_6"
-
-
-class Precision(str, Enum):
-    float16 = "float16"
-    float32 = "float32"
-
-
-class Compress(str, Enum):
-    none = "none"
-    int8 = "int8"
-    int4 = "int4"
-    palettize4 = "palettize4"
-    palettize6 = "palettize6"
-    palettize8 = "palettize8"
-
-
-class Target(str, Enum):
-    macOS14 = "macOS14"
-    iOS17 = "iOS17"
-    macOS15 = "macOS15"
-    iOS18 = "iOS18"
-
-
-class InputKind(str, Enum):
-    image = "image"
-    tensor = "tensor"
-
-
-class Outputs(str, Enum):
-    pooled = "pooled"
-    pooled_tokens = "pooled,tokens"
+# tests/test_cli_help.py checks that each list is the library's own.
+DType = choice("DType", "float32", "float16", "bfloat16")
+Pool = choice("Pool", "mean", "none")
+Templates = choice("Templates", "imagenet")
+QBits = choice("QBits", "4", "8")
+QGroupSize = choice("QGroupSize", "32", "64", "128")
+QuantRecipe = choice("QuantRecipe", "mixed_4_8", "ends_4_8", "mixed_4_6")
+Precision = choice("Precision", "float16", "float32")
+Compress = choice("Compress", "none", "int8", "int4", "palettize4", "palettize6", "palettize8")
+Target = choice("Target", "macOS14", "iOS17", "macOS15", "iOS18")
+InputKind = choice("InputKind", "image", "tensor")
+Outputs = choice("Outputs", "pooled", "pooled,tokens")
 
 
 def value(choice: Enum | None):
@@ -115,12 +70,14 @@ def value(choice: Enum | None):
     return None if choice is None else choice.value
 
 
-def model_help(what: str, default: str, text_default: str | None = None) -> str:
-    """The --model help with its default in a paragraph of its own: Click wraps option help at hyphens, and
-    a hub id broken over two lines cannot be copied. A paragraph stays whole up to 44 columns, the help
-    column's width at 80 columns."""
+def model_option(what: str, default: str, text_default: str | None = None):
+    """-m/--model with its default in a paragraph of its own: Click wraps option help at hyphens, and a hub
+    id broken over two lines cannot be copied. A paragraph stays whole up to 44 columns, the help column's
+    width at 80 columns."""
     defaults = [f"Default: {default}"] + ([f"(--text: {text_default})"] if text_default else [])
-    return "\n\n".join([what, *defaults])
+    return typer.Option(
+        "--model", "-m", metavar="MODEL", show_default=False, help="\n\n".join([what, *defaults])
+    )
 
 
 def choices(enum: type[Enum]) -> str:

@@ -19,7 +19,7 @@ from .common import (
     image_paths,
     interrupted,
     load,
-    model_help,
+    model_option,
     partial,
     plural,
     progress,
@@ -42,13 +42,7 @@ NATIVE_TOKENS = (
 def embed(
     images: Images = None,
     model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "-m",
-            metavar="MODEL",
-            help=model_help("Hub id or local folder.", DEFAULT_MODEL, DEFAULT_TEXT_MODEL),
-        ),
+        str | None, model_option("Hub id or local folder.", DEFAULT_MODEL, DEFAULT_TEXT_MODEL)
     ] = None,
     revision: Revision = None,
     batch_size: BatchSize = 8,

@@ -17,7 +17,7 @@ from .common import (
     Target,
     check_output,
     force_option,
-    model_help,
+    model_option,
     spinner,
 )
 
@@ -36,16 +36,7 @@ def coreml(
     output: Annotated[
         Path, typer.Option("--output", "-o", metavar="PATH", help="The .mlpackage to write (LiT: a folder).")
     ],
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model",
-            "-m",
-            metavar="MODEL",
-            show_default=False,
-            help=model_help("Hub id or local folder.", DEFAULT_MODEL),
-        ),
-    ] = DEFAULT_MODEL,
+    model: Annotated[str, model_option("Hub id or local folder.", DEFAULT_MODEL)] = DEFAULT_MODEL,
     revision: Revision = None,
     precision: Annotated[
         Precision, typer.Option(help="Compute precision of the package.")
