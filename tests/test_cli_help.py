@@ -50,6 +50,13 @@ def test_help_is_plain_with_one_usage_style(command):
     )
 
 
+@pytest.mark.parametrize("group", [[], ["export"]], ids=["app", "export"])
+def test_command_summaries_are_whole_sentences(group):
+    """Click cuts a summary that does not fit with '...'; each command's first sentence must fit."""
+    commands = help_text(*group).split("Commands:")[1].split("\n\n")[0]
+    assert "..." not in commands
+
+
 def test_commands_are_listed_in_the_order_a_user_needs_them():
     text = help_text()
     listed = re.findall(r"^  ([a-z]+)  ", text.split("Commands:")[1], flags=re.M)
@@ -181,6 +188,13 @@ def test_usage_errors_are_one_line_and_exit_2(args, message):
     assert error.startswith("error: ") and message in error
     assert hint == f"Try 'aim-mlx {command} -h' for help."
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("group", [[], ["export"]], ids=["app", "export"])
+def test_a_group_without_a_command_shows_its_help(group):
+    result = invoke(*group)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == help_text(*group)
 
 
 def test_an_unknown_command_is_a_usage_error():

@@ -71,9 +71,13 @@ class AimGroup(TyperGroup):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as exc:  # Click's usage errors derive from it
-            say(f"error: {exc.format_message()}")
-            if getattr(exc, "ctx", None) is not None:
-                say(f"Try '{exc.ctx.command_path} -h' for help.")
+            ctx = getattr(exc, "ctx", None)
+            if ctx is not None and exc.format_message() == ctx.get_help():  # a group given no command
+                say(ctx.get_help())
+            else:
+                say(f"error: {exc.format_message()}")
+                if ctx is not None:
+                    say(f"Try '{ctx.command_path} -h' for help.")
             code = exc.exit_code
         except typer.Abort:  # Click's answer to Ctrl-C at a prompt
             say("interrupted")

@@ -66,10 +66,11 @@ def coreml(
         ),
     ] = None,
 ):
-    """A Core ML package (ML program) from an AIMv2 checkpoint, without torch.
+    """Build a Core ML package from a checkpoint, without torch.
 
-    The LiT checkpoint gives a folder: ImageEncoder.mlpackage, TextEncoder.mlpackage (input_ids (1, 77) ->
-    text_embeds), tokenizer/ and lit.json (logit scale, token ids), for zero-shot in an app.
+    The package is an ML program made from aim-mlx's weights. The LiT checkpoint gives a folder:
+    ImageEncoder.mlpackage, TextEncoder.mlpackage (input_ids (1, 77) -> text_embeds), tokenizer/ and
+    lit.json (logit scale, token ids), for zero-shot in an app.
     """
     output = check_output(output, force, "-o", folder=True)
     if not os.environ.get("AIM_MLX_DEBUG"):  # coremltools' progress bars and platform notes
