@@ -248,6 +248,17 @@ def test_a_model_not_found_suggests_a_local_folder_flag(cache, tmp_path, args, f
     assert line.startswith("error: ") and flag in line and "aim_mlx.load" not in line
 
 
+def test_python_keywords_in_library_messages_become_flags(tmp_path):
+    (tmp_path / "photo.jpg").write_bytes(b"")
+    (tmp_path / "model" / "config.json").parent.mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")
+    result = invoke("embed", tmp_path / "photo.jpg", "-m", tmp_path / "model", "--revision", "main")
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert "--revision 'main' applies only to hub ids" in line and "revision=" not in line
+
+
 def test_debug_shows_the_traceback(cache, monkeypatch):
     monkeypatch.setenv("AIM_MLX_DEBUG", "1")
     result = invoke("embed", "photo.jpg", "-m", "apple/aimv2-huge-patch14-224")

@@ -6,6 +6,7 @@ Every error is one line on stderr, `error: ...`: aim-mlx's own errors exit 1, Cl
 
 import errno
 import os
+import re
 import sys
 from typing import Annotated
 
@@ -19,8 +20,9 @@ from .common import EXIT_CODES_HELP, ExitCode, examples, interrupted, library_wa
 
 SETTINGS = {"help_option_names": ["-h", "--help"]}
 ORDER = ["embed", "classify", "models", "convert", "export", "bench"]
-# What the library suggests in Python, said with each command's flag.
+# What the library says in Python, said with the command's flags.
 LOCAL_FOLDER = "aim_mlx.load('/path/to/folder')"
+REVISION = re.compile(r"\brevision=('[^']*')")
 
 
 def debugging() -> bool:
@@ -30,6 +32,7 @@ def debugging() -> bool:
 def message(exc: Exception, command: str | None) -> str:
     """The error's one line; a model that cannot be found gets the flag that takes a local folder."""
     text = " ".join(str(exc).split())  # one line, whatever the library wrote
+    text = REVISION.sub(r"--revision \1", text)
     if isinstance(exc, ModelNotFoundError):
         flag = "--hf-path DIR" if command == "convert" else "--model DIR"
         text = text.replace(LOCAL_FOLDER, flag)
