@@ -82,9 +82,6 @@ class AimGroup(TyperGroup):
                 if ctx is not None:
                     say(f"Try '{ctx.command_path} -h' for help.")
             code = exc.exit_code
-        except typer.Abort:  # Click's answer to Ctrl-C at a prompt
-            say("interrupted")
-            code = ExitCode.INTERRUPTED
         if not standalone_mode:
             return code
         sys.exit(int(code) if isinstance(code, int) else ExitCode.OK)

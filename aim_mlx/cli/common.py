@@ -177,9 +177,9 @@ def check_output(path: Path, force: bool, flag: str, folder: bool = False) -> Pa
     return path
 
 
-def all_failed(count: int, noun: str = "images") -> AimMlxError:
-    """The error when no input could be used: exit 1 and no output, not a partial result of nothing."""
-    return AimMlxError(f"none of the {count} {noun} could be read")
+def all_failed(count: int) -> AimMlxError:
+    """The error when no image could be used: exit 1 and no output, not a partial result of nothing."""
+    return AimMlxError(f"none of the {plural(count, 'image')} could be read")
 
 
 def partial(failed: int, total: int) -> typer.Exit:
