@@ -32,7 +32,6 @@ EXAMPLES = [
     "aim-mlx embed a.jpg b.png --pool none -o tokens.npy",
     'aim-mlx embed --text "a photo of a cat" -o cat.npy',
 ]
-OUTPUT_FORMATS = (".npy", ".npz", ".jsonl")  # aim_mlx.embed.OUTPUT_FORMATS, known here without loading MLX
 NATIVE_TOKENS = (
     "--pool none on the native-resolution checkpoint gives each image its own token grid, which one array "
     "cannot hold; write .jsonl"
@@ -77,9 +76,10 @@ def embed(
     if not text and not images:
         raise ConfigError("nothing to embed; pass image files or folders, or --text 'some text'")
     if output is not None:
+        from .. import embed as embedding
+
         output = check_output(output, force, "-o")
-        if output.suffix.lower() not in OUTPUT_FORMATS:
-            raise ConfigError(f"cannot write {output}: use a .npy, .npz or .jsonl file name")
+        embedding.check_output(output)  # a format it writes
     if text:
         if pool is Pool.none:
             raise ConfigError("--pool none applies to images; a text embedding is one vector")
