@@ -101,6 +101,24 @@ def test_sigint_once_the_model_is_loaded(job, tmp_path, batch_size, into_run):
     assert re.fullmatch(rf"interrupted after \d+ of {IMAGES} images; nothing written", said)
 
 
+@pytest.mark.xfail(
+    strict=False,  # a race: some sweeps miss it
+    reason="library: a Ctrl-C while the numpy backend starts its worker pools (backends/numpy_trunk.py "
+    "_pool, on the first batch) can leave a ThreadPoolExecutor worker that interpreter exit waits for "
+    "forever (main thread in threading._shutdown, worker in concurrent.futures _worker), or end the "
+    "process by SIGINT (-2) after the CLI's exit 130; seen in about 1 run of 20 in this window",
+)
+def test_sigint_swept_through_the_first_batch(job, tmp_path):
+    """Ten runs, each interrupted a little later into its first batch, where the backend makes its threads."""
+    for i in range(10):
+        out = tmp_path / f"out{i}" / "e.npy"
+        out.parent.mkdir()
+        proc, lines = start([sys.executable, "-c", WITH_INFO_LOGS], job, out)
+        wait_for(lines, "log: loaded")
+        time.sleep(0.04 * i)
+        interrupt_and_check(proc, lines, out)
+
+
 def test_the_aim_mlx_script_stops_on_sigint(job, tmp_path):
     script = Path(sys.executable).parent / "aim-mlx"
     if not script.exists():
@@ -110,3 +128,35 @@ def test_the_aim_mlx_script_stops_on_sigint(job, tmp_path):
     proc, lines = start([str(script)], job, out)
     time.sleep(2.0)
     interrupt_and_check(proc, lines, out)
+
+
+def test_a_ctrl_c_while_the_command_line_loads_is_one_line(monkeypatch, capsys):
+    """main() imports the app itself, so that an interrupt there (Typer, the commands) ends like any other."""
+    import aim_mlx.cli as cli
+
+    class Interrupt:  # an import finder that interrupts the app's import
+        def find_spec(self, name, path=None, target=None):
+            if name == "aim_mlx.cli.root":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "aim_mlx.cli.root", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupt(), *sys.meta_path])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 130 and capsys.readouterr().err == "interrupted; nothing written\n"
+
+
+def test_a_ctrl_c_while_the_arguments_are_parsed_is_one_line(monkeypatch):
+    """Typer turns an interrupt outside a command into a silent exit 130; the root group says it."""
+    from typer.core import TyperGroup
+    from typer.testing import CliRunner
+
+    from aim_mlx.cli import app
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TyperGroup, "make_context", interrupt)
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 130 and result.stderr == "interrupted; nothing written\n"

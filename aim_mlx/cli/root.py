@@ -51,6 +51,12 @@ class AimGroup(TyperGroup):
             super().list_commands(ctx), key=lambda name: ORDER.index(name) if name in ORDER else len(ORDER)
         )
 
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:  # while parsing: Typer would exit 130 without a word
+            raise interrupted() from None
+
     def invoke(self, ctx):
         with library_warnings():
             try:
@@ -131,8 +137,3 @@ export_app = typer_app(help="Export a checkpoint for other runtimes.")
 export_app.command("coreml", epilog=examples(*export.EXAMPLES))(export.coreml)
 app.add_typer(export_app, name="export")
 app.command(epilog=examples(*bench.EXAMPLES))(bench.bench)
-
-
-def main() -> None:
-    """Entry point of the `aim-mlx` script and of `python -m aim_mlx`."""
-    app(prog_name="aim-mlx")
