@@ -1,14 +1,13 @@
 """One output rule for every command that writes, and the flags of convert, bench and export as they reach
 the library (the library functions replaced by recorders where running them is not the point)."""
 
-import inspect
 from types import SimpleNamespace
 
 import pytest
 from aim_mlx.convert import convert as conversion
 from typer.testing import CliRunner
 
-from aim_mlx import bench
+from aim_mlx.benchmark import coreml_engine, harness
 from aim_mlx.cli import app
 
 runner = CliRunner()
@@ -74,23 +73,17 @@ def conversions(monkeypatch):
     return calls
 
 
-def test_convert_passes_only_the_quantization_options_given(conversions, tmp_path):
+def test_convert_passes_none_for_the_quantization_options_not_given(conversions, tmp_path):
     out = str(tmp_path / "out")
     assert invoke("convert", "--hf-path", "x", "--mlx-path", out, "-q").exit_code == 0
     given = ["-q", "--q-bits", "8", "--q-group-size", "32", "--quant-predicate", "mixed_4_8"]
     assert invoke("convert", "--hf-path", "x", "--mlx-path", out, *given).exit_code == 0
     first, second = conversions
     assert first["quantize"] is True
-    assert all(first.get(name) is None for name in ("q_bits", "q_group_size", "quant_predicate"))
+    assert (first["q_bits"], first["q_group_size"], first["quant_predicate"]) == (None, None, None)
     assert (second["q_bits"], second["q_group_size"], second["quant_predicate"]) == (8, 32, "mixed_4_8")
 
 
-@pytest.mark.xfail(
-    inspect.signature(conversion.convert).parameters["q_bits"].default is not None,
-    strict=True,
-    reason="library: convert() defaults q_bits to 4 and ignores it without quantize; it should default "
-    "q_bits/q_group_size to None and raise ConfigError when they are given without quantize",
-)
 def test_convert_refuses_quantization_options_without_q(tmp_path):
     result = invoke(
         "convert", "--hf-path", tmp_path / "no-model", "--mlx-path", tmp_path / "o", "--q-bits", 8
@@ -100,14 +93,14 @@ def test_convert_refuses_quantization_options_without_q(tmp_path):
 
 @pytest.fixture
 def bench_bits(monkeypatch):
-    """The `bits` bench.configurations is given (and no configuration to run)."""
+    """The `bits` harness.configurations is given (and no configuration to run)."""
     seen = []
 
     def configurations(models, dtypes, sizes, image_size, trials, warmup, compare_torch, bits=None):
         seen.append(bits)
         return []
 
-    monkeypatch.setattr(bench, "configurations", configurations)
+    monkeypatch.setattr(harness, "configurations", configurations)
     return seen
 
 
@@ -124,10 +117,10 @@ def test_bench_q_bits_without_q_is_refused(bench_bits):
 
 
 def test_bench_plot_says_where_it_wrote(monkeypatch, tmp_path):
-    row = bench.coreml_row(tmp_path / "m.mlpackage", "ALL", [0.02, 0.03], 0.5, "none")
+    row = coreml_engine.coreml_row(tmp_path / "m.mlpackage", "ALL", [0.02, 0.03], 0.5, "none")
     spec = {"model": "m", "batch": 1, "engine": "aim-mlx", "dtype": "float32"}
-    monkeypatch.setattr(bench, "configurations", lambda *args: [spec])
-    monkeypatch.setattr(bench, "run_isolated", lambda spec: row)
+    monkeypatch.setattr(harness, "configurations", lambda *args: [spec])
+    monkeypatch.setattr(harness, "run_isolated", lambda spec: row)
     plot = tmp_path / "curve.png"
     result = invoke("bench", "--plot", plot, "--json")
     assert result.exit_code == 0, result.output

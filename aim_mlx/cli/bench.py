@@ -1,4 +1,4 @@
-"""`aim-mlx bench`: throughput, latency and memory per configuration, over aim_mlx.bench."""
+"""`aim-mlx bench`: throughput, latency and memory per configuration, over aim_mlx.benchmark."""
 
 from pathlib import Path
 from typing import Annotated
@@ -72,28 +72,30 @@ def bench(
 
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
-    from .. import bench as benchmark
+    from ..benchmark import harness, report, timing
 
-    sizes = benchmark.parse_batch_sizes(batch_sizes)
+    sizes = harness.parse_batch_sizes(batch_sizes)
     if q_bits is not None and not quantize:
         raise ConfigError(f"--q-bits {q_bits.value} only applies when quantizing; add -q")
     bits = int((q_bits or QBits("4")).value) if quantize else None
     if plot is not None:
         plot = check_output(plot, force, "--plot")
-        benchmark.check_plot_path(plot)
+        report.check_plot_path(plot)
     if coreml is not None:
-        rows = benchmark.run_coreml(coreml, trials=num_trials, warmup=warmup)
+        from ..benchmark.coreml_engine import run_coreml
+
+        rows = run_coreml(coreml, trials=num_trials, warmup=warmup)
         specs = []
     else:
         from ..loading import default_dtype
 
         dtypes = [d.value for d in dtype] if dtype else [default_dtype()]
-        specs = benchmark.configurations(
+        specs = harness.configurations(
             model or [DEFAULT_MODEL], dtypes, sizes, image_size, num_trials, warmup, compare_torch, bits
         )
         rows = []
     # With torch, each model and batch size is one group, timed in turns; otherwise one spec at a time.
-    groups = benchmark.group_by(specs, ("model", "batch")) if compare_torch else [[s] for s in specs]
+    groups = harness.group_by(specs, ("model", "batch")) if compare_torch else [[s] for s in specs]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with progress(*columns) as bar:
         task = bar.add_task("benchmark", total=len(specs))
@@ -103,20 +105,20 @@ def bench(
             name += f" {Path(spec['model']).name} {'/'.join(s['dtype'] for s in group)} batch {spec['batch']}"
             name += f" q{spec['bits']}" if spec.get("bits") else ""
             bar.update(task, description=name)
-            rows += benchmark.run_interleaved(group) if len(group) > 1 else [benchmark.run_isolated(spec)]
+            rows += harness.run_interleaved(group) if len(group) > 1 else [harness.run_isolated(spec)]
             bar.advance(task, len(group))
-    info = benchmark.machine()
-    ratios = benchmark.torch_ratios(rows)
+    info = timing.machine()
+    ratios = report.torch_ratios(rows)
     if json:
         typer.echo(json_module.dumps({"machine": info, "results": rows, "torch_ratios": ratios}, indent=2))
     else:
-        typer.echo(benchmark.header(info))
-        typer.echo(benchmark.table(rows))
+        typer.echo(timing.header(info))
+        typer.echo(report.table(rows))
         for r in ratios:
             weights = "" if r["weights"] == "float" else f" ({r['weights']})"
             typer.echo(
                 f"{r['model']} batch {r['batch']}: aim-mlx{weights} / torch images/s = {r['ratio']:.2f}x"
             )
     if plot is not None:
-        benchmark.plot(rows, plot)
+        report.plot(rows, plot)
         say(f"wrote the plot to {plot}")

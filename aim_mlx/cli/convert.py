@@ -50,12 +50,6 @@ def convert(
     from ..convert.convert import describe_quantization
 
     mlx_path = check_output(mlx_path, force, "--mlx-path", folder=True)
-    # Only the quantization options given are passed: convert() has its defaults and refuses them without -q.
-    given = {
-        "q_bits": q_bits and int(q_bits.value),
-        "q_group_size": q_group_size and int(q_group_size.value),
-        "quant_predicate": value(quant_predicate),
-    }
     with spinner(f"converting {hf_path}"):
         done = run_convert(
             hf_path,
@@ -63,8 +57,10 @@ def convert(
             revision=revision,
             dtype=value(dtype),
             quantize=quantize,
+            q_bits=q_bits and int(q_bits.value),  # None when not given: convert() refuses them without -q
+            q_group_size=q_group_size and int(q_group_size.value),
+            quant_predicate=value(quant_predicate),
             force=force,
-            **{name: option for name, option in given.items() if option is not None},
         )
     source = done.source + (f" @ {done.revision}" if done.revision else "")
     typer.echo(f"source:     {source}")
