@@ -100,7 +100,7 @@ def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_a
         from .. import embed as embedding
 
         net, processor = load(model, revision, dtype)
-        if one_array and getattr(processor, "native", False):  # a local folder: known once its config is read
+        if one_array and net.dims["image_size"] is None:  # native: from a folder, known once it is loaded
             raise ConfigError(NATIVE_TOKENS)
         columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         bar = progress(*columns, hide=len(paths) <= batch_size)
