@@ -1,0 +1,153 @@
+"""`aim-mlx embed`: images (or texts) in, embeddings out; over aim_mlx.embed and lit.embed_texts."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import ConfigError
+from ..variants import DEFAULT_MODEL, DEFAULT_TEXT_MODEL, find_variant
+from .common import (
+    BatchSize,
+    DTypeOpt,
+    Images,
+    Pool,
+    Revision,
+    all_failed,
+    check_output,
+    force_option,
+    image_paths,
+    interrupted,
+    load,
+    model_option,
+    partial,
+    plural,
+    progress,
+    say,
+)
+
+EXAMPLES = [
+    "aim-mlx embed photo.jpg",
+    "aim-mlx embed ~/Pictures -o embeddings.npz --batch-size 16",
+    "aim-mlx embed a.jpg b.png --pool none -o tokens.npy",
+    'aim-mlx embed --text "a photo of a cat" -o cat.npy',
+]
+NATIVE_TOKENS = (
+    "--pool none on the native-resolution checkpoint gives each image its own token grid, which one array "
+    "cannot hold; write .jsonl"
+)
+
+
+def embed(
+    images: Images = None,
+    model: Annotated[
+        str | None, model_option("Hub id or local folder.", DEFAULT_MODEL, DEFAULT_TEXT_MODEL)
+    ] = None,
+    revision: Revision = None,
+    batch_size: BatchSize = 8,
+    dtype: DTypeOpt = None,
+    pool: Annotated[
+        Pool, typer.Option(help="mean: one (D,) vector per image; none: its (N, D) token grid.")
+    ] = Pool.mean,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Write .npy (rows in input order), .npz (embeddings and paths, or texts) or .jsonl "
+            "(one object per line). Without it, a summary line per input is printed.",
+        ),
+    ] = None,
+    force: Annotated[bool, force_option("-o file")] = False,
+    text: Annotated[
+        list[str] | None,
+        typer.Option("--text", "-t", metavar="TEXT", help="Embed this text instead of images (repeatable)."),
+    ] = None,
+):
+    """Embed images, or texts with the LiT checkpoint.
+
+    IMAGES are image files and folders (walked recursively), embedded in that order. Unreadable images are
+    named on stderr and skipped; the others are still embedded (exit code 3). With the LiT checkpoint,
+    images and texts land in its shared image-text space.
+    """
+    if text and images:
+        raise ConfigError("pass images or --text, not both; run embed once for each")
+    if not text and not images:
+        raise ConfigError("nothing to embed; pass image files or folders, or --text 'some text'")
+    if output is not None:
+        from .. import embed as embedding
+
+        output = check_output(output, force, "-o")
+        embedding.check_output(output)  # a format it writes
+    if text:
+        if pool is Pool.none:
+            raise ConfigError("--pool none applies to images; a text embedding is one vector")
+        return _embed_texts(text, model or DEFAULT_TEXT_MODEL, revision, dtype, output)
+    model = model or DEFAULT_MODEL
+    one_array = pool is Pool.none and output is not None and output.suffix.lower() != ".jsonl"
+    variant = find_variant(model)
+    if one_array and variant is not None and variant.image_size is None:
+        raise ConfigError(NATIVE_TOKENS)  # known from the id alone: refused before loading
+    _embed_images(image_paths(images), model, revision, batch_size, dtype, pool, output, one_array)
+
+
+def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_array) -> None:
+    done = 0
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+        from .. import embed as embedding
+
+        net, processor = load(model, revision, dtype)
+        if one_array and net.dims["image_size"] is None:  # native: from a folder, known once it is loaded
+            raise ConfigError(NATIVE_TOKENS)
+        columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        bar = progress(*columns, hide=len(paths) <= batch_size)
+        with bar:
+            task = bar.add_task("embed", total=len(paths))
+
+            def advance(count: int) -> None:
+                nonlocal done
+                done += count
+                bar.advance(task, count)
+
+            result = embedding.embed_images(net, processor, paths, batch_size, pool.value, on_done=advance)
+    except KeyboardInterrupt:
+        raise interrupted(f"after {done} of {plural(len(paths), 'image')}") from None
+    for _, reason in result.failures:
+        say(f"skipped {reason}")
+    if not result.paths:
+        raise all_failed(len(paths))
+    if output is None:
+        print_embeddings(result.paths, result.embeddings)
+    else:
+        embedding.save(result, output)
+        say(f"wrote {plural(len(result.paths), 'embedding')} to {output}")
+    if result.failures:
+        raise partial(len(result.failures), len(paths))
+
+
+def _embed_texts(texts: list[str], model: str, revision, dtype, output: Path | None) -> None:
+    from .. import embed as embedding
+    from ..lit import embed_texts
+    from ..registry import require_text
+
+    net, _ = load(model, revision, dtype)
+    require_text(net, "embed text")
+    result = embed_texts(net, list(texts))  # keyed `text`/`texts` in .jsonl/.npz, not `path`
+    if output is None:
+        print_embeddings(result.paths, result.embeddings)
+        return
+    embedding.save(result, output)
+    say(f"wrote {plural(len(texts), 'embedding')} to {output}")
+
+
+def print_embeddings(names, embeddings) -> None:
+    """The summary without -o: one line per input with its shape, norm and first values."""
+    import numpy as np
+
+    for name, emb in zip(names, embeddings, strict=True):
+        head = ", ".join(f"{v:+.4f}" for v in emb.reshape(-1)[:4])
+        norm = float(np.linalg.norm(emb))
+        typer.echo(f"{name}\tshape={tuple(emb.shape)}\tnorm={norm:.4f}\t[{head}, ...]")
