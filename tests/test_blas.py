@@ -71,7 +71,8 @@ avx2 = pytest.mark.skipif(
 def test_the_kernels_in_use_are_reported():
     """OPENBLAS_CORETYPE picks the kernels of every OpenBLAS in the process; benchmark headers say which ran,
     for aim-mlx's BLAS and for numpy's (the roofline's)."""
-    code = "import json, aim_mlx.bench as b; print(json.dumps(b.machine())); print(b.header(b.machine()))"
+    code = "import json, aim_mlx.benchmark.timing as b; "
+    code += "print(json.dumps(b.machine())); print(b.header(b.machine()))"
     env = {**os.environ, "OPENBLAS_CORETYPE": "Haswell"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     info, header = json.loads(done.stdout.splitlines()[0]), done.stdout.split("\n", 1)[1]

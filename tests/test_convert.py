@@ -13,7 +13,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import skimage.data
-import typer
 from aim_mlx.convert import convert as convert_module
 from aim_mlx.convert.convert import convert
 from checkpoints import TINY, make_reference, write_checkpoint
@@ -477,35 +476,23 @@ def test_cli_converts_and_the_folder_embeds(source, tmp_path):
     )
 
 
-def _cli_sets_quantization_defaults() -> bool:
-    """Whether `aim-mlx convert` still passes --q-bits 4 / --q-group-size 64 when they are not given, which
-    convert() now refuses without -q: until the CLI passes None, converting without -q fails there."""
-    command = typer.main.get_command(app).commands["convert"]
-    return any(p.name in ("q_bits", "q_group_size") and p.default is not None for p in command.params)
-
-
 @pytest.mark.parametrize(
-    "args, message",
+    "args, message, code",
     [
-        (["-q", "--q-bits", "3"], "--q-bits 3"),
-        (["-q", "--q-group-size", "48"], "--q-group-size 48"),
-        (["-q", "--quant-predicate", "nope"], "'nope'"),
-        pytest.param(
-            ["--force"],
-            "is a file",
-            marks=pytest.mark.xfail(
-                _cli_sets_quantization_defaults(),
-                reason="the CLI passes --q-bits 4 without -q; its owner is changing the defaults to None",
-                strict=True,
-            ),
-        ),
+        (["-q", "--q-bits", "3"], "Invalid value for '--q-bits'", 2),  # a choice: a usage error
+        (["-q", "--q-group-size", "48"], "Invalid value for '--q-group-size'", 2),
+        (["-q", "--quant-predicate", "nope"], "Invalid value for '--quant-predicate'", 2),
+        (["--q-bits", "8"], "--q-bits 8 only applies when quantizing; add -q/--quantize", 1),
+        (["--force"], "is a file", 1),
     ],
 )
-def test_cli_errors_are_one_line(source, tmp_path, args, message):
+def test_cli_errors_are_one_line(source, tmp_path, args, message, code):
+    """Our errors exit 1, usage errors 2; either is one `error:` line (a usage error adds where help is)."""
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" if "--force" in args else tmp_path / "out"
     result = runner.invoke(app, ["convert", "--hf-path", str(source), "--mlx-path", str(out), *args])
-    assert result.exit_code == 1
-    assert result.stderr.startswith("error: ") and message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.exit_code == code
+    assert result.stderr.startswith("error: ") and message in result.stderr.splitlines()[0]
+    extra = result.stderr.strip().splitlines()[1:]
+    assert extra == ([] if code == 1 else ["Try 'aim-mlx convert -h' for help."])
     assert entries(tmp_path) == {"file"}

@@ -378,15 +378,16 @@ def test_cli_export_and_errors(checkpoint, tmp_path):
     result = runner.invoke(app, [*args, "--precision", "float32", "--check"])
     assert result.exit_code == 0, result.output
     assert path.is_dir() and "max_rel_error" in result.output and "wrote" in result.output
-    for extra, message in [
-        ([], "already exists; pass --force"),
-        (["--force", "--precision", "float8"], "unknown --precision 'float8'"),
-        (["--force", "--compress", "int4"], "--compress int4 needs"),
+    for extra, message, code in [
+        ([], "already exists; pass --force", 1),
+        (["--force", "--precision", "float8"], "Invalid value for '--precision'", 2),  # a choice: usage
+        (["--force", "--compress", "int4"], "--compress int4 needs", 1),
     ]:
         result = runner.invoke(app, [*args, *extra])
-        assert result.exit_code == 1, result.output
+        assert result.exit_code == code, result.output
         lines = [line for line in result.output.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+        assert lines[0].startswith("error: ") and message in lines[0], result.output
+        assert lines[1:] == ([] if code == 1 else ["Try 'aim-mlx export coreml -h' for help."])
 
 
 @pytest.mark.skipif(

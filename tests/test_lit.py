@@ -303,12 +303,14 @@ def test_classify_bad_input_is_one_line(lit_folder, photos, args, message):
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_classify_skips_unreadable_images_with_exit_2(lit_folder, photos, tmp_path):
+def test_classify_skips_unreadable_images_with_exit_3(lit_folder, photos, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "a.png").write_bytes((photos / "a.png").read_bytes())
     result = cli("classify", tmp_path, "--labels", "cat,dog", "-m", lit_folder, "--json")
-    assert result.exit_code == 2 and "broken.jpg" in result.stderr
-    assert [row["path"] for row in json.loads(result.stdout)] == [str(tmp_path / "a.png")]
+    assert result.exit_code == 3 and "broken.jpg" in result.stderr  # 3: some inputs failed
+    rows = {row["path"]: row for row in json.loads(result.stdout)}
+    assert set(rows) == {str(tmp_path / "a.png"), str(tmp_path / "broken.jpg")}
+    assert "predictions" in rows[str(tmp_path / "a.png")] and "error" in rows[str(tmp_path / "broken.jpg")]
 
 
 def test_classify_labels_file(lit_folder, photos, tmp_path):

@@ -244,7 +244,7 @@ def test_an_interrupt_stops_the_workers_and_hands_the_cores_back(tmp_path, monke
         model(mx.zeros((shares, 56, 56, 3)))
     assert time.monotonic() - t0 < 2
     assert blas.threads() == before and not numpy_trunk._lock.locked()
-    assert all(not job._work_queue.qsize() for job in numpy_trunk._pools)  # nothing left queued
+    assert all(not worker.pending() for worker in numpy_trunk._pools)  # nothing left queued
     monkeypatch.setattr(numpy_trunk, "_silu_mul", real)
     monkeypatch.undo()
     assert model(mx.zeros((2, 56, 56, 3))).last_hidden_state.shape == (2, 16, 128)  # usable afterwards

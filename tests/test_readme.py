@@ -27,11 +27,6 @@ from aim_mlx.variants import DEFAULT_MODEL, DEFAULT_TEXT_MODEL, find_variant
 
 README = Path(__file__).parents[1] / "README.md"
 runner = CliRunner()
-# README lines that describe the command line of an older release, with the reason; each is expected to
-# fail until the README says the new line (strict: it fails the run once it works again).
-STALE = {
-    "aim-mlx bench -q 4": "README: bench's -q is now a flag as in convert; the line is `aim-mlx bench -q`",
-}
 
 
 def readme_commands() -> list[str]:
@@ -114,9 +109,7 @@ def test_the_readme_has_commands_of_every_kind():
 
 
 def param(line: str):
-    key = line.split("#")[0].strip()
-    marks = [pytest.mark.xfail(strict=True, reason=STALE[key])] if key in STALE else []
-    return pytest.param(line, id=key, marks=marks)
+    return pytest.param(line, id=line.split("#")[0].strip())
 
 
 @pytest.mark.parametrize("command", [param(line) for line in COMMANDS])

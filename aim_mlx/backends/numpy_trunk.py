@@ -27,8 +27,9 @@ handed back before the interrupt goes on.
 """
 
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -41,7 +42,7 @@ from ..quantized import QuantizedLinear
 from . import blas
 
 _lock = threading.Lock()  # one call on the cores at a time
-_pools: list[ThreadPoolExecutor] = []  # one single-thread pool per worker, so each share has its own thread
+_pools: list["_Worker"] = []  # one thread per worker, so each share has its own thread
 _local = threading.local()  # a worker thread's MLX stream
 SCORES_BYTES = 4 << 20  # attention scores a thread holds at once: the heads it takes per group
 SILU_ROWS = 64  # rows of silu(gate) * up computed at once, a cache-sized slab
@@ -57,11 +58,38 @@ def cores() -> int:
     return int(wanted)
 
 
-def _pool(n: int) -> list[ThreadPoolExecutor]:
+class _Worker:
+    """One daemon thread running the jobs submitted to it, in order. Not a ThreadPoolExecutor: the interpreter
+    joins those threads at exit, and one started while Ctrl-C unwinds the first batch could hold the exit."""
+
+    def __init__(self, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn, *args) -> Future:
+        future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def pending(self) -> int:
+        return self._jobs.qsize()
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller, which re-raises it
+                future.set_exception(exc)
+
+
+def _pool(n: int) -> list[_Worker]:
     """Worker threads kept for the process: an MLX stream belongs to the thread that made it, and each one
     made holds a thread of MLX's for good, so workers and their streams are made once."""
     while len(_pools) < n:
-        _pools.append(ThreadPoolExecutor(1, thread_name_prefix=f"aim-mlx-{len(_pools)}"))
+        _pools.append(_Worker(f"aim-mlx-{len(_pools)}"))
     return _pools[:n]
 
 

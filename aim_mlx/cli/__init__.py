@@ -5,6 +5,7 @@ choices, option types and output checks the commands share. Heavy imports happen
 that `aim-mlx --help` stays instant.
 """
 
+import signal
 import sys
 
 
@@ -18,6 +19,10 @@ def main() -> None:
     except KeyboardInterrupt:  # before a command could say how far it got
         sys.stderr.write("interrupted; nothing written\n")
         sys.exit(130)
+    finally:
+        # The outcome is settled (and any output written): a Ctrl-C while the interpreter tears down would
+        # only turn the exit code into a death by SIGINT.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def __getattr__(name: str):
