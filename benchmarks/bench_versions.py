@@ -86,8 +86,10 @@ def main():
         return done.stdout.decode().strip() + ("+changes" if dirty.strip() else "")
 
     trees = {"this": ROOT, "baseline": args.baseline.resolve()}
+    from aim_mlx.benchmark.timing import header, machine  # this tree's: the machine is the same for both
+
+    print(header(machine()))
     print(f"# this {commit(ROOT)} against baseline {commit(trees['baseline'])}, AIMv2-L/14-224 float32")
-    print(f"# OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, cores {os.cpu_count()}")
     runs: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(make_reference(seed=0, image_size=224, **LARGE), Path(tmp), "hf")
