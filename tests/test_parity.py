@@ -409,3 +409,28 @@ def test_full_size_large_224(tmp_path, backend):
     model = build_ours(write_checkpoint(ref, tmp_path, "apple"))
     pixels = np.random.default_rng(5).standard_normal((1, 224, 224, 3)).astype(np.float32)
     assert_parity(model, ref, pixels, tol=1e-3)
+
+
+@needs_blas
+def test_threads_of_a_server_share_the_numpy_backend(tmp_path, monkeypatch):
+    """Requests on several threads at once (batch 1: attention split over the cores; batch 3: batch shares)
+    give what they give one at a time, and the BLAS ends with its thread count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "2")
+    model = build_ours(
+        write_checkpoint(make_reference(seed=14, image_size=56, **TINY["large"]), tmp_path, "hf")
+    )
+    rng = np.random.default_rng(11)
+    inputs = [mx.array(rng.standard_normal((b, 56, 56, 3)).astype(np.float32)) for b in (1, 3, 1, 3, 2, 1)]
+    alone = [np.asarray(model.encode_image(x)) for x in inputs]
+    before = blas.threads()
+
+    def request(x):
+        return np.asarray(model.encode_image(x))
+
+    with ThreadPoolExecutor(3) as server:
+        together = list(server.map(request, inputs * 2))
+    for ours, expected in zip(together, alone * 2, strict=True):
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+    assert blas.threads() == before and not numpy_trunk._lock.locked()
