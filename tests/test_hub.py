@@ -133,7 +133,10 @@ def test_revision_with_a_local_folder_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("path", ["./no-such-folder", "/no/such/folder", "~/no-such-folder", "../x"])
-def test_missing_local_path(cache, path):
+def test_missing_local_path(cache, path, tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # relative paths and ~ name nothing, wherever the tests run
+    monkeypatch.setenv("HOME", str(tmp_path / "here"))
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         hub.resolve(path)
 
