@@ -350,3 +350,14 @@ def test_embed_images_with_lit_uses_the_shared_space(lit, lit_folder, photos, tm
     assert result.exit_code == 1 and "not both" in result.stderr
     result = cli("embed", "-m", lit_folder)
     assert result.exit_code == 1 and "nothing to embed" in result.stderr
+
+
+def test_l2_normalisation_does_not_overflow_in_float16():
+    """A projected embedding with a norm far above float16's sqrt(max) (~256) still normalises to unit
+    length: the norm is computed in float32 (what an Apple GPU in float16 needs)."""
+    from aim_mlx.models.lit import l2_normalize
+
+    big = mx.full((2, 768), 300.0, dtype=mx.float16)  # norm 8314: its square overflows float16
+    out = l2_normalize(big)
+    assert out.dtype == mx.float16
+    np.testing.assert_allclose(np.asarray(out.astype(mx.float32)), 768**-0.5, rtol=1e-3)

@@ -127,7 +127,10 @@ class TextEncoder(BlockStack):
 
 
 def l2_normalize(x: mx.array) -> mx.array:
-    return x / mx.linalg.norm(x, axis=-1, keepdims=True)
+    """x / |x| along the last axis, computed in float32: in float16 the sum of squares of a vector with a norm
+    above ~256 overflows, and the normalised vector would be zeros."""
+    x32 = x.astype(mx.float32)
+    return (x32 / mx.linalg.norm(x32, axis=-1, keepdims=True)).astype(x.dtype)
 
 
 @dataclass
