@@ -22,8 +22,9 @@ from .backends import blas
 
 __version__ = "0.1.0"
 
-# MLX binds its BLAS symbols when mlx.core loads, so the fast BLAS must be in place before that.
-if "mlx.core" in sys.modules:
+# MLX binds its BLAS symbols when mlx.core loads, so the fast BLAS must be in place before that (Linux only:
+# macOS keeps Accelerate, whatever the import order).
+if sys.platform == "linux" and "mlx.core" in sys.modules:
     logging.getLogger("aim_mlx").warning(
         "aim-mlx: mlx.core was imported before aim_mlx, so MLX keeps its slow reference BLAS on Linux; "
         "import aim_mlx first"
