@@ -33,9 +33,9 @@ def run_mlx(spec: dict) -> dict:
             quantized.quantize(model, defaults)
             mx.eval(model.parameters())
         loaded["weights"] = weight_format(model)
+        mx.reset_peak_memory()  # memory while embedding, as for the process peak: not loading's transient
         return model, getattr(model.config, "vision", model.config)  # a LiT model: its vision tower's
 
-    mx.reset_peak_memory()
     result = measure(spec, load_model, run)
     mlx_peak = mx.get_peak_memory() / 2**20
     on_gpu = mx.default_device() == mx.gpu
