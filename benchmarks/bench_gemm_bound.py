@@ -75,7 +75,13 @@ def main():
     from checkpoints import LARGE, make_reference, write_checkpoint
 
     import aim_mlx  # before mlx.core: it gives MLX its fast BLAS
+    from aim_mlx.backends import blas
     from aim_mlx.benchmark.timing import flops_per_image, header, machine, sgemm_gflops
+
+    if not blas.loaded():  # macOS (Accelerate), or AIM_MLX_BLAS=0: there is no numpy trunk to bound
+        raise SystemExit(
+            "bench_gemm_bound.py measures the numpy backend's BLAS calls: Linux with the fast BLAS only"
+        )
 
     print(header(machine()))
     import mlx.core as mx
