@@ -3,7 +3,8 @@
 Both end in the shared space, L2-normalised, so that logits are `logit_scale * image_embeds · text_embedsᵀ`.
 The image program is coreml_vision.py's with `image_pool` as its pooling; the text tower is causal through
 an added mask, and it is pooled at the first end-of-text token by a one-hot row (first EOS = EOS and
-cumulative EOS count == 1) times the tokens, which needs neither argmax nor a dynamic gather.
+cumulative EOS count == 1) times the tokens, which needs neither argmax nor a dynamic gather. Ids with no
+end-of-text token pool at position 0, as MLX's argmax does (a zero row would normalise to NaN).
 """
 
 import numpy as np
@@ -51,6 +52,9 @@ def build_text_program(w: dict, config, opset):
         first = mb.mul(
             x=eos, y=mb.cast(x=mb.equal(x=mb.cumsum(x=eos, axis=1), y=np.float32(1)), dtype="fp32")
         )
+        none = mb.sub(x=np.float32(1), y=mb.reduce_sum(x=first, axes=[1], keep_dims=True))  # (1, 1): no EOS
+        position_0 = np.eye(1, length, dtype=np.float32)  # (1, L)
+        first = mb.add(x=first, y=mb.mul(x=none, y=position_0))
         pooled = mb.reshape(x=mb.matmul(x=mb.expand_dims(x=first, axes=[1]), y=x), shape=[1, d])  # (1, D)
         pooled = rms_norm(mb, pooled, w["post_trunk_norm.weight"], eps)
         embeds = l2_normalize(mb, mb.linear(x=pooled, weight=w["text_projector.weight"]))

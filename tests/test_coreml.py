@@ -442,6 +442,21 @@ def test_lit_exports_image_and_text_packages(lit, tmp_path, precision, compress)
     assert cosines.min() >= (0.99999 if precision == "float32" else report["text"]["bound"])
 
 
+def test_text_package_without_an_end_of_text_token_pools_as_mlx(lit, tmp_path):
+    """Ids with no end-of-text token: MLX pools at position 0; the package must too, not return NaN."""
+    folder, model = lit
+    out = export_coreml(str(folder), tmp_path / "lit", precision="float32").path
+    facts = json.loads((out / "lit.json").read_text())
+    _, program = load_program(out / facts["text_package"])
+    ids = np.asarray(model.tokenizer(["a photo of a cat", "x"]), np.int32)
+    ids[ids == 49407] = 320  # every end-of-text token replaced: no EOS anywhere
+    for row in ids:
+        got = run_program(program, {"input_ids": row[None]})["text_embeds"]
+        expected = np.asarray(model.encode_text(row[None]))
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_lit_json_holds_numbers(lit, tmp_path, umask_022):
     """lit.json is for apps: numbers as JSON numbers (the package metadata must be strings, lit.json not)."""
     folder, model = lit
