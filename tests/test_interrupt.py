@@ -133,8 +133,13 @@ def test_a_ctrl_c_while_the_command_line_loads_is_one_line(monkeypatch, capsys):
                 raise KeyboardInterrupt
             return None
 
+    def exit_now(code):  # main() ends the process at once with os._exit; here that would end pytest
+        raise SystemExit(code)
+
     monkeypatch.delitem(sys.modules, "aim_mlx.cli.root", raising=False)
     monkeypatch.setattr(sys, "meta_path", [Interrupt(), *sys.meta_path])
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # leave pytest's own Ctrl-C alone
     with pytest.raises(SystemExit) as done:
         cli.main()
     assert done.value.code == 130 and capsys.readouterr().err == "interrupted; nothing written\n"

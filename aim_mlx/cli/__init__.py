@@ -5,6 +5,7 @@ choices, option types and output checks the commands share. Heavy imports happen
 that `aim-mlx --help` stays instant.
 """
 
+import os
 import signal
 import sys
 
@@ -18,11 +19,25 @@ def main() -> None:
         app(prog_name="aim-mlx")
     except KeyboardInterrupt:  # before a command could say how far it got
         sys.stderr.write("interrupted; nothing written\n")
-        sys.exit(130)
+        _exit_interrupted()
+    except SystemExit as exc:
+        if exc.code == 130:
+            _exit_interrupted()
+        raise
     finally:
         # The outcome is settled (and any output written): a Ctrl-C while the interpreter tears down would
         # only turn the exit code into a death by SIGINT.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _exit_interrupted() -> None:
+    """Exit 130 at once. An interrupt can land in the middle of importing or starting MLX and its BLAS, and
+    tearing the interpreter down after that was seen, rarely, to end the process by SIGINT instead (-2)
+    after the line was said; nothing is left to write, so the teardown is skipped."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def __getattr__(name: str):
