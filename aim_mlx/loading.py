@@ -9,6 +9,7 @@ import mlx.core as mx
 
 from . import backends, hub, quantized, weights
 from .backends import blas
+from .config import VisionConfig
 from .errors import ConfigError
 from .files import CONFIG_FILE
 from .registry import ModelInfo, family_of
@@ -74,7 +75,9 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None)
     variant = None if local else find_variant(path_or_id)
     raw = read_config(folder)
     family = family_of(raw, variant)
-    channels = int(raw.get("vision_config", raw).get("num_channels", 3))
+    channels = VisionConfig.from_dict(
+        raw
+    ).num_channels  # (a LiT config's vision tower, as from_dict reads it)
     state = family.sanitize(weights.read_folder(folder), channels)
     config = family.config(raw, state, variant)
     model = fill(family.model(config), raw, state, folder, DTYPES[dtype])
