@@ -46,9 +46,15 @@ def cache_dir(*parts: str) -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
+    """The process's umask: from /proc on Linux; elsewhere by setting it and putting it straight back (which,
+    for that instant, another thread creating a file would see)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def normal_mode(folder: bool = False) -> int:
