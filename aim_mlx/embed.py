@@ -35,7 +35,7 @@ class Embedded:
 def iter_embeddings(
     model, processor, paths: Iterable[Path], batch_size: int = 8, pool: str = "mean"
 ) -> Iterator[Embedded]:
-    """One `Embedded` per input path, in input order, as soon as its batch is done.
+    """One `Embedded` per input path, in input order, batch by batch as the model finishes them.
 
     Images are decoded and preprocessed on worker threads a couple of batches ahead while the model runs,
     and batched while they share a shape (always, for fixed-resolution checkpoints; for the native one,
@@ -47,23 +47,32 @@ def iter_embeddings(
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if pool not in POOLS:
         raise ConfigError(f"unknown pooling {pool!r}; choose mean or none")
-    window: list[Embedded] = []  # the current batch's items, failures among them, in input order
+    window: list[Embedded] = []  # the batch being gathered: its items, failures among them, in input order
     pixels: list[np.ndarray] = []
+    in_flight: tuple[list[Embedded], mx.array | None] = ([], None)  # the last batch dispatched, its output
 
-    def flush() -> Iterator[Embedded]:
+    def dispatch() -> Iterator[Embedded]:
+        """Start the gathered batch, then finish the one before it. MLX evaluates asynchronously, so the
+        device computes this batch while the previous one is copied out and yielded and the next gathered:
+        no idle gap between batches on a GPU."""
+        nonlocal in_flight
+        out = None
         if pixels:
             x = mx.array(np.stack(pixels))  # (B, H, W, 3)
             if pool == "mean":
                 out = model.encode_image(x)  # (B, D)
             else:
                 out = model.forward_intermediates(x, indices=[-1], norm=True)[0]  # (B, N, D)
-            rows = iter(np.asarray(out.astype(mx.float32)))
-            for item in window:
-                if item.error is None:
-                    item.embedding = next(rows)
-        yield from window
+            out = out.astype(mx.float32)
+            mx.async_eval(out)
+        (items, previous), in_flight = in_flight, (list(window), out)
         window.clear()
         pixels.clear()
+        rows = iter(np.asarray(previous)) if previous is not None else None
+        for item in items:
+            if item.error is None:
+                item.embedding = next(rows)
+        yield from items
 
     for path, px, error in _read_ahead(processor, paths, lookahead=2 * batch_size):
         if error is not None:
@@ -71,10 +80,11 @@ def iter_embeddings(
             window.append(Embedded(path, None, str(error)))
             continue
         if pixels and (len(pixels) == batch_size or pixels[0].shape != px.shape):
-            yield from flush()
+            yield from dispatch()
         window.append(Embedded(path, None))
         pixels.append(px)
-    yield from flush()
+    yield from dispatch()  # the last batch gathered
+    yield from dispatch()  # and its results
 
 
 @dataclass
