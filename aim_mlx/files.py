@@ -2,6 +2,9 @@
 
 - `cache_dir()`: aim-mlx's own cache (the BLAS copy, zero-shot label embeddings), `$AIM_MLX_CACHE`, else
   `$XDG_CACHE_HOME/aim-mlx`, else `~/.cache/aim-mlx`. An empty variable counts as unset.
+- `data_dir()`: aim-mlx's data (the photo library's database), `$AIM_MLX_DATA`, else the platform's place
+  for application data: `~/Library/Application Support/aim-mlx` on macOS, `$XDG_DATA_HOME/aim-mlx` or
+  `~/.local/share/aim-mlx` elsewhere.
 - The file names a checkpoint folder is made of (config, weights, tokenizer), for the hub, the weight reader,
   conversion and export alike.
 - `atomic_file` and `atomic_folder`: a write that a reader never sees half done and that a failure (or an
@@ -13,6 +16,7 @@ Standard library only: `import aim_mlx` reads the cache directory before anythin
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +46,20 @@ def cache_dir(*parts: str) -> Path:
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(xdg, "aim-mlx")
+    return Path(root, *parts)
+
+
+def data_dir(*parts: str) -> Path:
+    """aim-mlx's data directory, or a path below it (not created here)."""
+    root = os.environ.get("AIM_MLX_DATA")
+    if not root:
+        home = os.path.expanduser("~")
+        if sys.platform == "darwin":
+            root = os.path.join(home, "Library", "Application Support", "aim-mlx")
+        else:
+            root = os.path.join(
+                os.environ.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share"), "aim-mlx"
+            )
     return Path(root, *parts)
 
 

@@ -11,7 +11,18 @@ from aim_mlx.cli import common as cli
 from aim_mlx.variants import DEFAULT_MODEL, DEFAULT_TEXT_MODEL
 
 runner = CliRunner()
-COMMANDS = [["embed"], ["classify"], ["models"], ["convert"], ["export"], ["export", "coreml"], ["bench"]]
+COMMANDS = [
+    ["embed"],
+    ["classify"],
+    ["index"],
+    ["search"],
+    ["duplicates"],
+    ["models"],
+    ["convert"],
+    ["export"],
+    ["export", "coreml"],
+    ["bench"],
+]
 
 
 def invoke(*args, **extra):
@@ -46,7 +57,9 @@ def test_help_is_plain_with_one_usage_style(command):
     assert not set(text) & set("╭╮╰╯│─"), "help in a rich box"
     usage = text.splitlines()[0]
     assert re.fullmatch(
-        r"Usage: aim-mlx( [a-z]+)* \[OPTIONS\]( COMMAND \[ARGS\]\.\.\.| \[IMAGES\]\.\.\.)?", usage
+        r"Usage: aim-mlx( [a-z]+)* \[OPTIONS\]"
+        r"( COMMAND \[ARGS\]\.\.\.| \[(IMAGES|FOLDERS)\]\.\.\.| \[TEXT\])?",
+        usage,
     )
 
 
@@ -60,7 +73,17 @@ def test_command_summaries_are_whole_sentences(group):
 def test_commands_are_listed_in_the_order_a_user_needs_them():
     text = help_text()
     listed = re.findall(r"^  ([a-z]+)  ", text.split("Commands:")[1], flags=re.M)
-    assert listed == ["embed", "classify", "models", "convert", "export", "bench"]
+    assert listed == [
+        "embed",
+        "classify",
+        "index",
+        "search",
+        "duplicates",
+        "models",
+        "convert",
+        "export",
+        "bench",
+    ]
 
 
 def test_the_app_help_has_the_exit_code_table():
@@ -217,7 +240,17 @@ def test_python_keyword_names_match_the_flags():
 
 def test_h_works_on_every_command():
     names = {name for name, _ in click_commands()}
-    assert names == {"embed", "classify", "models", "convert", "export coreml", "bench"}
+    assert names == {
+        "embed",
+        "classify",
+        "index",
+        "search",
+        "duplicates",
+        "models",
+        "convert",
+        "export coreml",
+        "bench",
+    }
     for name in names:
         assert invoke(*name.split(), "-h").exit_code == 0
 

@@ -28,7 +28,7 @@ EXIT_CODES = {
     ExitCode.ERROR: "error, said in one line (AIM_MLX_DEBUG=1 shows the traceback)",
     ExitCode.USAGE: "usage error: an unknown option or a bad value",
     ExitCode.PARTIAL: "some inputs failed and are named on stderr; the others were done",
-    ExitCode.INTERRUPTED: "interrupted (Ctrl-C); nothing written",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C); nothing written (index keeps what it finished)",
 }
 
 
@@ -120,6 +120,17 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
+def rate_column(unit: str):
+    """A progress column with the items per second done so far."""
+    from rich.progress import ProgressColumn
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            return f"{task.speed:.1f} {unit}/s" if task.speed else ""
+
+    return Rate()
+
+
 def progress(*columns, hide: bool = False):
     """A transient rich progress bar on stderr, shown only on a terminal: elsewhere rich would still end
     its line, leaving a blank line in a log."""
@@ -188,8 +199,9 @@ def partial(failed: int, total: int) -> typer.Exit:
     return typer.Exit(ExitCode.PARTIAL)
 
 
-def interrupted(detail: str = "") -> typer.Exit:
-    say(f"interrupted{' ' + detail if detail else ''}; nothing written")
+def interrupted(detail: str = "", kept: bool = False) -> typer.Exit:
+    """Exit 130 after a Ctrl-C; `kept`: the detail says what was kept (a library keeps finished work)."""
+    say(f"interrupted{' ' + detail if detail else ''}{'' if kept else '; nothing written'}")
     return typer.Exit(ExitCode.INTERRUPTED)
 
 

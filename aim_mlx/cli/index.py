@@ -1,0 +1,142 @@
+"""`aim-mlx index`: bring the photo library up to date with folders; over aim_mlx.apps.library.index."""
+
+import json as json_module
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import ConfigError
+from ..variants import DEFAULT_TEXT_MODEL
+from .common import (
+    BatchSize,
+    DTypeOpt,
+    ExitCode,
+    Json,
+    Revision,
+    interrupted,
+    load,
+    model_option,
+    plural,
+    progress,
+    rate_column,
+    say,
+)
+
+EXAMPLES = [
+    "aim-mlx index ~/Pictures",
+    "aim-mlx index ~/Pictures /Volumes/Photos --dry-run",
+    "aim-mlx index ~/Pictures --db ~/photos.sqlite --json",
+]
+
+
+def db_option():
+    from ..files import data_dir
+
+    return typer.Option(
+        "--db",
+        metavar="FILE",
+        show_default=False,
+        help=f"The library database. Default: {data_dir('library.sqlite')}",
+    )
+
+
+def library_path(db: Path | None) -> Path:
+    from ..files import data_dir
+
+    return (db or data_dir("library.sqlite")).expanduser()
+
+
+def index(
+    folders: Annotated[list[Path] | None, typer.Argument(metavar="FOLDERS", hidden=True)] = None,
+    db: Annotated[Path | None, db_option()] = None,
+    model: Annotated[str, model_option("Hub id or local folder.", DEFAULT_TEXT_MODEL)] = DEFAULT_TEXT_MODEL,
+    revision: Revision = None,
+    batch_size: BatchSize = 8,
+    dtype: DTypeOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be done; change nothing.")
+    ] = False,
+    json: Json = False,
+):
+    """Index photos for search: embed every image under FOLDERS once.
+
+    FOLDERS are folders (walked recursively, skipping hidden folders and macOS bundles unless named) or
+    image files. A re-run only touches what changed: unchanged files are not opened, renamed, moved or
+    copied photos reuse their vectors, edited ones are embedded again, deleted ones leave the library.
+    Unreadable files are recorded with the reason and skipped (exit code 3). Interrupted or killed, the
+    library keeps everything finished; run the command again to do the rest.
+    """
+    from ..apps.library.db import Library
+    from ..apps.library.index import index as run_index
+    from ..apps.library.index import plan
+
+    if not folders:
+        raise ConfigError("no folders given; pass the folders (or image files) to index")
+    for folder in folders:
+        if not folder.expanduser().exists():
+            raise ConfigError(f"{folder}: no such file or folder")
+    path = library_path(db)
+    if dry_run:
+        return _dry_run(path, model, folders, json)
+    net, processor = load(model, revision, dtype)
+    done = 0
+    with Library(path) as library:
+        todo = plan(library, library.model_id(net.info), folders)
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+        total = len(todo.todo) + todo.unchanged + len(todo.missing)
+        columns = (TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), rate_column("files"))
+        bar = progress(*columns, TimeRemainingColumn(), hide=len(todo.todo) <= batch_size)
+        try:
+            with bar:
+                task = bar.add_task("index", total=total, completed=todo.unchanged)
+
+                def advance(kind: str) -> None:
+                    nonlocal done
+                    done += 1
+                    bar.advance(task)
+
+                summary = run_index(library, net, processor, folders, batch_size, advance, todo)
+        except KeyboardInterrupt:
+            raise interrupted(
+                f"after {plural(done, 'file')}; what was indexed is kept, run the command again to finish",
+                kept=True,
+            ) from None
+    for _, reason in summary.failed:
+        say(f"skipped {reason}")
+    result = {**summary.to_dict(), "database": str(path), "model": net.info.source}
+    if json:
+        typer.echo(json_module.dumps(result))
+    else:
+        typer.echo(
+            f"{plural(summary.new, 'new file')}, {summary.changed} changed ({summary.embedded} embedded, "
+            f"{summary.reused} reused), {summary.unchanged} unchanged, {summary.removed} removed, "
+            f"{len(summary.failed)} failed; library {path}"
+        )
+    if summary.failed:
+        raise typer.Exit(ExitCode.PARTIAL)
+
+
+def _dry_run(path: Path, model: str, folders: list[Path], json: bool) -> None:
+    """What a run would do, without loading the model or creating the library: files are compared with the
+    library's index for `model` (matched by hub id or folder), or all new when it has none."""
+    from ..apps.library.db import Library
+    from ..apps.library.index import Plan, plan
+    from ..apps.library.scan import walk
+
+    todo = Plan(todo=[(p, None, "new") for p in walk(folders)])
+    if path.exists():
+        with Library(path, create=False) as library:
+            source = str(Path(model).expanduser().resolve()) if Path(model).expanduser().is_dir() else model
+            ids = [m["id"] for m in library.models() if m["info"]["source"] == source]
+            if ids:
+                todo = plan(library, ids[-1], folders)
+    counts = todo.counts()
+    if json:
+        typer.echo(json_module.dumps({**counts, "database": str(path), "dry_run": True}))
+    else:
+        typer.echo(
+            f"would embed or reuse {plural(counts['new'], 'new file')} and {counts['changed']} changed, "
+            f"remove {counts['removed']}, leave {counts['unchanged']} unchanged; library {path}"
+        )

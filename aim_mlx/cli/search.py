@@ -1,0 +1,98 @@
+"""`aim-mlx search`: the photo library's best matches for a text, an image or an indexed photo."""
+
+import json as json_module
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import ConfigError
+from .common import Json, say
+from .index import db_option, library_path
+
+EXAMPLES = [
+    'aim-mlx search "a dog running on the beach"',
+    "aim-mlx search --image query.jpg -k 20",
+    "aim-mlx search --like 1234 --json",
+    'aim-mlx search "sunset over the sea" --open',
+]
+
+
+def search(
+    query: Annotated[str | None, typer.Argument(metavar="TEXT", hidden=True)] = None,
+    image: Annotated[
+        Path | None, typer.Option("--image", "-i", metavar="FILE", help="Find photos like this image file.")
+    ] = None,
+    like: Annotated[
+        int | None, typer.Option("--like", metavar="ID", help="Find photos like this indexed photo (its id).")
+    ] = None,
+    top: Annotated[int, typer.Option("-k", "--top", min=1, metavar="K", help="How many results.")] = 10,
+    db: Annotated[Path | None, db_option()] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            metavar="MODEL",
+            help="Which of the library's models to search (hub id or folder). Default: the only one, or "
+            "the LiT checkpoint.",
+        ),
+    ] = None,
+    json: Json = False,
+    open: Annotated[bool, typer.Option("--open", help="Open the best match in the default viewer.")] = False,
+):
+    """Search the photo library by text, by image or by photo.
+
+    Text needs a library indexed with the LiT checkpoint (the default of `aim-mlx index`), whose image
+    embeddings share a space with text. Scores are cosine similarities; the best comes first.
+    """
+    from ..apps.library.db import Library
+    from ..apps.library.search import Vectors, choose_model, image_query, text_query
+    from ..registry import FAMILIES, text_models
+
+    given = [x for x in (query, image, like) if x is not None]
+    if len(given) != 1:
+        raise ConfigError("give one query: a TEXT, --image FILE or --like ID")
+    with Library(library_path(db), create=False) as library:
+        entry = choose_model(library, model)
+        if query is not None and not FAMILIES[entry["info"]["family"]].text:
+            raise ConfigError(
+                f"this library was indexed with {entry['info']['source']}, which has no text tower; search "
+                f"it with --image, or index with {', '.join(text_models())} to search by text"
+            )
+        vectors = Vectors.load(library, entry["id"])
+        if like is not None:
+            hits = vectors.top_k(vectors.vector(like), top, exclude=like)
+        else:
+            net, processor = _load(entry)
+            vector = text_query(net, query) if query is not None else image_query(net, processor, image)
+            hits = vectors.top_k(vector, top)
+    if json:
+        typer.echo(json_module.dumps([h.to_dict() for h in hits]))
+    else:
+        for hit in hits:
+            typer.echo(f"{hit.score:.4f}  {hit.path}")
+        if not hits:
+            say("no photos in the library")
+    if open and hits:
+        _open(hits[0].path)
+
+
+def _load(entry: dict):
+    from ..apps.library.search import load_model
+    from .common import spinner
+
+    with spinner(f"loading {entry['info']['source']}"):
+        return load_model(entry)
+
+
+def _open(path: str) -> None:
+    """Open a file in the platform's viewer (macOS `open`, elsewhere `xdg-open`)."""
+    import shutil
+    import subprocess
+    import sys
+
+    opener = "open" if sys.platform == "darwin" else "xdg-open"
+    if shutil.which(opener) is None:
+        raise ConfigError(f"cannot open {path}: no `{opener}` on this system")
+    subprocess.Popen([opener, path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

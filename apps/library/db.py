@@ -1,0 +1,282 @@
+"""The photo library's database: SQLite in WAL mode, the system of record.
+
+- `files`: one row per indexed file (path, size, mtime, content hash, pixel size, EXIF capture time). A row
+  exists only once its vector does, for the model that indexed it: both are written in one transaction.
+- `models`: each model identity (`model.info.key`) that indexed something, with what `load()` needs to load
+  it again. `vectors`: one embedding per (model, content hash), so a renamed, moved or copied photo reuses
+  its vector, a second model adds rows beside the first, and search never mixes spaces.
+- `failures`: files that could not be read, with the reason, until they are fixed or gone.
+- `meta`: the schema version; `MIGRATIONS` take an older database forward, a newer one is refused.
+
+WAL lets searches (readers) run while an index run writes; a killed writer leaves the last committed
+transaction, which SQLite guarantees whatever the moment of the kill.
+"""
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aim_mlx.errors import AimMlxError
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE models (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,       -- model.info.key
+    info TEXT NOT NULL,             -- model.info.to_dict(), JSON: source, revision, family, dims
+    dim INTEGER NOT NULL
+);
+CREATE TABLE files (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL,
+    model_id INTEGER NOT NULL REFERENCES models(id),
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    hash TEXT NOT NULL,             -- SHA-256 of the file's bytes
+    width INTEGER,                  -- upright (after EXIF rotation)
+    height INTEGER,
+    taken TEXT,                     -- EXIF capture time, ISO 8601, when the file has one
+    indexed_at REAL NOT NULL,
+    UNIQUE (model_id, path)
+);
+CREATE INDEX files_hash ON files (hash);
+CREATE TABLE vectors (
+    model_id INTEGER NOT NULL REFERENCES models(id),
+    hash TEXT NOT NULL,
+    vector BLOB NOT NULL,           -- float32, L2-normalised
+    PRIMARY KEY (model_id, hash)
+);
+CREATE TABLE failures (
+    path TEXT PRIMARY KEY,
+    size INTEGER,
+    mtime_ns INTEGER,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
+"""
+MIGRATIONS: dict[int, str] = {}  # version v -> the SQL that takes a database from v to v + 1
+
+
+class LibraryError(AimMlxError):
+    """A database that cannot be used as it is: newer, locked, corrupt, or not a library."""
+
+
+@dataclass
+class FileFacts:
+    """What indexing learns about a file before (or instead of) running the model."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    hash: str
+    width: int | None = None
+    height: int | None = None
+    taken: str | None = None
+
+
+class Library:
+    """One open library database. `Library(path)` creates it (with its folder) if it does not exist."""
+
+    def __init__(self, path: str | Path, create: bool = True, timeout: float = 10.0):
+        self.path = Path(path).expanduser()
+        if not self.path.exists():
+            if not create:
+                raise LibraryError(f"{self.path}: no library here yet; run `aim-mlx index FOLDER` first")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise _database_error(self.path, exc) from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _migrate(self) -> None:
+        """Create the schema in a new database, or bring an older one forward, in one write transaction (so
+        two processes opening a new library at once cannot both create it)."""
+        with self.transaction():
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables:
+                _run(self.conn, SCHEMA)
+                self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                return
+            if "meta" not in tables:
+                raise LibraryError(f"{self.path} is an SQLite database but not an aim-mlx library")
+            row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row[0])
+            if version > SCHEMA_VERSION:
+                raise LibraryError(
+                    f"{self.path} was written by a newer aim-mlx (schema {version}, this one reads up to "
+                    f"{SCHEMA_VERSION}); upgrade aim-mlx"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                _run(self.conn, MIGRATIONS[step])
+            self.conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+
+    def transaction(self):
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error)."""
+        return _Transaction(self.conn, self.path)
+
+    # models
+
+    def model_id(self, info) -> int:
+        """The id of `info`'s model identity (a ModelInfo), added if new."""
+        row = self.conn.execute("SELECT id FROM models WHERE key=?", (info.key,)).fetchone()
+        if row:
+            return row[0]
+        with self.transaction():
+            cur = self.conn.execute(
+                "INSERT INTO models (key, info, dim) VALUES (?, ?, ?)",
+                (info.key, json.dumps(info.to_dict()), int(info.dims["embed_dim"])),
+            )
+            return cur.lastrowid
+
+    def models(self) -> list[dict]:
+        """Every model with vectors here: id, key, info (dict), dim, and how many files it indexed."""
+        rows = self.conn.execute(
+            "SELECT m.id, m.key, m.info, m.dim, COUNT(f.id) FROM models m "
+            "LEFT JOIN files f ON f.model_id = m.id GROUP BY m.id ORDER BY m.id"
+        )
+        return [
+            {"id": i, "key": k, "info": json.loads(info), "dim": dim, "files": n}
+            for i, k, info, dim, n in rows
+        ]
+
+    # files and vectors
+
+    def known_files(self, model_id: int) -> dict[str, tuple[int, int, str]]:
+        """path -> (size, mtime_ns, hash) of every file `model_id` indexed."""
+        rows = self.conn.execute("SELECT path, size, mtime_ns, hash FROM files WHERE model_id=?", (model_id,))
+        return {p: (s, m, h) for p, s, m, h in rows}
+
+    def known_hashes(self, model_id: int) -> set[str]:
+        return {h for (h,) in self.conn.execute("SELECT hash FROM vectors WHERE model_id=?", (model_id,))}
+
+    def hashes(self, model_id: int) -> dict[int, str]:
+        """file id -> content hash, for the files `model_id` indexed."""
+        rows = self.conn.execute("SELECT id, hash FROM files WHERE model_id=?", (model_id,))
+        return dict(rows.fetchall())
+
+    def put(self, model_id: int, facts: FileFacts, vector: np.ndarray | None = None) -> None:
+        """Record a file (replacing its row), with its vector when that is new; inside a transaction."""
+        if vector is not None:
+            blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+            self.conn.execute(
+                "INSERT OR REPLACE INTO vectors (model_id, hash, vector) VALUES (?, ?, ?)",
+                (model_id, facts.hash, blob),
+            )
+        self.conn.execute(
+            "INSERT OR REPLACE INTO files (path, model_id, size, mtime_ns, hash, width, height, taken, "
+            "indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                facts.path,
+                model_id,
+                facts.size,
+                facts.mtime_ns,
+                facts.hash,
+                facts.width,
+                facts.height,
+                facts.taken,
+                time.time(),
+            ),
+        )
+        self.conn.execute("DELETE FROM failures WHERE path=?", (facts.path,))
+
+    def fail(self, path: str, reason: str, size: int | None = None, mtime_ns: int | None = None) -> None:
+        """Record why a file could not be indexed; inside a transaction."""
+        self.conn.execute(
+            "INSERT OR REPLACE INTO failures (path, size, mtime_ns, reason, at) VALUES (?, ?, ?, ?, ?)",
+            (path, size, mtime_ns, reason, time.time()),
+        )
+
+    def failures(self) -> list[tuple[str, str]]:
+        return list(self.conn.execute("SELECT path, reason FROM failures ORDER BY path"))
+
+    def remove(self, model_id: int, paths: list[str]) -> None:
+        """Forget files that are gone (and their failures)."""
+        with self.transaction():
+            self.conn.executemany(
+                "DELETE FROM files WHERE model_id=? AND path=?", [(model_id, p) for p in paths]
+            )
+            self.conn.executemany("DELETE FROM failures WHERE path=?", [(p,) for p in paths])
+
+    def prune(self, model_id: int) -> None:
+        """Drop the vectors no file of the model uses any more (edited or deleted photos)."""
+        with self.transaction():
+            self.conn.execute(
+                "DELETE FROM vectors WHERE model_id=? "
+                "AND hash NOT IN (SELECT hash FROM files WHERE model_id=?)",
+                (model_id, model_id),
+            )
+
+    def vectors(self, model_id: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """(file ids, paths, (n, D) float32 vectors) of every file `model_id` indexed, in id order."""
+        rows = self.conn.execute(
+            "SELECT f.id, f.path, v.vector FROM files f JOIN vectors v "
+            "ON v.model_id = f.model_id AND v.hash = f.hash WHERE f.model_id=? ORDER BY f.id",
+            (model_id,),
+        ).fetchall()
+        dim = self.conn.execute("SELECT dim FROM models WHERE id=?", (model_id,)).fetchone()[0]
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+        return ids, [r[1] for r in rows], matrix
+
+    def file(self, file_id: int) -> dict | None:
+        """One indexed file's row as a dict, or None."""
+        cur = self.conn.execute("SELECT * FROM files WHERE id=?", (file_id,))
+        row = cur.fetchone()
+        return None if row is None else dict(zip([c[0] for c in cur.description], row, strict=True))
+
+    def check(self) -> str:
+        """SQLite's integrity check: 'ok', or what is wrong."""
+        return "; ".join(r[0] for r in self.conn.execute("PRAGMA integrity_check"))
+
+
+def _run(conn: sqlite3.Connection, script: str) -> None:
+    """Each statement of `script` in the open transaction (executescript would commit it first)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+class _Transaction:
+    def __init__(self, conn: sqlite3.Connection, path: Path):
+        self.conn, self.path = conn, path
+
+    def __enter__(self):
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise _database_error(self.path, exc) from None
+        return self.conn
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")
+        return False
+
+
+def _database_error(path: Path, exc: sqlite3.DatabaseError) -> LibraryError:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return LibraryError(f"{path} is locked by another aim-mlx process; wait for it to finish")
+    if "not a database" in text or "malformed" in text:
+        return LibraryError(f"{path} is not a readable library database ({text}); move it aside and re-index")
+    return LibraryError(f"{path}: {text}")

@@ -1,0 +1,202 @@
+"""`aim-mlx index`: bring a library database up to date with folders of photos.
+
+A run walks the folders and compares each file with the database (path, size, mtime):
+- unchanged: not opened;
+- new or changed: hashed (and its header read) on worker threads; a hash the model has already embedded
+  (a rename, a move, a copy, an edit undone) reuses that vector; any other is embedded through
+  aim_mlx.embed.iter_embeddings, which decodes ahead on its own threads while the model runs;
+- gone (under a folder walked, but not found): removed, with vectors no file uses any more.
+Writes are committed a batch at a time, each file with its vector in one transaction: a run killed at any
+moment leaves a valid database holding every batch committed, and the next run does the rest.
+"""
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+from aim_mlx.embed import iter_embeddings
+
+from .db import FileFacts, Library
+from .scan import facts, walk
+
+
+@dataclass
+class Plan:
+    """What a run would do, from the walk and the database alone (nothing opened)."""
+
+    todo: list[tuple[Path, os.stat_result, str]] = field(default_factory=list)  # (path, stat, new|changed)
+    unchanged: int = 0
+    gone: list[str] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): named but unreadable
+
+    def counts(self) -> dict:
+        kinds = [kind for _, _, kind in self.todo]
+        return {
+            "new": kinds.count("new"),
+            "changed": kinds.count("changed"),
+            "unchanged": self.unchanged,
+            "removed": len(self.gone),
+        }
+
+
+@dataclass
+class Summary:
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    embedded: int = 0  # of new + changed, how many ran through the model
+    reused: int = 0  # ... and how many reused a known vector (same content)
+    removed: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def to_dict(self) -> dict:
+        fields = ("new", "changed", "unchanged", "embedded", "reused", "removed")
+        failed = [{"path": p, "error": e} for p, e in self.failed]
+        return {**{k: getattr(self, k) for k in fields}, "failed": failed}
+
+
+def plan(library: Library, model_id: int, roots: Iterable[str | os.PathLike]) -> Plan:
+    """Walk `roots` and sort every image file into unchanged, new or changed; list indexed files gone."""
+    roots = [Path(r).expanduser().resolve() for r in roots]
+    known = library.known_files(model_id)
+    hashes = library.known_hashes(model_id)
+    result = Plan()
+    seen = set()
+    for path in walk(roots):
+        seen.add(str(path))
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            result.missing.append((str(path), f"{path}: {exc.strerror or exc}"))
+            continue
+        row = known.get(str(path))
+        if row is None:
+            result.todo.append((path, stat, "new"))
+        elif row[:2] == (stat.st_size, stat.st_mtime_ns) and row[2] in hashes:
+            result.unchanged += 1
+        else:
+            result.todo.append((path, stat, "changed"))
+    for path in known:
+        if path not in seen and _under(path, roots):
+            result.gone.append(path)
+    return result
+
+
+def _under(path: str, roots: list[Path]) -> bool:
+    return any(path == str(r) or path.startswith(str(r).rstrip(os.sep) + os.sep) for r in roots)
+
+
+def index(
+    library: Library,
+    model,
+    processor,
+    roots: Iterable[str | os.PathLike],
+    batch_size: int = 8,
+    on_file: Callable[[str], None] | None = None,
+    todo: Plan | None = None,
+) -> Summary:
+    """Index `roots` with `model` (loaded by aim_mlx.load) into `library`. `on_file(kind)` is called once per
+    file read: "embedded", "reused" or "failed" (unchanged files are not read). `todo`: a plan made already
+    (see `plan`)."""
+    model_id = library.model_id(model.info)
+    todo = todo or plan(library, model_id, roots)
+    counts = todo.counts()
+    summary = Summary(new=counts["new"], changed=counts["changed"], unchanged=todo.unchanged)
+    hashes = library.known_hashes(model_id)
+    writes: list[tuple[FileFacts, object]] = []  # (facts, vector or None: reuse) waiting for a commit
+    failures: list[tuple[str, str, int | None, int | None]] = []
+    waiting: dict[str, list[FileFacts]] = {}  # a hash being embedded -> files with the same content
+    facts_of: dict[str, FileFacts] = {}
+
+    def done(kind: str) -> None:
+        if on_file:
+            on_file(kind)
+
+    def commit() -> None:
+        with library.transaction():
+            for item, vector in writes:
+                library.put(model_id, item, vector)
+            for path, reason, size, mtime in failures:
+                library.fail(path, reason, size, mtime)
+        writes.clear()
+        failures.clear()
+
+    def fail(path: str, reason: str, size=None, mtime=None) -> None:
+        failures.append((path, reason, size, mtime))
+        summary.failed.append((path, reason))
+        done("failed")
+
+    def to_embed() -> Iterator[Path]:
+        """The files the model must see, hashed ahead on threads; the others are recorded on the way."""
+        for (path, stat, _), found in _hashed(todo.todo):
+            if isinstance(found, str):
+                fail(str(path), found, stat.st_size, stat.st_mtime_ns)
+            elif found.hash in hashes:
+                writes.append((found, None))
+                summary.reused += 1
+                done("reused")
+            elif found.hash in waiting:
+                waiting[found.hash].append(found)
+            else:
+                waiting[found.hash] = []
+                facts_of[str(path)] = found
+                yield path
+
+    try:
+        for path, reason in todo.missing:
+            fail(path, reason)
+        for item in iter_embeddings(model, processor, to_embed(), batch_size):
+            found = facts_of.pop(str(item.path))
+            same = waiting.pop(found.hash)
+            if item.error is not None:
+                for f in (found, *same):
+                    fail(f.path, item.error if f is found else f"{f.path}: {item.error}", f.size, f.mtime_ns)
+                continue
+            writes.append((found, item.embedding))
+            hashes.add(found.hash)
+            summary.embedded += 1
+            done("embedded")
+            for f in same:
+                writes.append((f, None))
+                summary.reused += 1
+                done("reused")
+            if len(writes) >= batch_size:
+                commit()
+        commit()
+    except KeyboardInterrupt:
+        commit()  # what is finished is kept; the next run does the rest
+        raise
+    if todo.gone:
+        library.remove(model_id, todo.gone)
+        summary.removed = len(todo.gone)
+    library.prune(model_id)
+    return summary
+
+
+def _hashed(todo: list, workers: int = 4, lookahead: int = 32):
+    """((path, stat, kind), FileFacts or a one-line error) in order, hashed on threads ahead of the
+    consumer."""
+    items = iter(todo)
+    with ThreadPoolExecutor(max_workers=min(workers, os.cpu_count() or 1)) as pool:
+        pending = deque((item, pool.submit(_facts, item)) for item in islice(items, lookahead))
+        try:
+            while pending:
+                item, future = pending.popleft()
+                for nxt in islice(items, 1):
+                    pending.append((nxt, pool.submit(_facts, nxt)))
+                yield item, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _facts(item) -> FileFacts | str:
+    path, stat, _ = item
+    try:
+        return facts(path, stat)
+    except OSError as exc:
+        return f"{path}: cannot read ({exc.strerror or exc})"
