@@ -1,4 +1,8 @@
-"""Reading images safely: a file Pillow opens becomes an upright RGB image, or an ImageError says why not."""
+"""Reading images safely: a file Pillow opens becomes an upright RGB image, or an ImageError says why not.
+
+iPhone photos are HEIC: Pillow reads them through pillow-heif (the `library` extra) when it is installed;
+without it such a file is skipped with a line naming the extra. AVIF is Pillow's own.
+"""
 
 import os
 import warnings
@@ -11,11 +15,28 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ImageError
 
 ImageLike = str | os.PathLike | Image.Image
+HEIF_SUFFIXES = {".heic", ".heics", ".heif", ".heifs", ".hif"}
+_plugins: list[bool] = []  # [whether pillow-heif registered], once tried
+
+
+def heif_available() -> bool:
+    """Register pillow-heif's HEIC/HEIF opener with Pillow (once); False when it is not installed."""
+    if not _plugins:
+        try:
+            from pillow_heif import register_heif_opener
+        except ImportError:
+            _plugins.append(False)
+        else:
+            register_heif_opener()
+            _plugins.append(True)
+    return _plugins[0]
 
 
 def image_suffixes() -> set[str]:
-    """File suffixes Pillow can open (used when walking folders; files named explicitly are always tried)."""
-    return {suffix.lower() for suffix in Image.registered_extensions()}
+    """File suffixes Pillow can open (used when walking folders; files named explicitly are always tried).
+    HEIC/HEIF count even without pillow-heif, so that such photos are reported, not silently passed over."""
+    heif_available()
+    return {suffix.lower() for suffix in Image.registered_extensions()} | HEIF_SUFFIXES
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -52,6 +73,7 @@ def load_image(source: ImageLike) -> Image.Image:
         raise ImageError(f"{path}: is a folder, not an image")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: file is empty")
+    heif_available()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -65,6 +87,10 @@ def load_image(source: ImageLike) -> Image.Image:
             f"{path}: over Pillow's decompression-bomb limit of {limit} pixels; downscale it"
         ) from None
     except UnidentifiedImageError:
+        if path.suffix.lower() in HEIF_SUFFIXES and not heif_available():
+            raise ImageError(
+                f"{path}: reading HEIC/HEIF photos needs pillow-heif; pip install 'aim-mlx[library]'"
+            ) from None
         raise ImageError(f"{path}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as exc:  # Pillow reports truncated/corrupt data in all three
         raise ImageError(f"{path}: truncated or corrupt image ({exc})") from None

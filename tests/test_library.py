@@ -333,3 +333,32 @@ def test_bad_libraries_and_queries_get_one_line(lit, photos, tmp_path):
     assert result.exit_code == 1 and "no such file or folder" in result.stderr
     for line in (result.stderr,):
         assert len(line.strip().splitlines()) == 1
+
+
+def test_heic_photos_are_indexed_and_found_and_without_the_plugin_named_in_one_line(
+    lit, tmp_path, monkeypatch
+):
+    """An iPhone-style HEIC file (written by pillow-heif) is indexed like any photo, and a search with it
+    finds itself first; without pillow-heif the file is skipped with the extra to install."""
+    from aim_mlx import images
+    from aim_mlx.errors import ImageError
+
+    _, folder = lit
+    assert images.heif_available()
+    root = tmp_path / "iphone"
+    root.mkdir()
+    Image.fromarray(skimage.data.coffee()).save(root / "IMG_0001.HEIC", quality=90)
+    Image.fromarray(skimage.data.astronaut()).save(root / "IMG_0002.heic", quality=90)
+    Image.fromarray(skimage.data.rocket()).save(root / "IMG_0003.avif", quality=90)
+    db = tmp_path / "library.sqlite"
+    result, summary = index(folder, db, root)
+    assert result.exit_code == 0 and summary["embedded"] == 3, result.output
+    hits = json.loads(cli("search", "--image", root / "IMG_0001.HEIC", "--db", db, "--json").stdout)
+    assert hits[0]["path"] == str(root / "IMG_0001.HEIC") and hits[0]["score"] == pytest.approx(1, abs=1e-4)
+
+    monkeypatch.setattr(images, "_plugins", [False])
+    monkeypatch.setattr(Image, "ID", [name for name in Image.ID if name != "HEIF"])  # as if never registered
+    with pytest.raises(
+        ImageError, match=r"IMG_0002.heic: reading HEIC/HEIF photos needs pillow-heif; pip install"
+    ):
+        images.load_image(root / "IMG_0002.heic")
