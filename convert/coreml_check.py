@@ -110,6 +110,41 @@ def _matmul(x, y, transpose_x=False, transpose_y=False):
     return (np.swapaxes(x, -1, -2) if transpose_x else x) @ (np.swapaxes(y, -1, -2) if transpose_y else y)
 
 
+def _layer_norm(x, axes=None, gamma=None, beta=None, epsilon=1e-5):
+    """MIL layer_norm: gamma · (x - E[x]) / sqrt(Var[x] + epsilon) + beta over `axes` (default: all);
+    gamma and beta have the shape of those axes."""
+    axes = tuple(range(x.ndim)) if axes is None else tuple(int(a) % x.ndim for a in axes)
+    centred = x - x.mean(axis=axes, keepdims=True)
+    out = centred / np.sqrt(np.square(centred).mean(axis=axes, keepdims=True) + epsilon)
+    shape = [n if i in axes else 1 for i, n in enumerate(x.shape)]
+    if gamma is not None:
+        out = out * gamma.reshape(shape)
+    return out if beta is None else out + beta.reshape(shape)
+
+
+def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    """MIL slice_by_index: x[begin:end:stride] per axis; a mask entry drops that begin/end, a squeeze entry
+    indexes at begin."""
+    index = []
+    for i in range(x.ndim):
+        if squeeze_mask is not None and squeeze_mask[i]:
+            index.append(int(begin[i]))
+            continue
+        start = None if begin_mask is not None and begin_mask[i] else int(begin[i])
+        stop = None if end_mask is not None and end_mask[i] else int(end[i])
+        index.append(slice(start, stop, 1 if stride is None else int(stride[i])))
+    return x[tuple(index)]
+
+
+def _sdpa(query, key, value, attn_mask=None):
+    """iOS18 scaled_dot_product_attention: softmax(q·kᵀ / sqrt(E) + mask)·v; a bool mask marks the
+    positions that take part (the others get -inf), a float mask is added to the scores."""
+    scores = _matmul(query, key, transpose_y=True) / np.sqrt(np.float32(query.shape[-1]))
+    if attn_mask is not None:
+        scores = np.where(attn_mask, scores, -np.inf) if attn_mask.dtype == bool else scores + attn_mask
+    return _softmax(scores, -1) @ value
+
+
 OPS = {
     "identity": lambda x: x,
     "cast": lambda x, dtype: x,  # the result is rounded to the declared output dtype below
@@ -126,6 +161,10 @@ OPS = {
     "silu": lambda x: x / (1 + np.exp(-x)),
     "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
     "softmax": _softmax,
+    "layer_norm": _layer_norm,
+    "scaled_dot_product_attention": _sdpa,
+    "concat": lambda values, axis, interleave=False: _concat(values, int(axis), interleave),
+    "slice_by_index": _slice_by_index,
     "reduce_mean": _reduce(np.mean),
     "reduce_max": _reduce(np.max),
     "reduce_sum": _reduce(np.sum),
@@ -163,6 +202,12 @@ OPS = {
         * _blockwise(scale.astype(np.float32), data.shape)
     ),
 }
+
+
+def _concat(values, axis: int, interleave: bool):
+    if interleave:
+        raise AimMlxError("the evaluator does not run interleaved concat")
+    return np.concatenate(values, axis=axis)
 
 
 def _cumsum(x, axis: int, exclusive: bool, reverse: bool):

@@ -9,7 +9,15 @@ end-of-text token pool at position 0, as MLX's argmax does (a zero row would nor
 
 import numpy as np
 
-from .mil import attention_pool, l2_normalize, numpy_params, rms_norm, transformer
+from .mil import (
+    DEFAULT_NORM,
+    attention_pool,
+    fused_attention,
+    l2_normalize,
+    numpy_params,
+    rms_norm,
+    transformer,
+)
 
 MASKED = -1e4  # an added score that softmax turns into 0, and float16 can hold
 
@@ -27,15 +35,16 @@ def image_pool(w: dict, heads: int):
     """The pooling for coreml_vision.build_program: the attention-pooling head, the image projection and L2
     normalisation, (1, N, D) tokens -> (1, P)."""
 
-    def pool(mb, x):
-        pooled = attention_pool(mb, x, w, "head.", heads)  # (1, D)
+    def pool(mb, x, fused: bool):
+        pooled = attention_pool(mb, x, w, "head.", heads, fused)  # (1, D)
         return l2_normalize(mb, mb.linear(x=pooled, weight=w["image_projector.weight"]))
 
     return pool
 
 
-def build_text_program(w: dict, config, opset):
-    """`input_ids` (1, L) int32 -> `text_embeds` (1, P): the causal text tower pooled at the first EOS."""
+def build_text_program(w: dict, config, opset, norm: str = DEFAULT_NORM):
+    """`input_ids` (1, L) int32 -> `text_embeds` (1, P): the causal text tower pooled at the first EOS.
+    `norm` and the fused attention as in coreml_vision.build_program."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
 
@@ -47,7 +56,8 @@ def build_text_program(w: dict, config, opset):
         x = mb.gather(x=w["text_embedding.weight"], indices=input_ids, axis=0)  # (1, L, D)
         x = mb.add(x=x, y=w["positional_embedding"][None, :length])
         eps = config.rms_norm_eps
-        x = transformer(mb, x, w, "blocks.", config.num_hidden_layers, config.num_attention_heads, eps, mask)
+        layers, heads = config.num_hidden_layers, config.num_attention_heads
+        x = transformer(mb, x, w, "blocks.", layers, heads, eps, fused_attention(opset), norm, mask)
         eos = mb.cast(x=mb.equal(x=input_ids, y=np.int32(config.eos_token_id)), dtype="fp32")  # (1, L)
         first = mb.mul(
             x=eos, y=mb.cast(x=mb.equal(x=mb.cumsum(x=eos, axis=1), y=np.float32(1)), dtype="fp32")
@@ -56,7 +66,7 @@ def build_text_program(w: dict, config, opset):
         position_0 = np.eye(1, length, dtype=np.float32)  # (1, L)
         first = mb.add(x=first, y=mb.mul(x=none, y=position_0))
         pooled = mb.reshape(x=mb.matmul(x=mb.expand_dims(x=first, axes=[1]), y=x), shape=[1, d])  # (1, D)
-        pooled = rms_norm(mb, pooled, w["post_trunk_norm.weight"], eps)
+        pooled = rms_norm(mb, pooled, w["post_trunk_norm.weight"], eps, norm)
         embeds = l2_normalize(mb, mb.linear(x=pooled, weight=w["text_projector.weight"]))
         return mb.identity(x=embeds, name="text_embeds")
 

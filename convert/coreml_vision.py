@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..models.aimv2 import AIMv2VisionEncoder, sincos_2d
-from .mil import numpy_params, rms_norm, transformer
+from .mil import DEFAULT_NORM, fused_attention, numpy_params, rms_norm, transformer
 
 
 def vision_weights(model) -> dict[str, np.ndarray]:
@@ -40,14 +40,17 @@ def build_program(
     tokens: bool,
     opset,
     pool=None,
+    norm: str = DEFAULT_NORM,
 ):
     """The encoder as a MIL program: (1, 3, S, S) pixels in, `image_embeds` (+ `last_hidden_state`) out.
 
-    `pool(mb, tokens)` makes the (1, D') embedding from the final (1, N, D) tokens; default: their mean."""
+    `pool(mb, tokens, fused)` makes the (1, D') embedding from the final (1, N, D) tokens; default: their
+    mean. `norm` is the RMSNorm formulation (mil.NORMS); the attention is fused where `opset` has the op."""
     from coremltools.converters.mil import Builder as mb
 
     d, p, eps = config.hidden_size, config.patch_size, config.rms_norm_eps
     n = (image_size // p) ** 2
+    fused = fused_attention(opset)
     # The native checkpoint's positions: the (N, D) sin-cos table MLX computes for this grid.
     pos = np.array(sincos_2d(image_size // p, image_size // p, d)) if config.is_native else w["pos_embed"]
     # pixel * rescale / std - mean / std, per channel; the identity for already normalised tensors
@@ -60,13 +63,14 @@ def build_program(
         conv = w["patch_embed.proj.weight"].transpose(0, 3, 1, 2)  # MLX (D, p, p, C) -> Core ML OIHW
         x = mb.conv(x=x, weight=conv, bias=w["patch_embed.proj.bias"], strides=[p, p], pad_type="valid")
         x = mb.transpose(x=mb.reshape(x=x, shape=[1, d, n]), perm=[0, 2, 1])  # (1, N, D), rows outer
-        x = mb.add(x=rms_norm(mb, x, w["patch_embed.norm.weight"], eps), y=pos[None])
-        x = transformer(mb, x, w, "blocks.", config.num_hidden_layers, config.num_attention_heads, eps)
-        x = rms_norm(mb, x, w["post_trunk_norm.weight"], eps)
+        x = mb.add(x=rms_norm(mb, x, w["patch_embed.norm.weight"], eps, norm), y=pos[None])
+        layers, heads = config.num_hidden_layers, config.num_attention_heads
+        x = transformer(mb, x, w, "blocks.", layers, heads, eps, fused, norm)
+        x = rms_norm(mb, x, w["post_trunk_norm.weight"], eps, norm)
         if pool is None:
             pooled = mb.reduce_mean(x=x, axes=[1], keep_dims=False, name="image_embeds")  # (1, D)
         else:
-            pooled = mb.identity(x=pool(mb, x), name="image_embeds")
+            pooled = mb.identity(x=pool(mb, x, fused), name="image_embeds")
         if tokens:
             return pooled, mb.identity(x=x, name="last_hidden_state")  # (1, N, D)
         return pooled
