@@ -351,6 +351,14 @@ def check_package(package: str | Path, model, images=None) -> dict:
         report["predict"] = predicted
         report["passed"] = report["passed"] and _passes(predicted, metric, bound)
         report["summary"] += f"; MLModel.predict {metric} {predicted[metric]:.3g}"
+        # Not run on this project's machines (Linux): written to coremltools' documented API, untested.
+        outputs, devices = neural_engine_run(package, feeds)
+        report["predict_cpu_and_ne"] = _compare(outputs, reference)
+        report["placement"] = devices
+        report["passed"] = report["passed"] and _passes(report["predict_cpu_and_ne"], metric, bound)
+        report["summary"] += (
+            f"; CPU_AND_NE {metric} {report['predict_cpu_and_ne'][metric]:.3g}; {placement_line(devices)}"
+        )
     logger.info("checked %s: %s", package, report["summary"])
     return report
 
@@ -380,6 +388,15 @@ def check_text_package(package: str | Path, model, texts: list[str]) -> dict:
             else report["predict"][metric] >= bound
         )
         report["passed"] = bool(passed and ok)
+        # Not run on this project's machines (Linux), as in check_package.
+        outputs, devices = neural_engine_run(package, [{"input_ids": row[None]} for row in ids])
+        got_ne = np.concatenate([o["text_embeds"] for o in outputs])
+        report["predict_cpu_and_ne"] = _compare([{"image_embeds": got_ne}], {"image_embeds": reference})
+        report["placement"] = devices
+        report["passed"] = report["passed"] and _passes(report["predict_cpu_and_ne"], metric, bound)
+        report["summary"] += f"; CPU_AND_NE {metric} {report['predict_cpu_and_ne'][metric]:.3g}; " + (
+            placement_line(devices)
+        )
     return report
 
 
@@ -417,6 +434,50 @@ def input_problem(spec, meta: dict) -> str | None:
     if shape != [1, 3, size, size]:
         return f"input {feature.name!r} has shape {shape}; the metadata says (1, 3, {size}, {size})"
     return None
+
+
+DEVICES = {
+    "MLNeuralEngineComputeDevice": "Neural Engine",
+    "MLGPUComputeDevice": "GPU",
+    "MLCPUComputeDevice": "CPU",
+}
+
+
+def placement(plan) -> dict[str, int]:
+    """Ops of an MLComputePlan's main function (nested blocks included) per preferred compute device. Ops
+    the plan gives no device usage for (constants) are not counted."""
+    counts: dict[str, int] = {}
+
+    def walk(block):
+        for op in block.operations:
+            usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
+            if usage is not None:
+                name = type(usage.preferred_compute_device).__name__
+                name = DEVICES.get(name, name)
+                counts[name] = counts.get(name, 0) + 1
+            for inner in op.blocks:
+                walk(inner)
+
+    walk(plan.model_structure.program.functions["main"].block)
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def placement_line(counts: dict[str, int]) -> str:
+    """E.g. 'Neural Engine 812 ops, GPU 3, CPU 2'."""
+    parts = [f"{device} {n}" for device, n in counts.items()]
+    return (parts[0] + " ops" + "".join(f", {p}" for p in parts[1:])) if parts else "no ops placed"
+
+
+def neural_engine_run(package, feeds: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """macOS only: predictions with ComputeUnit.CPU_AND_NE and the ops per preferred device of the compute
+    plan Core ML makes for those units. Never run on this project's Linux machines."""
+    import coremltools as ct
+    from coremltools.models.compute_plan import MLComputePlan
+
+    mlmodel = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_AND_NE)
+    outputs = [mlmodel.predict(f) for f in feeds]
+    plan = MLComputePlan.load_from_path(mlmodel.get_compiled_model_path(), ct.ComputeUnit.CPU_AND_NE)
+    return outputs, placement(plan)
 
 
 def _compare(outputs: list[dict], reference: dict) -> dict:

@@ -1,5 +1,5 @@
 """Core ML op formulations (issue #18): RMSNorm through `layer_norm`, the fused attention op from iOS18, the
-evaluator's new ops and its input-description and token checks.
+evaluator's new ops and input-description checks, and the macOS compute-plan summary.
 
 Packages are read back and run by the numpy evaluator against MLX float32 on real photos, as in
 test_coreml.py; the evaluator's new ops are checked against torch and coremltools' own value inference.
@@ -291,3 +291,43 @@ def test_float16_tokens_have_their_own_bound():
     assert coreml_check._passes({"cosine": 1.0, "max_rel_error": 1.0}, "cosine", bound)
     assert not coreml_check._passes({"cosine": 1.0, "tokens_cosine": bound - 1e-4}, "cosine", bound)
     assert coreml_check._passes({"cosine": bound, "tokens_cosine": bound}, "cosine", bound)
+
+
+# macOS: the compute plan's device placement. Only the counting is tested here, on coremltools' own
+# structure classes and device classes; MLComputePlan itself needs macOS and has not been run.
+
+
+def test_placement_counts_ops_per_preferred_device():
+    from types import SimpleNamespace
+
+    from coremltools.models import compute_device as cd
+    from coremltools.models import compute_plan as cp
+
+    def op(name, blocks=()):
+        return cp.MLModelStructureProgramOperation({}, name, [], list(blocks), None)
+
+    def block(*ops):
+        return cp.MLModelStructureProgramBlock([], list(ops), [])
+
+    inner = block(op("add"))
+    ops = [op("const"), op("conv"), op("layer_norm"), op("cond", [inner]), op("softmax"), op("gather")]
+    main = cp.MLModelStructureProgramFunction([], block(*ops))
+    structure = cp.MLModelStructure(None, cp.MLModelStructureProgram({"main": main}), None)
+    device = {name: object.__new__(getattr(cd, name)) for name in coreml_check.DEVICES}
+    preferred = {
+        "conv": "MLNeuralEngineComputeDevice",
+        "layer_norm": "MLNeuralEngineComputeDevice",
+        "add": "MLNeuralEngineComputeDevice",
+        "softmax": "MLGPUComputeDevice",
+        "cond": "MLCPUComputeDevice",
+        "gather": "MLCPUComputeDevice",
+    }
+
+    def usage(operation):  # MLComputePlan gives constants no device usage
+        name = preferred.get(operation.operator_name)
+        return None if name is None else cp.MLComputePlanDeviceUsage(device[name], [device[name]])
+
+    plan = SimpleNamespace(model_structure=structure, get_compute_device_usage_for_mlprogram_operation=usage)
+    counts = coreml_check.placement(plan)
+    assert counts == {"Neural Engine": 3, "CPU": 2, "GPU": 1}
+    assert coreml_check.placement_line(counts) == "Neural Engine 3 ops, CPU 2, GPU 1"
