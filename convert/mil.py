@@ -52,8 +52,11 @@ def rms_norm(mb, x, weight, eps: float, norm: str = DEFAULT_NORM):
     (D·mean(y²) + c²) / (D + 1); with c = sqrt(D·eps) / m that is D/(D+1) · (mean(y²) + eps / m²), so
     layer_norm(z, epsilon=0)[:D] · sqrt(D/(D+1)) is exactly the norm above. layer_norm's own epsilon is a
     constant and cannot carry eps / m², which depends on the row: eps itself there would be eps·m² in x's
-    scale, a relative error up to D·eps/2 (5e-3 for D = 1024) once |x| reaches the thousands. c carries it
-    instead, and keeps the variance above 0 for an all-zero row. `reduce`: mean of squares and rsqrt."""
+    scale, a relative error up to D·eps/2 (5e-3 for D = 1024) once max|x| is well above 1 (at AIMv2-L
+    width it put a 4-block float32 package at 1.6e-4 of the output scale, past its 1e-4 bound). c carries it
+    instead, and keeps the variance above 0 for an all-zero row, with no square of m (m·m in `reduce` is
+    inf in float16 once max|x| > 256; eps / inf = 0 keeps that harmless in the evaluator, but it is an inf
+    on the device). `reduce`: mean of squares and rsqrt."""
     if norm not in NORMS:
         raise ValueError(f"unknown RMSNorm formulation {norm!r}; one of {', '.join(NORMS)}")
     m = mb.maximum(x=mb.reduce_max(x=mb.abs(x=x), axes=[-1], keep_dims=True), y=np.float32(1.0))
