@@ -9,6 +9,9 @@ from dataclasses import asdict, dataclass, fields
 
 from .errors import ConfigError
 
+NORM_TYPES = ("rmsnorm", "layernorm")
+MLP_TYPES = ("swiglu", "gelu")
+
 
 @dataclass
 class VisionConfig:
@@ -23,6 +26,11 @@ class VisionConfig:
     is_native: bool = False  # 2-D sin-cos positions computed per grid instead of a learned table
     qkv_bias: bool = False
     mlp_bias: bool = False
+    # What sets AIMv1's blocks apart from AIMv2's: LayerNorm (with bias) and a GELU MLP instead of RMSNorm and
+    # SwiGLU. The layers in models/aimv2.py take these as parameters.
+    norm_type: str = "rmsnorm"  # or "layernorm"
+    mlp_type: str = "swiglu"  # or "gelu"
+    layer_norm_eps: float = 1e-6
 
     @classmethod
     def from_dict(cls, config: dict) -> "VisionConfig":
@@ -38,6 +46,11 @@ class VisionConfig:
         return self
 
     def validate(self) -> None:
+        if self.norm_type not in NORM_TYPES or self.mlp_type not in MLP_TYPES:
+            raise ConfigError(
+                f"config.json: norm_type {self.norm_type!r} / mlp_type {self.mlp_type!r} are not among "
+                f"{', '.join(NORM_TYPES)} / {', '.join(MLP_TYPES)}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"config.json: hidden_size {self.hidden_size} is not divisible by "
@@ -54,3 +67,4 @@ class VisionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
