@@ -33,11 +33,11 @@ blas.enable()
 __all__ = ["load", "__version__"]
 
 
-def load(path_or_id: str, revision: str | None = None, dtype: str | None = None):
+def load(path_or_id: str, revision: str | None = None, dtype: str | None = None, probe: str | None = None):
     """Load an AIM checkpoint (hub id or local folder): `(model, processor)`.
 
     `model.encode_image(processor(paths))` gives (B, D) embeddings; `model.info` says what was loaded. See
     aim_mlx.loading.load for the arguments."""
     from .loading import load as _load
 
-    return _load(path_or_id, revision=revision, dtype=dtype)
+    return _load(path_or_id, revision=revision, dtype=dtype, probe=probe)

@@ -109,12 +109,17 @@ def _resolve(path_or_id: str, revision: str | None, cache_dir, local_files_only:
     except _hub_failures() as exc:
         raise ModelNotFoundError(_explain(exc, repo_id, revision, label)) from exc
     folder = Path(folder)
-    _check_complete(
-        folder,
-        label,
+    hint = (
         f"the repo lacks it at this revision or the cached download is incomplete; run "
-        f"`{_download_command(repo_id, revision)}` on a connected machine, or pass a local folder",
+        f"`{_download_command(repo_id, revision)}` on a connected machine, or pass a local folder"
     )
+    variant = find_variant(repo_id)
+    if variant is not None and variant.pickled:
+        hint = (
+            f"{repo_id} publishes its weights only as pytorch_model.bin, a pickle, which aim-mlx never "
+            "reads; pass a local folder holding config.json and model.safetensors"
+        )
+    _check_complete(folder, label, hint)
     logger.info("resolved %s to %s", label, folder)
     return folder
 

@@ -48,7 +48,7 @@ def fill(model, raw: dict, state: dict[str, mx.array], folder: Path, dtype: mx.D
     return model
 
 
-def load(path_or_id: str, revision: str | None = None, dtype: str | None = None):
+def load(path_or_id: str, revision: str | None = None, dtype: str | None = None, probe: str | None = None):
     """Load an AIM checkpoint from the hub (at the revision ml-aim pins, unless `revision` says otherwise) or
     from a local folder (a checkpoint in any published layout, or one `aim-mlx convert` wrote).
 
@@ -58,6 +58,8 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None)
     identifies it for caches. `dtype` is float32, float16 or bfloat16 (default: float16 on Apple GPUs,
     float32 on CPUs, where half precision is 20-30x slower). On a CPU with the fast BLAS, float32 blocks run
     in the numpy backend (aim_mlx/backends; AIM_MLX_BACKEND=mlx keeps them in MLX); results are the same.
+    `probe` ("best" or "last", AIMv1 only) says which attention-probe head you expect; a checkpoint holds one
+    (its config.json's probe_layers), and a different one is an error. None: the checkpoint's own.
     """
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
@@ -78,6 +80,10 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None)
     channels = VisionConfig.from_dict(
         raw
     ).num_channels  # (a LiT config's vision tower, as from_dict reads it)
+    if probe is not None:  # checked on config.json, before any weights are read
+        if family.probe is None:
+            raise ConfigError(f"{path_or_id} has no attention-probe head; --probe applies to AIMv1 models")
+        family.probe(raw, probe, variant)
     state = family.sanitize(weights.read_folder(folder), channels)
     config = family.config(raw, state, variant)
     model = fill(family.model(config), raw, state, folder, DTYPES[dtype])

@@ -1,7 +1,8 @@
 """Image preprocessing without torch, matching transformers' PIL CLIP image processor.
 
 Fixed-resolution checkpoints: resize the shortest edge (bicubic), center crop, rescale to [0, 1], normalize.
-The native checkpoint keeps each image's aspect ratio: see `native_size`.
+The native checkpoint keeps each image's aspect ratio: see `native_size`. AIMv1: ml-aim's torchvision
+`val_transforms` (`ImageProcessor.aimv1`).
 """
 
 import json
@@ -74,6 +75,9 @@ class ImageProcessor:
     image_mean: tuple[float, float, float] = tuple(CLIP_PREPROCESSOR["image_mean"])
     image_std: tuple[float, float, float] = tuple(CLIP_PREPROCESSOR["image_std"])
     native: bool = False  # resize each image to `native_size` instead (the native-resolution checkpoint)
+    # Where the crop starts when the margin is odd: transformers floors half of it; torchvision's CenterCrop
+    # rounds it (Python's round, half to even), so the two can differ by one pixel.
+    crop_offset: str = "floor"  # or "round"
 
     @classmethod
     def from_dict(cls, config: dict, native: bool = False) -> "ImageProcessor":
@@ -135,7 +139,21 @@ class ImageProcessor:
             image_std=IMAGENET_STD,
         )
 
+    @classmethod
+    def aimv1(cls, image_size: int = 224) -> "ImageProcessor":
+        """ml-aim's AIMv1 `val_transforms` on PIL images: torchvision's Resize(ceil(size / 0.875)) bicubic
+        (Pillow resizes), CenterCrop(size), ToTensor, Normalize with ImageNet mean/std."""
+        return cls(
+            size={"shortest_edge": math.ceil(image_size / 0.875)},
+            crop_size={"height": image_size, "width": image_size},
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
+            crop_offset="round",
+        )
+
     def validate(self) -> None:
+        if self.crop_offset not in ("floor", "round"):
+            raise ConfigError(f"crop_offset must be floor or round, got {self.crop_offset!r}")
         if not self.native:
             if self.do_resize:
                 _size(self.size, "size")
@@ -195,7 +213,10 @@ class ImageProcessor:
             top, left = math.ceil((padded.shape[0] - height) / 2), math.ceil((padded.shape[1] - width) / 2)
             padded[top : top + height, left : left + width] = pixels
             pixels, height, width = padded, *padded.shape[:2]
-        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        if self.crop_offset == "round":
+            top, left = round((height - crop_h) / 2), round((width - crop_w) / 2)
+        else:
+            top, left = (height - crop_h) // 2, (width - crop_w) // 2
         return pixels[top : top + crop_h, left : left + crop_w]
 
     def preprocess_one(self, image: ImageLike) -> np.ndarray:

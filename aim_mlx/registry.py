@@ -8,8 +8,9 @@ its renaming rules in weights.py, and variants in variants.py.
 
 Every model class has a `family` attribute naming its row, `encode_image(pixels) -> (B, D)`,
 `forward_intermediates(pixels, indices, norm, stop_early)` and `dims`; a family with `text` has
-`encode_text(texts) -> (B, D)` too. `load()` attaches a `ModelInfo` as `model.info`: the identity that
-caches and indexes key on.
+`encode_text(texts) -> (B, D)` too, one with `classes` has `classify(pixels) -> (B, classes)` logits over
+that label set and `logits(features)` for encode_image's features. `load()` attaches a
+`ModelInfo` as `model.info`: the identity that caches and indexes key on.
 """
 
 import hashlib
@@ -19,14 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import weights
-from .config import VisionConfig
+from .config import AIMv1Config, VisionConfig
 from .errors import ConfigError
 from .lit import LiTProcessor
+from .models.aimv1 import AIMv1
 from .models.aimv2 import AIMv2VisionEncoder
 from .models.lit import AIMv2LiT, LiTConfig
 from .preprocess import ImageProcessor
 from .tokenizer import ClipTokenizer
-from .variants import VARIANTS, Variant
+from .variants import PROBES, VARIANTS, Variant, aimv1_probe_layers, aimv1_size
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,12 @@ class Family:
     sanitize: Callable[[dict, int], dict]
     processor: Callable[[Path, object, Variant | None], object]  # (folder, config, variant) -> processor
     text: bool = False  # encode_text: a text tower sharing the image embeddings' space
+    # the label set a trained classification head scores (classify(pixels) -> logits; aim_mlx.heads reads
+    # the labels), or None
+    classes: str | None = None
+    # (config.json, "best" | "last", variant): raises unless the checkpoint's head probes those blocks; None
+    # for families without a probe head (load(probe=...) is then an error)
+    probe: Callable[[dict, str, Variant | None], None] | None = None
 
 
 def _vision_config(raw: dict, state: dict, variant: Variant | None) -> VisionConfig:
@@ -63,8 +71,38 @@ def _lit_processor(folder: Path, config: LiTConfig, variant: Variant | None) -> 
     return LiTProcessor(image, tokenizer)
 
 
+def _aimv1_probe(raw: dict, probe: str, variant: Variant | None) -> None:
+    """A checkpoint holds the head for one probe set (config.json's probe_layers); `probe` must be it."""
+    if probe not in PROBES:
+        raise ConfigError(f"unknown probe {probe!r}; choose best or last")
+    config = AIMv1Config.from_dict(raw)
+    size = variant.size if variant is not None else aimv1_size(config.hidden_size, config.num_hidden_layers)
+    held, depth = list(config.probe_layers), config.num_hidden_layers
+    if size is None and probe == "best":
+        raise ConfigError(
+            f"the best probe layers are known for the published AIMv1 sizes only (600M, 1B, 3B, 7B); this "
+            f"checkpoint's head reads blocks {held}: load it without a probe choice"
+        )
+    wanted = list(aimv1_probe_layers(size, probe)) if size else list(range(depth - 6, depth))
+    if held != wanted:
+        raise ConfigError(
+            f"this {f'AIM-{size}' if size else 'AIMv1'} checkpoint's head reads blocks {held}, not the "
+            f"{probe} layers {wanted}; the hub repos hold only the best-layers heads (apple/AIM's .pth "
+            f"files hold both; aim-mlx cannot read them yet)"
+        )
+
+
 FAMILIES = {
     "aimv2": Family("aimv2", _vision_config, AIMv2VisionEncoder, weights.sanitize, _vision_processor),
+    "aimv1": Family(
+        "aimv1",
+        lambda raw, state, variant: AIMv1Config.from_dict(raw),
+        AIMv1,
+        weights.sanitize_aimv1,
+        lambda folder, config, variant: ImageProcessor.aimv1(config.image_size),
+        classes="imagenet-1k",
+        probe=_aimv1_probe,
+    ),
     "aimv2-lit": Family(
         "aimv2-lit",
         lambda raw, state, variant: LiTConfig.from_dict(raw),
@@ -82,6 +120,8 @@ def family_of(raw: dict, variant: Variant | None = None) -> Family:
         return FAMILIES[variant.family]
     if isinstance(raw.get("text_config"), dict):  # LiT: a text tower beside the vision one
         return FAMILIES["aimv2-lit"]
+    if "embed_dim" in raw and "num_blocks" in raw:  # ml-aim's AIMv1 constructor arguments
+        return FAMILIES["aimv1"]
     return FAMILIES["aimv2"]
 
 

@@ -1,8 +1,14 @@
-"""Every published AIMv2 checkpoint as data: architecture, pinned hub revision, preprocessing, license.
+"""Every published AIM checkpoint as data: architecture, pinned hub revision, preprocessing, license.
 
-The revisions are the ones Apple's ml-aim pins (aim-v2/aim/v2/utils.py): at those commits the hub repos hold
-Apple's own weight layout; their `main` branches have since moved to the transformers-native layout.
-Both load.
+AIMv2: the revisions are the ones Apple's ml-aim pins (aim-v2/aim/v2/utils.py): at those commits the hub
+repos hold Apple's own weight layout; their `main` branches have since moved to the transformers-native
+layout. Both load.
+
+AIMv1: the per-model repos apple/AIM-{600M,1B,3B,7B}, which ml-aim loads with
+`AIMForImageClassification.from_pretrained` at `main` (it pins no revision, so neither does this table).
+Each holds one head, trained on the "best" probe layers its config.json lists, and its weights only as
+pytorch_model.bin (huggingface_hub's mixin saved pickles in January 2024): aim-mlx loads the same files
+from a folder holding them as model.safetensors.
 """
 
 from dataclasses import dataclass
@@ -72,6 +78,47 @@ DEFAULT_MODEL = "apple/aimv2-large-patch14-224"
 DEFAULT_TEXT_MODEL = "apple/aimv2-large-patch14-224-lit"  # the one checkpoint with a text tower
 
 
+# AIMv1: size -> (hidden_size, num_attention_heads, intermediate_size, num_hidden_layers), the MLP 4 D.
+AIMV1_SIZES = {
+    "600M": (1536, 12, 6144, 24),
+    "1B": (2048, 16, 8192, 24),
+    "3B": (3072, 24, 12288, 24),
+    "7B": (4096, 32, 16384, 32),
+}
+# The blocks (0-based) ml-aim's "best" heads read (aim-v1/aim/v1/constants.py, LAYERS_BEST); "last" is the
+# last six. ImageNet-1k top-1 of each head, from ml-aim's README.
+AIMV1_BEST_LAYERS = {
+    "600M": (14, 15, 16, 17, 18, 19),
+    "1B": (12, 13, 14, 15, 16, 17),
+    "3B": (12, 13, 14, 15, 16, 17),
+    "7B": (14, 15, 16, 17, 18, 19),
+}
+AIMV1_TOP1 = {"600M": (79.4, 78.5), "1B": (82.3, 80.6), "3B": (83.3, 82.2), "7B": (84.0, 82.4)}  # best, last
+AIMV1_NAMES = {  # ml-aim's architecture names (load_pretrained), accepted as model ids
+    "aim-600M-2B-imgs": "600M",
+    "aim-1B-5B-imgs": "1B",
+    "aim-3B-5B-imgs": "3B",
+    "aim-7B-5B-imgs": "7B",
+}
+PROBES = ("best", "last")
+
+
+def aimv1_probe_layers(size: str, probe: str) -> tuple[int, ...]:
+    """The blocks an AIMv1 head of `size` reads for probe "best" or "last"."""
+    if probe == "best":
+        return AIMV1_BEST_LAYERS[size]
+    layers = AIMV1_SIZES[size][3]
+    return tuple(range(layers - 6, layers))
+
+
+def aimv1_size(hidden_size: int, num_hidden_layers: int) -> str | None:
+    """The published AIMv1 size with these dimensions, or None."""
+    for size, (hidden, _, _, layers) in AIMV1_SIZES.items():
+        if (hidden, layers) == (hidden_size, num_hidden_layers):
+            return size
+    return None
+
+
 # The LiT text tower as published: (hidden_size, intermediate_size, num_hidden_layers, vocab_size).
 LIT_TEXT = (768, 2048, 12, 49408)
 
@@ -79,12 +126,13 @@ LIT_TEXT = (768, 2048, 12, 49408)
 @dataclass(frozen=True)
 class Variant:
     repo_id: str
-    family: str  # the model family aim_mlx.registry builds it with: "aimv2" or "aimv2-lit"
-    size: str  # large, huge, 1B or 3B (SIZES)
+    family: str  # the model family aim_mlx.registry builds it with: "aimv2", "aimv2-lit" or "aimv1"
+    size: str  # large, huge, 1B or 3B (SIZES); AIMv1: 600M, 1B, 3B or 7B (AIMV1_SIZES)
     image_size: int | None  # None: native resolution (any grid of 112-4096 patches)
     revision: str
     distilled: bool = False
     license: str = LICENSE
+    pickled: bool = False  # the repo holds its weights only as pytorch_model.bin (the AIMv1 repos)
 
     @property
     def lit(self) -> bool:
@@ -92,14 +140,14 @@ class Variant:
 
     @property
     def dims(self) -> tuple[int, int, int, int]:
-        return SIZES[self.size]
+        return AIMV1_SIZES[self.size] if self.family == "aimv1" else SIZES[self.size]
 
     @property
     def num_params(self) -> int:
-        """Weights in the Linear layers that dominate the count (attention, SwiGLU; LiT: the text tower and
-        its token embedding too), for model tables."""
+        """Weights in the Linear layers that dominate the count (attention, SwiGLU or AIMv1's two-matrix MLP;
+        LiT: the text tower and its token embedding too), for model tables."""
         hidden, _, mlp, layers = self.dims
-        params = layers * (4 * hidden * hidden + 3 * hidden * mlp)
+        params = layers * (4 * hidden * hidden + (2 if self.family == "aimv1" else 3) * hidden * mlp)
         if self.lit:
             width, text_mlp, text_layers, vocab = LIT_TEXT
             params += text_layers * (4 * width * width + 3 * width * text_mlp) + vocab * width
@@ -107,6 +155,8 @@ class Variant:
 
     @property
     def published_top1(self) -> float | None:
+        if self.family == "aimv1":
+            return AIMV1_TOP1[self.size][0]  # the best-layers head the hub repo holds
         if self.lit:
             return 77.0  # zero-shot
         if self.image_size is None:
@@ -118,6 +168,15 @@ class Variant:
     def config_dict(self) -> dict:
         """The architecture as config.json keys (for building a model when a folder's config is partial)."""
         hidden, heads, mlp, layers = self.dims
+        if self.family == "aimv1":  # ml-aim's keys
+            return {
+                "img_size": 224,
+                "patch_size": 14,
+                "embed_dim": hidden,
+                "num_blocks": layers,
+                "num_heads": heads,
+                "probe_layers": list(AIMV1_BEST_LAYERS[self.size]),
+            }
         return {
             "hidden_size": hidden,
             "num_attention_heads": heads,
@@ -129,7 +188,8 @@ class Variant:
         }
 
     def preprocessor_config(self) -> dict:
-        """The published preprocessor_config.json (CLIP-style), for folders that lack one."""
+        """The published preprocessor_config.json (CLIP-style), for folders that lack one. (AIMv1 repos have
+        none: their processor is ml-aim's val_transforms, built by the registry.)"""
         if self.image_size is None:  # native: no resize and no crop; see preprocess.native_size
             return {**CLIP_PREPROCESSOR, "do_resize": False, "do_center_crop": False}
         size = self.image_size
@@ -154,10 +214,18 @@ def _variant(name: str, revision: str) -> Variant:
 
 
 VARIANTS = {f"apple/{name}": _variant(name, rev) for name, rev in PINNED_REVISIONS.items()}
+VARIANTS.update(
+    (f"apple/AIM-{size}", Variant(f"apple/AIM-{size}", "aimv1", size, 224, "main", pickled=True))
+    for size in AIMV1_SIZES
+)
 
 
 def find_variant(model_id: str) -> Variant | None:
-    """The variant for a hub id, with or without the `apple/` prefix, case-insensitively."""
+    """The variant for a hub id, with or without the `apple/` prefix, case-insensitively; ml-aim's AIMv1
+    names (aim-600M-2B-imgs, ...) too."""
+    for name, size in AIMV1_NAMES.items():
+        if model_id.lower() == name.lower():
+            return VARIANTS[f"apple/AIM-{size}"]
     key = model_id if "/" in model_id else f"apple/{model_id}"
     for repo_id, variant in VARIANTS.items():
         if repo_id.lower() == key.lower():

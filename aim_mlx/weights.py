@@ -5,6 +5,7 @@ This is the only module that knows foreign key names. Three published layouts ho
   mlx     Apple's MLX checkpoints (`mlx_model.safetensors`): the same names, conv weight OHWI
   hf      transformers-native checkpoints (hub `main` branches): split q/k/v, other names
 aim-mlx's own layout is Apple's names without the `preprocessor.`/`trunk.` prefixes, conv OHWI.
+AIMv1 (ml-aim's state dict, `sanitize_aimv1`) uses Apple's names too, plus `head.*` for the probe.
 """
 
 import json
@@ -281,3 +282,14 @@ def sanitize_lit(weights: dict[str, mx.array], num_channels: int = 3) -> dict[st
 def load_lit_folder(folder: Path, num_channels: int = 3) -> dict[str, mx.array]:
     """`load_folder` for a LiT checkpoint."""
     return sanitize_lit(read_folder(folder), num_channels)
+
+
+def sanitize_aimv1(weights: dict[str, mx.array], num_channels: int = 3) -> dict[str, mx.array]:
+    """Map an AIMv1 state dict (ml-aim's names, as its hub mixin or `torch_weights_to_mlx` saved it; conv OIHW
+    or OHWI) onto aim-mlx's. The head's `head.*` names are already the model's. Safe to run twice."""
+    # BatchNorm's step counter is training state, with no place in the model (ml-aim's MLX port drops it too).
+    weights = {k: v for k, v in weights.items() if k != "head.bn.num_batches_tracked"}
+    head = {k: weights.pop(k) for k in [k for k in weights if k.startswith("head.")]}
+    if not weights:
+        raise WeightsError("the checkpoint holds only an attention-probe head; its backbone is missing")
+    return {**sanitize(weights, num_channels), **head}

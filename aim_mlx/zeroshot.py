@@ -205,7 +205,11 @@ def zero_shot(
 
 def predict(image: np.ndarray, classifier: np.ndarray, labels, logit_scale: float, top_k: int) -> list:
     """Top-k labels per image from normalised image (B, P) and label (L, P) embeddings."""
-    logits = logit_scale * image @ classifier.T  # (B, L)
+    return top_k_softmax(logit_scale * image @ classifier.T, labels, top_k)  # logits (B, L)
+
+
+def top_k_softmax(logits: np.ndarray, labels, top_k: int) -> list[Prediction]:
+    """Per row of (B, L) logits: the top-k labels with their softmax probabilities, best first."""
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     k = min(top_k, len(labels))

@@ -1,16 +1,18 @@
-"""`aim-mlx classify`: zero-shot labels per image, over aim_mlx.zeroshot."""
+"""`aim-mlx classify`: labels per image, over aim_mlx.heads (a trained head) or aim_mlx.zeroshot (LiT)."""
 
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from ..errors import ConfigError
 from ..variants import DEFAULT_TEXT_MODEL
 from .common import (
     BatchSize,
     DTypeOpt,
     Images,
     Json,
+    ProbeOpt,
     Revision,
     Templates,
     all_failed,
@@ -27,6 +29,7 @@ from .common import (
 
 EXAMPLES = [
     "aim-mlx classify photo.jpg --labels 'cat,dog,horse'",
+    "aim-mlx classify photo.jpg -m apple/AIM-600M",
     "aim-mlx classify ~/Pictures --imagenet --top-k 3 --json",
     "aim-mlx classify a.jpg --labels-file labels.txt --template 'a {} drawing'",
 ]
@@ -57,44 +60,51 @@ def classify(
     ] = None,
     top_k: Annotated[int, typer.Option(min=1, metavar="K", help="Labels shown per image.")] = 5,
     model: Annotated[
-        str, model_option("A zero-shot (LiT) checkpoint: hub id or local folder.", DEFAULT_TEXT_MODEL)
+        str,
+        model_option(
+            "A zero-shot (LiT) checkpoint or an AIMv1 classifier (apple/AIM-600M, ...): hub id or local "
+            "folder.",
+            DEFAULT_TEXT_MODEL,
+        ),
     ] = DEFAULT_TEXT_MODEL,
     revision: Revision = None,
     dtype: DTypeOpt = None,
     batch_size: BatchSize = 8,
     json: Json = False,
+    probe: ProbeOpt = None,
 ):
-    """Zero-shot classification with the LiT checkpoint.
+    """Classify images zero-shot (LiT) or with an AIMv1 ImageNet head.
 
     IMAGES are image files and folders (walked recursively); each gets its top-k labels with their
-    probabilities. Label embeddings are cached on disk (AIM_MLX_CACHE, default ~/.cache/aim-mlx), so a
-    repeated label set costs about one image forward. Unreadable images are named on stderr and skipped;
-    the others are still classified (exit code 3), and --json lists them with their error.
+    probabilities. Zero-shot label embeddings are cached on disk (AIM_MLX_CACHE, default ~/.cache/aim-mlx),
+    so a repeated label set costs about one image forward. An AIMv1 model (-m apple/AIM-600M) scores the
+    1000 ImageNet-1k classes of its attention-probe head and takes no labels. Unreadable images are named on
+    stderr and skipped; the others are still classified (exit code 3), and --json lists them with their error.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    from ..heads import has_head
+    from ..registry import FAMILIES
+    from ..variants import find_variant
 
-    from .. import zeroshot
-    from ..registry import require_text
-
-    names = zeroshot.label_set(labels, labels_file, imagenet)
-    prompts = zeroshot.template_set(template, value(templates))
-    if len(names) == 1:
-        warn("with one label every probability is 100%; give two or more labels to compare")
+    label_options = (labels, labels_file, imagenet or None, template, templates)
+    zero_shot = any(option is not None for option in label_options)
+    variant = None if Path(model).expanduser().is_dir() else find_variant(model)
+    head = variant is not None and FAMILIES[variant.family].classes is not None
+    if head and zero_shot:
+        raise ConfigError(HEAD_AND_LABELS.format(model=model))
+    # Known to be zero-shot (labels given, or a known id without a head): check the labels before loading.
+    asked = _labels(*label_options) if not head and (zero_shot or variant) else None
     paths = image_paths(images)
-    net, processor = load(model, revision, dtype)
-    require_text(net, "classify zero-shot")
-    columns = (TextColumn("encoding prompts"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with progress(*columns) as bar:  # shows only while prompts are encoded
-        task = bar.add_task("prompts", total=len(names) * len(prompts), visible=False)
+    net, processor = load(model, revision, dtype, probe)
+    if has_head(net):
+        if zero_shot:
+            raise ConfigError(HEAD_AND_LABELS.format(model=model))
+        from ..heads import classify_files
 
-        def advance(done: int, total: int) -> None:
-            bar.update(task, completed=done, visible=total > 256)  # more than one batch
-
-        classifier = zeroshot.text_classifier(net, processor, names, prompts, progress=advance)
-    with spinner(f"classifying {len(paths)} images among {len(names)} labels"):
-        predictions, failures = zeroshot.classify_files(
-            net, processor, paths, names, classifier, top_k, batch_size
-        )
+        with spinner(f"classifying {len(paths)} images with the model's head"):
+            predictions, failures = classify_files(net, processor, paths, top_k, batch_size)
+    else:
+        names, prompts = asked or _labels(*label_options)
+        predictions, failures = _zero_shot(net, processor, paths, names, prompts, top_k, batch_size)
     for _, reason in failures:
         say(f"skipped {reason}")
     if not predictions:
@@ -128,3 +138,39 @@ def in_input_order(paths, predictions, failures) -> list[dict]:
             rows.append({"path": str(path), "predictions": next_done[1].to_list()})
             next_done = next(done, None)
     return rows
+
+
+HEAD_AND_LABELS = (
+    "{model} classifies into the ImageNet-1k classes of its trained head; drop --labels, --labels-file, "
+    "--imagenet and --template(s), which are for zero-shot (LiT) models"
+)
+
+
+def _labels(labels, labels_file, imagenet, template, templates) -> tuple[list[str], list[str]]:
+    """The zero-shot label set and prompts, checked."""
+    from .. import zeroshot
+
+    names = zeroshot.label_set(labels, labels_file, bool(imagenet))
+    prompts = zeroshot.template_set(template, value(templates))
+    if len(names) == 1:
+        warn("with one label every probability is 100%; give two or more labels to compare")
+    return names, prompts
+
+
+def _zero_shot(net, processor, paths, names, prompts, top_k, batch_size):
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from .. import zeroshot
+    from ..registry import require_text
+
+    require_text(net, "classify zero-shot")
+    columns = (TextColumn("encoding prompts"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with progress(*columns) as bar:  # shows only while prompts are encoded
+        task = bar.add_task("prompts", total=len(names) * len(prompts), visible=False)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, visible=total > 256)  # more than one batch
+
+        classifier = zeroshot.text_classifier(net, processor, names, prompts, progress=advance)
+    with spinner(f"classifying {len(paths)} images among {len(names)} labels"):
+        return zeroshot.classify_files(net, processor, paths, names, classifier, top_k, batch_size)

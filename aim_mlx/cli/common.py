@@ -63,6 +63,7 @@ Compress = choice("Compress", "none", "int8", "int4", "palettize4", "palettize6"
 Target = choice("Target", "macOS14", "iOS17", "macOS15", "iOS18")
 InputKind = choice("InputKind", "image", "tensor")
 Outputs = choice("Outputs", "pooled", "pooled,tokens")
+Probe = choice("Probe", "best", "last")
 
 
 def value(choice: Enum | None):
@@ -100,6 +101,13 @@ DTypeOpt = Annotated[
     ),
 ]
 BatchSize = Annotated[int, typer.Option(min=1, metavar="N", help="Images per forward pass.")]
+ProbeOpt = Annotated[
+    Probe | None,
+    typer.Option(
+        help="AIMv1: the attention-probe head to expect, best or last layers (a checkpoint holds one). "
+        "Default: the checkpoint's own; the hub repos hold the best-layers heads."
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 
 
@@ -154,12 +162,12 @@ def spinner(text: str) -> Iterator[None]:
         yield
 
 
-def load(model: str, revision: str | None, dtype: DType | None):
+def load(model: str, revision: str | None, dtype: DType | None, probe: Probe | None = None):
     """aim_mlx.load with a spinner on stderr."""
     from ..loading import load as load_model
 
     with spinner(f"loading {model}"):
-        return load_model(model, revision=revision, dtype=value(dtype))
+        return load_model(model, revision=revision, dtype=value(dtype), probe=value(probe))
 
 
 def image_paths(images: list[Path] | None) -> list[Path]:

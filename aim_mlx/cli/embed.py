@@ -12,6 +12,7 @@ from .common import (
     DTypeOpt,
     Images,
     Pool,
+    ProbeOpt,
     Revision,
     all_failed,
     check_output,
@@ -64,12 +65,14 @@ def embed(
         list[str] | None,
         typer.Option("--text", "-t", metavar="TEXT", help="Embed this text instead of images (repeatable)."),
     ] = None,
+    probe: ProbeOpt = None,
 ):
     """Embed images, or texts with the LiT checkpoint.
 
     IMAGES are image files and folders (walked recursively), embedded in that order. Unreadable images are
     named on stderr and skipped; the others are still embedded (exit code 3). With the LiT checkpoint,
-    images and texts land in its shared image-text space.
+    images and texts land in its shared image-text space. With an AIMv1 model (apple/AIM-600M, ...), an
+    embedding is its features: the probed blocks' mean, pooled by its attention-probe head.
     """
     if text and images:
         raise ConfigError("pass images or --text, not both; run embed once for each")
@@ -83,23 +86,23 @@ def embed(
     if text:
         if pool is Pool.none:
             raise ConfigError("--pool none applies to images; a text embedding is one vector")
-        return _embed_texts(text, model or DEFAULT_TEXT_MODEL, revision, dtype, output)
+        return _embed_texts(text, model or DEFAULT_TEXT_MODEL, revision, dtype, output, probe)
     model = model or DEFAULT_MODEL
     one_array = pool is Pool.none and output is not None and output.suffix.lower() != ".jsonl"
     variant = find_variant(model)
     if one_array and variant is not None and variant.image_size is None:
         raise ConfigError(NATIVE_TOKENS)  # known from the id alone: refused before loading
-    _embed_images(image_paths(images), model, revision, batch_size, dtype, pool, output, one_array)
+    _embed_images(image_paths(images), model, revision, batch_size, dtype, pool, output, one_array, probe)
 
 
-def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_array) -> None:
+def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_array, probe) -> None:
     done = 0
     try:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
         from .. import embed as embedding
 
-        net, processor = load(model, revision, dtype)
+        net, processor = load(model, revision, dtype, probe)
         if one_array and net.dims["image_size"] is None:  # native: from a folder, known once it is loaded
             raise ConfigError(NATIVE_TOKENS)
         columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -128,12 +131,12 @@ def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_a
         raise partial(len(result.failures), len(paths))
 
 
-def _embed_texts(texts: list[str], model: str, revision, dtype, output: Path | None) -> None:
+def _embed_texts(texts: list[str], model: str, revision, dtype, output: Path | None, probe) -> None:
     from .. import embed as embedding
     from ..lit import embed_texts
     from ..registry import require_text
 
-    net, _ = load(model, revision, dtype)
+    net, _ = load(model, revision, dtype, probe)
     require_text(net, "embed text")
     result = embed_texts(net, list(texts))  # keyed `text`/`texts` in .jsonl/.npz, not `path`
     if output is None:

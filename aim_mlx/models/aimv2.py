@@ -3,6 +3,10 @@
 This is the model: what runs on Apple GPUs, in half precision and wherever no faster backend is installed,
 and what a faster backend (aim_mlx/backends) must reproduce. Parameter names follow Apple's checkpoints
 (weights.py maps the other layouts onto them). Inputs are NHWC.
+
+The layers are shared with AIMv1 (models/aimv1.py), whose blocks differ only in the norm (LayerNorm with
+bias) and the MLP (GELU, 4 D): `config.norm_type` and `config.mlp_type` choose them. The attention-pooling
+head here serves LiT (one query, linear D -> D) and AIMv1's ImageNet probe (BatchNorm first, D -> 1000).
 """
 
 from dataclasses import dataclass
@@ -21,15 +25,22 @@ class VisionOutput:
     hidden_states: tuple[mx.array, ...] | None = None  # input to block 0, then each block's output
 
 
+def norm_layer(config: VisionConfig) -> nn.Module:
+    """The model's norm: RMSNorm (AIMv2, weight only) or LayerNorm (AIMv1, weight and bias)."""
+    if config.norm_type == "layernorm":
+        return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+    return nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
 class PatchEmbed(nn.Module):
-    """Conv(kernel = stride = patch) with bias, written as one matmul over flattened patches, then RMSNorm."""
+    """Conv(kernel = stride = patch) with bias, as one matmul over flattened patches, then the norm."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
         p, c, d = config.patch_size, config.num_channels, config.hidden_size
         self.patch_size = p
         self.proj = nn.Conv2d(c, d, kernel_size=p, stride=p)  # weight (D, p, p, C), as MLX stores convs
-        self.norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
+        self.norm = norm_layer(config)
 
     def __call__(self, x: mx.array) -> mx.array:
         b, h, w, c = x.shape
@@ -45,7 +56,7 @@ class PatchEmbed(nn.Module):
 
 @lru_cache(maxsize=32)
 def sincos_2d(grid_h: int, grid_w: int, dim: int) -> mx.array:
-    """Fixed 2-D positions for the native checkpoint: [sin(col w) | cos(col w) | sin(row w) | cos(row w)]."""
+    """Fixed 2-D positions (native checkpoint, AIMv1): [sin(col w) | cos(col w) | sin(row w) | cos(row w)]."""
     omega = 1.0 / 10000 ** (mx.arange(dim // 4, dtype=mx.float32) / (dim // 4))  # (D/4,)
     rows, cols = mx.meshgrid(
         mx.arange(grid_h, dtype=mx.float32), mx.arange(grid_w, dtype=mx.float32), indexing="ij"
@@ -93,13 +104,29 @@ class SwiGLU(nn.Module):
         return self.fc2(swiglu(self.fc1(x), self.fc3(x)))
 
 
+class MLP(nn.Module):
+    """AIMv1's MLP: fc2(gelu(fc1(x))), GELU exact (erf), as torch's nn.GELU()."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        d, m, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.fc1 = nn.Linear(d, m, bias=bias)
+        self.fc2 = nn.Linear(m, d, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(nn.gelu(self.fc1(x)))
+
+
+MLPS = {"swiglu": SwiGLU, "gelu": MLP}  # config.mlp_type -> the block's MLP
+
+
 class Block(nn.Module):
     def __init__(self, config: VisionConfig, causal: bool = False):
         super().__init__()
-        self.norm_1 = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm_1 = norm_layer(config)
         self.attn = Attention(config, causal)
-        self.norm_2 = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = SwiGLU(config)
+        self.norm_2 = norm_layer(config)
+        self.mlp = MLPS[config.mlp_type](config)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = x + self.attn(self.norm_1(x))
@@ -160,7 +187,7 @@ class AIMv2VisionEncoder(BlockStack):
         if not config.is_native:
             self.pos_embed = mx.zeros((config.num_patches, config.hidden_size))  # learned, (N, D)
         self.blocks = [Block(config) for _ in range(config.num_hidden_layers)]
-        self.post_trunk_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_trunk_norm = norm_layer(config)
 
     @property
     def dims(self) -> dict:
@@ -207,7 +234,7 @@ class AIMv2VisionEncoder(BlockStack):
         self, pixel_values: mx.array, indices=None, norm: bool = False, stop_early: bool = False
     ) -> list[mx.array]:
         """The outputs of the chosen blocks (timm's `indices`: None, the last n, or a list), each (B, N, D),
-        in block order; `norm` applies the final RMSNorm to each; `stop_early` skips the blocks after the
+        in block order; `norm` applies the final norm to each; `stop_early` skips the blocks after the
         last one chosen. The final token grid is `indices=[-1], norm=True`."""
         chosen = block_indices(len(self.blocks), indices)
         depth = chosen[-1] + 1 if stop_early else None
@@ -217,3 +244,58 @@ class AIMv2VisionEncoder(BlockStack):
     def encode_image(self, pixel_values: mx.array) -> mx.array:
         """Pooled embeddings (B, D): the mean of the final token grid."""
         return self(pixel_values).pooler_output
+
+
+class RunningNorm(nn.Module):
+    """BatchNorm at inference without affine parameters: (x - running_mean) / sqrt(running_var + eps) per
+    channel. Written out rather than nn.BatchNorm, so that no training flag can switch it to batch
+    statistics."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.running_mean = mx.zeros((dim,))
+        self.running_var = mx.ones((dim,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return (x - self.running_mean) * mx.rsqrt(self.running_var + self.eps)
+
+
+class AttentionPoolingHead(nn.Module):
+    """One learned query (no q projection) attends over the token grid with the model's heads; then `linear`.
+
+    LiT: linear D -> D with bias. AIMv1's ImageNet probe: a RunningNorm over channels first
+    (`batch_norm_eps`), linear D -> classes without bias. `pool` gives the pooled (B, D) vector before
+    `linear`."""
+
+    def __init__(
+        self,
+        config: VisionConfig,
+        out_features: int | None = None,
+        linear_bias: bool = True,
+        batch_norm_eps: float | None = None,
+    ):
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        if batch_norm_eps is not None:
+            self.bn = RunningNorm(d, batch_norm_eps)
+        self.cls_token = mx.zeros((1, 1, d))
+        self.k = nn.Linear(d, d, bias=config.qkv_bias)
+        self.v = nn.Linear(d, d, bias=config.qkv_bias)
+        self.linear = nn.Linear(d, out_features or d, bias=linear_bias)
+
+    def pool(self, x: mx.array) -> mx.array:
+        """(B, N, D) tokens -> (B, D): the query's attention output, heads concatenated."""
+        if "bn" in self:
+            x = self.bn(x)
+        b, n, d = x.shape
+        h = self.num_heads
+        k = self.k(x).reshape(b, n, h, d // h).transpose(0, 2, 1, 3)  # (B, H, N, hd)
+        v = self.v(x).reshape(b, n, h, d // h).transpose(0, 2, 1, 3)  # (B, H, N, hd)
+        q = mx.broadcast_to(self.cls_token.reshape(1, h, 1, d // h), (b, h, 1, d // h))  # (B, H, 1, hd)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=(d // h) ** -0.5)  # (B, H, 1, hd)
+        return out.reshape(b, d)  # with one query, (B, H, 1, hd) is already head-major
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear(self.pool(x))

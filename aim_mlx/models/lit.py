@@ -13,7 +13,7 @@ import mlx.nn as nn
 
 from ..config import VisionConfig
 from ..errors import ConfigError
-from .aimv2 import AIMv2VisionEncoder, Block, BlockStack, VisionOutput
+from .aimv2 import AIMv2VisionEncoder, AttentionPoolingHead, Block, BlockStack, VisionOutput
 
 
 @dataclass
@@ -28,6 +28,10 @@ class TextConfig:
     rms_norm_eps: float = 1e-5
     qkv_bias: bool = False
     mlp_bias: bool = False
+    # The shared Block's choices (models/aimv2.py): the text tower is AIMv2's RMSNorm/SwiGLU block.
+    norm_type: str = "rmsnorm"
+    mlp_type: str = "swiglu"
+    layer_norm_eps: float = 1e-6
 
     @classmethod
     def from_dict(cls, config: dict) -> "TextConfig":
@@ -67,28 +71,6 @@ class LiTConfig:
             projection_dim=int(config.get("projection_dim", 768)),
             max_logit_scale=float(config.get("max_logit_scale", 100.0)),
         )
-
-
-class AttentionPoolingHead(nn.Module):
-    """One learned query (no q projection) attends over the token grid; then a linear layer with bias."""
-
-    def __init__(self, config: VisionConfig):
-        super().__init__()
-        d = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.cls_token = mx.zeros((1, 1, d))
-        self.k = nn.Linear(d, d, bias=config.qkv_bias)
-        self.v = nn.Linear(d, d, bias=config.qkv_bias)
-        self.linear = nn.Linear(d, d, bias=True)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        b, n, d = x.shape
-        h = self.num_heads
-        k = self.k(x).reshape(b, n, h, d // h).transpose(0, 2, 1, 3)  # (B, H, N, hd)
-        v = self.v(x).reshape(b, n, h, d // h).transpose(0, 2, 1, 3)  # (B, H, N, hd)
-        q = mx.broadcast_to(self.cls_token.reshape(1, h, 1, d // h), (b, h, 1, d // h))  # (B, H, 1, hd)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=(d // h) ** -0.5)  # (B, H, 1, hd)
-        return self.linear(out.reshape(b, d))  # (B, D): with one query, (B, H, 1, hd) is already head-major
 
 
 class LiTVisionEncoder(AIMv2VisionEncoder):

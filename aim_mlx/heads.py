@@ -1,0 +1,62 @@
+"""Classification with a trained head (AIMv1's ImageNet-1k attention probe): labels, top-k over image files.
+
+Zero-shot classification (a LiT model scoring text labels) is zeroshot.py; both give `Prediction`s.
+"""
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .embed import iter_embeddings
+from .errors import ConfigError
+from .registry import FAMILIES
+from .zeroshot import Prediction, imagenet_classes, top_k_softmax
+
+LABEL_SETS = {"imagenet-1k": imagenet_classes}
+
+
+def has_head(model) -> bool:
+    """Whether `model` classifies with a trained head (its family's `classes`)."""
+    return FAMILIES[model.family].classes is not None
+
+
+def head_labels(model) -> list[str]:
+    """The labels of the head's outputs, in output order."""
+    name = FAMILIES[model.family].classes
+    if name is None:
+        source = model.info.source if model.info is not None else "this model"
+        raise ConfigError(f"{source} has no classification head; give labels to classify zero-shot")
+    labels = LABEL_SETS[name]()
+    if len(labels) != model.dims["num_classes"]:
+        raise ConfigError(
+            f"the head scores {model.dims['num_classes']} classes, but its label set {name} has {len(labels)}"
+        )
+    return labels
+
+
+def classify(model, pixels: mx.array, top_k: int = 5) -> list[Prediction]:
+    """Top-k labels with softmax probabilities for a batch of preprocessed (B, H, W, 3) pixels."""
+    labels = head_labels(model)
+    logits = np.asarray(model.classify(pixels).astype(mx.float32))  # (B, classes)
+    return top_k_softmax(logits, labels, top_k)
+
+
+def classify_files(
+    model, processor, paths, top_k: int = 5, batch_size: int = 8
+) -> tuple[list[tuple[Path, Prediction]], list[tuple[Path, str]]]:
+    """`classify` over image files, each unreadable image skipped:
+    ([(path, prediction)], [(path, reason)])."""
+    labels = head_labels(model)
+    done, failures = [], []
+    for item in iter_embeddings(model, processor, paths, batch_size):  # encode_image: the head's features
+        if item.error is None:
+            done.append(item)
+        else:
+            failures.append((item.path, item.error))
+    if not done:
+        return [], failures
+    features = mx.array(np.stack([item.embedding for item in done]))  # (B, D)
+    logits = np.asarray(model.logits(features).astype(mx.float32))  # (B, classes)
+    preds = top_k_softmax(logits, labels, top_k)
+    return [(item.path, pred) for item, pred in zip(done, preds, strict=True)], failures

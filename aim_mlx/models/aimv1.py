@@ -1,0 +1,60 @@
+"""AIMv1 in MLX: the AIMv2 trunk with LayerNorm and a GELU MLP, 2-D sin-cos positions, and ml-aim's ImageNet
+attention probe.
+
+The trunk is `AIMv2VisionEncoder` built from an `AIMv1Config` (its norm and MLP are config parameters). The
+classifier reads the outputs of the probed blocks, not the final norm: their mean goes through a BatchNorm
+with running statistics, one learned query attends over it with the model's heads, and a Linear D -> 1000
+gives the logits. Only the blocks up to the highest probed one run. Parameter names follow ml-aim's
+(weights.sanitize_aimv1 strips its `preprocessor.`/`trunk.` prefixes).
+"""
+
+import mlx.core as mx
+
+from ..config import AIMv1Config
+from .aimv2 import AIMv2VisionEncoder, AttentionPoolingHead
+
+
+class AIMv1(AIMv2VisionEncoder):
+    """An AIMv1 backbone with its attention-probe head: `classify(pixels)` -> (B, classes) logits,
+    `encode_image(pixels)` -> (B, D) features (the head's pooled vector, what ml-aim's head returned beside
+    the logits), `forward_intermediates` as AIMv2's. Pixels are NHWC float32."""
+
+    family = "aimv1"  # its row in aim_mlx/registry.py
+
+    def __init__(self, config: AIMv1Config):
+        super().__init__(config)
+        self.head = AttentionPoolingHead(
+            config, out_features=config.num_classes, linear_bias=False, batch_norm_eps=1e-6
+        )
+
+    @property
+    def dims(self) -> dict:
+        c = self.config
+        return {
+            **super().dims,
+            "image_size": c.image_size,  # sin-cos positions fit any grid; the head was trained at this size
+            "probe_layers": list(c.probe_layers),
+            "num_classes": c.num_classes,
+        }
+
+    def probed(self, pixel_values: mx.array) -> mx.array:
+        """The mean of the probed blocks' outputs (B, N, D); blocks after the last probed one do not run."""
+        layers = self.config.probe_layers
+        _, kept = self.run_blocks(self.embed(pixel_values), layers[-1] + 1, keep=layers)
+        return sum(kept[i] for i in layers) / len(layers)
+
+    def encode_image(self, pixel_values: mx.array) -> mx.array:
+        """Features (B, D): the attention-pooled probed blocks, before the classifier's Linear."""
+        return self.head.pool(self.probed(pixel_values))
+
+    def logits(self, features: mx.array) -> mx.array:
+        """The class logits (B, classes) of `encode_image`'s features."""
+        return self.head.linear(features)
+
+    def classify(self, pixel_values: mx.array) -> mx.array:
+        """ImageNet-1k logits (B, 1000) for NHWC pixels."""
+        return self.logits(self.encode_image(pixel_values))
+
+    def __call__(self, pixel_values: mx.array) -> mx.array:
+        """The logits, as ml-aim's `model(x)`."""
+        return self.classify(pixel_values)
