@@ -496,3 +496,80 @@ def test_hub_id_records_source_and_license(checkpoint, cache, tmp_path):
     assert meta.userDefined["source_model"] == variant.repo_id
     assert meta.userDefined["source_revision"] == variant.revision
     assert "apple-amlr" in meta.license and variant.revision[:12] in meta.versionString
+
+
+def _constants(package) -> dict:
+    """The saved program's constants of rank >= 2 by what consumes them: (op type, parameter) -> the set of
+    (how the constant is stored, its shape); stored as 'const fp16' (plain float) or a constexpr op type."""
+    from coremltools.converters.mil.mil import types
+
+    _, program = load_program(package)
+    found = {}
+    for op in program.functions["main"].operations:
+        if op.op_type == "const" or op.op_type.startswith("constexpr_"):
+            continue
+        for param, var in op.inputs.items():
+            if isinstance(var, (list, tuple)) or var.op is None or var.rank < 2:
+                continue
+            if var.op.op_type == "const":
+                kind = f"const {types.builtin_to_string(var.dtype)}"
+            elif var.op.op_type.startswith("constexpr_"):
+                kind = var.op.op_type
+            else:
+                continue  # an activation
+            found.setdefault((op.op_type, param), set()).add((kind, tuple(var.shape)))
+    return found
+
+
+@pytest.fixture(scope="module")
+def checkpoint_84(tmp_path_factory):
+    """84 px: a (36, 128) position table, above coremltools' 2048-element compression threshold."""
+    folder = tmp_path_factory.mktemp("tiny-aimv2-84")
+    write_checkpoint(make_reference(seed=1, image_size=84, **TINY["large"]), folder, layout="apple")
+    return folder
+
+
+COMPRESSED_AS = {  # compression -> (target, the constexpr op holding a compressed weight)
+    "int8": ("iOS17", "constexpr_affine_dequantize"),
+    "int4": ("iOS18", "constexpr_blockwise_shift_scale"),
+    "palettize6": ("iOS17", "constexpr_lut_to_dense"),
+}
+
+
+def _assert_linear_weights_compressed(weights: set, compress: str, constexpr: str) -> None:
+    """Every linear weight is compressed; int4 only where its input width holds whole blocks of 32 (the
+    tiny text MLP's 176 does not; the published widths all do)."""
+    for kind, (_, width) in weights:
+        whole_blocks = compress != "int4" or width % 32 == 0
+        assert kind == (constexpr if whole_blocks else "const fp16"), (kind, width)
+    assert any(kind == constexpr for kind, _ in weights)
+
+
+@pytest.mark.parametrize("compress", list(COMPRESSED_AS))
+def test_compression_touches_only_weights(compress, checkpoint_84, lit, tmp_path, caplog):
+    """Linear weights (and the patch conv, except int4's blocks of 32 that its 3 channels cannot hold) are
+    compressed; the position tables, the causal mask and the token embeddings stay float16 constants."""
+    target, constexpr = COMPRESSED_AS[compress]
+    fp16 = "const fp16"
+    with caplog.at_level(logging.WARNING):
+        vision = export_coreml(
+            str(checkpoint_84), tmp_path / "v.mlpackage", compress=compress, target=target
+        ).path
+    assert not [r for r in caplog.records if "block" in r.getMessage()]  # int4 tried no conv blocks
+    found = _constants(vision)
+    _assert_linear_weights_compressed(found.pop(("linear", "weight")), compress, constexpr)
+    conv = found.pop(("conv", "weight"))
+    assert {kind for kind, _ in conv} == {fp16 if compress == "int4" else constexpr}
+    assert (fp16, (1, 36, 128)) in found["add", "y"]  # the position table
+    assert {kind for kinds in found.values() for kind, _ in kinds} == {fp16}, found
+
+    folder = export_coreml(str(lit[0]), tmp_path / "lit", compress=compress, target=target).path
+    facts = json.loads((folder / "lit.json").read_text())
+    for package in (facts["image_package"], facts["text_package"]):
+        found = _constants(folder / package)
+        _assert_linear_weights_compressed(found.pop(("linear", "weight")), compress, constexpr)
+        found.pop(("conv", "weight"), None)  # the image package's, as above
+        if package == facts["text_package"]:
+            assert (fp16, (49408, 64)) in found["gather", "x"]  # the token embeddings
+            assert {(fp16, (1, 77, 64)), (fp16, (1, 1, 77, 77))} <= found["add", "y"]  # positions, mask
+        assert {kind for kinds in found.values() for kind, _ in kinds} == {fp16}, (package, found)
