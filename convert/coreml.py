@@ -257,27 +257,16 @@ def _write_lit(
     heads = vision.num_attention_heads
 
     def image_program(pool, tokens: bool):
-        mean, std, rescale = (
-            processor.image.image_mean,
-            processor.image.image_std,
-            processor.image.rescale_factor,
-        )
+        """The image tower with `pool` on its final tokens (the image package's and the classifier's)."""
+        p, kind = processor.image, options["input_kind"]
+        mean, std, rescale = p.image_mean, p.image_std, p.rescale_factor
+        opset = _opset(options)
         return coreml_vision.build_program(
-            image_w,
-            vision,
-            size,
-            mean,
-            std,
-            rescale,
-            options["input_kind"],
-            tokens,
-            _opset(options),
-            pool=pool,
+            image_w, vision, size, mean, std, rescale, kind, tokens, opset, pool=pool
         )
 
-    image = convert_program(
-        image_program(coreml_lit.image_pool(image_w, heads), _tokens(options)), options, size
-    )
+    pool = coreml_lit.image_pool(image_w, heads)
+    image = convert_program(image_program(pool, _tokens(options)), options, size)
     projection = int(image_w["image_projector.weight"].shape[0])
     facts = {**facts, "embedding_size": projection}
     tokens = ((size // vision.patch_size) ** 2, vision.hidden_size)

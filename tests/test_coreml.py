@@ -518,8 +518,8 @@ def _constants(package) -> dict:
     _, program = load_program(package)
     found = {}
     for op in program.functions["main"].operations:
-        if op.op_type == "const" or op.op_type.startswith("constexpr_"):
-            continue
+        if op.op_type in ("const", "classify") or op.op_type.startswith("constexpr_"):
+            continue  # classify's one constant is its list of labels
         for param, var in op.inputs.items():
             if isinstance(var, (list, tuple)) or var.op is None or var.rank < 2:
                 continue
@@ -575,15 +575,20 @@ def test_compression_touches_only_weights(compress, checkpoint_84, lit, tmp_path
     assert (fp16, (1, 36, 128)) in found["add", "y"]  # the position table
     assert {kind for kinds in found.values() for kind, _ in kinds} == {fp16}, found
 
-    folder = export_coreml(str(lit[0]), tmp_path / "lit", compress=compress, target=target).path
+    labels = [f"thing {i}" for i in range(50)]  # a (48, 50) label table: above the threshold too
+    folder = export_coreml(
+        str(lit[0]), tmp_path / "lit", compress=compress, target=target, labels=labels
+    ).path
     facts = json.loads((folder / "lit.json").read_text())
-    for package in (facts["image_package"], facts["text_package"]):
+    for package in (facts["image_package"], facts["text_package"], facts["classifier_package"]):
         found = _constants(folder / package)
         _assert_linear_weights_compressed(found.pop(("linear", "weight")), compress, constexpr)
-        found.pop(("conv", "weight"), None)  # the image package's, as above
+        found.pop(("conv", "weight"), None)  # the image towers', as above
         if package == facts["text_package"]:
             assert (fp16, (49408, 64)) in found["gather", "x"]  # the token embeddings
             assert {(fp16, (1, 77, 64)), (fp16, (1, 1, 77, 77))} <= found["add", "y"]  # positions, mask
+        if package == facts["classifier_package"]:
+            assert (fp16, (48, 50)) in found["matmul", "y"]  # the scaled label embeddings
         assert {kind for kinds in found.values() for kind, _ in kinds} == {fp16}, (package, found)
 
 
