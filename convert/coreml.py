@@ -333,6 +333,9 @@ def classifier_model(program, labels: list[str], options: dict, size: int, facts
     VNClassificationObservations. Any classifier program can come here (AIMv1's ImageNet heads too)."""
     mlmodel = convert_program(program, options, size, labels=labels)
     describe(mlmodel, {**facts, "labels": len(labels)}, options["input_kind"], size, None)
+    mlmodel.short_description = (
+        f"Image classifier ({facts['source_model']}): a {size}x{size} image to one of {len(labels)} labels."
+    )
     mlmodel.output_description["classLabel"] = "the most probable label"
     mlmodel.output_description["classLabel_probs"] = f"each of the {len(labels)} labels' probability"
     return mlmodel

@@ -681,6 +681,8 @@ def test_lit_classifier_package_matches_mlx_zero_shot(lit, tmp_path, photos):
     assert spec.description.predictedFeatureName == "classLabel"
     assert spec.description.predictedProbabilitiesName == "classLabel_probs"
     assert [o.type.WhichOneof("Type") for o in spec.description.output] == ["stringType", "dictionaryType"]
+    assert "one of 4 labels" in spec.description.metadata.shortDescription
+    assert spec.description.metadata.userDefined["labels"] == "4"
     processor = aim_mlx.load(str(folder), dtype="float32")[1]
     expected = zero_shot(model, processor, photos, labels, top_k=len(labels), cache=False)
     got = _classify_photos(package, photos)
