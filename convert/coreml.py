@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, hub
-from ..config import VisionConfig
 from ..errors import AimMlxError, ConfigError
 from ..files import TOKENIZER_FILES, atomic_folder, normal_mode
 from ..loading import load, read_config
@@ -166,28 +165,28 @@ def export_coreml(
     folder = hub.resolve(model, revision)
     raw = read_config(folder)
     lit = family_of(raw).text
-    # A folder written by `aim-mlx convert` records where it came from.
-    source = raw.get("source_model") or model
-    variant = None if Path(source).expanduser().is_dir() else find_variant(source)
-    native = VisionConfig.from_dict(raw).is_native
-    name = model_name(variant.repo_id if variant else source, (image_size or 224) if native else None)
-    if output is None:
-        output = Path(name if lit else f"{name}.mlpackage")
-        validate_options(output, precision, compress, target, input_kind, outputs, force)
-    elif not lit:
-        _check_swift_name(output, name)
-    if lit and output.suffix == ".mlpackage":
+    if output is not None and lit and output.suffix == ".mlpackage":
         raise ConfigError(
             f"{output}: the LiT checkpoint exports a folder (image and text packages, tokenizer, lit.json); "
             "name -o without .mlpackage"
         )
-    if not lit and output.suffix != ".mlpackage":
+    if output is not None and not lit and output.suffix != ".mlpackage":
         raise ConfigError(f"{output}: Core ML ML programs are saved as packages; name the output *.mlpackage")
     if labels is not None and not lit:
         raise ConfigError(f"{model} has no text tower: label embeddings need the LiT (zero-shot) checkpoint")
     net, processor = load(model, revision=revision, dtype="float32")
     vision = net.config.vision if lit else net.config
     size = _image_size(vision, image_size)
+    # A folder written by `aim-mlx convert` records where it came from.
+    source = raw.get("source_model") or model
+    variant = None if Path(source).expanduser().is_dir() else find_variant(source)
+    # The name needs the loaded config: a native folder in Apple's layout says so only by its weights.
+    name = model_name(variant.repo_id if variant else source, size if vision.is_native else None)
+    if output is None:  # checked now, after loading, since the name comes from the checkpoint
+        output = Path(name if lit else f"{name}.mlpackage")
+        validate_options(output, precision, compress, target, input_kind, outputs, force)
+    elif not lit:
+        _check_swift_name(output, name)
     options = {"precision": precision, "compress": compress, "target": target}
     options.update(input_kind=input_kind, outputs=outputs)
     image_processor = processor.image if lit else processor

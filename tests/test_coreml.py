@@ -723,3 +723,14 @@ def test_bench_finds_the_packages_a_lit_folder_names(tmp_path):
         coreml_packages(tmp_path)
     with pytest.raises(ConfigError, match="no such package"):
         coreml_packages(tmp_path / "missing.mlpackage")
+
+
+def test_default_name_of_a_native_folder_holds_its_size(tmp_path, monkeypatch):
+    """Apple's native config.json says nothing of positions (only its weights lack a table): the default name
+    still ends with the one size the package takes."""
+    reference = make_reference(seed=5, image_size=224, is_native=True, **TINY["large"])
+    folder = write_checkpoint(reference, tmp_path / "native-apple", layout="apple")
+    assert "is_native" not in json.loads((folder / "config.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    path = export_coreml(str(folder), image_size=168).path
+    assert path == Path("NativeApple_168.mlpackage") and path.is_dir()
