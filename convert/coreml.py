@@ -5,19 +5,24 @@ the graph is written op by op. The modules depend one way: this entry point -> t
 (coreml_vision.py, coreml_lit.py) -> their layers (mil.py); --compress is coreml_compress.py and --check is
 coreml_check.py, which reads packages back from disk and imports none of the others.
 
-A vision checkpoint becomes one `.mlpackage`; the LiT checkpoint becomes a folder:
-  ImageEncoder.mlpackage   image -> `image_embeds` (1, P), L2-normalised, in the shared space
-  TextEncoder.mlpackage    `input_ids` int32 (1, 77) -> `text_embeds` (1, P), L2-normalised
-  tokenizer/               the checkpoint's CLIP BPE files (pad with the end-of-text id, context 77)
-  lit.json                 logit scale, token ids, context length, image size, mean/std, source, versions
-  label_embeddings.json    optional: labels, the prompt template and their (L, P) text embeddings
+A vision checkpoint becomes one `.mlpackage`; the LiT checkpoint becomes a folder (NAME: see `model_name`):
+  NAMEImageEncoder.mlpackage  image -> `image_embeds` (1, P), L2-normalised, in the shared space
+  NAMETextEncoder.mlpackage   `input_ids` int32 (1, 77) -> `text_embeds` (1, P), L2-normalised
+  NAMEClassifier.mlpackage    with labels: image -> `classLabel` and `classLabel_probs` (a Core ML classifier)
+  tokenizer/                  the checkpoint's CLIP BPE files (pad with the end-of-text id, context 77)
+  lit.json                    package names, logit scale, token ids, context length, image size, mean/std, ...
+  label_embeddings.json       with labels: the labels, the prompt template and their (L, P) text embeddings
 Either appears whole or not at all (aim_mlx.files.atomic_folder), and only once --check has passed.
+
+Xcode generates a Swift class named after each package file, so the names are valid Swift identifiers and
+say which model they hold: two packages called ImageEncoder in one app would collide.
 """
 
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -44,7 +49,8 @@ TARGETS = ("macOS14", "iOS17", "macOS15", "iOS18")
 INPUTS = ("image", "tensor")
 OUTPUTS = ("pooled", "pooled,tokens")
 LICENSE_TEXT = {"apple-amlr": "Apple Machine Learning Research Model License (apple-amlr)"}
-IMAGE_PACKAGE, TEXT_PACKAGE = "ImageEncoder.mlpackage", "TextEncoder.mlpackage"
+SWIFT_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SPELLING = {"aimv2": "AIMv2", "aim": "AIM", "lit": "LiT"}  # how the names' words are written in CamelCase
 
 
 @dataclass
@@ -63,7 +69,13 @@ def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
 
 
 def validate_options(
-    output: Path, precision: str, compress: str, target: str, input_kind: str, outputs: str, force: bool
+    output: Path | None,
+    precision: str,
+    compress: str,
+    target: str,
+    input_kind: str,
+    outputs: str,
+    force: bool,
 ) -> None:
     """The options, checked before anything is loaded or written (the output's suffix depends on the
     checkpoint's kind: export_coreml checks it once config.json is read)."""
@@ -77,8 +89,36 @@ def validate_options(
             f"--compress int4 needs per-block quantization, which Core ML has from macOS15/iOS18; "
             f"pass --min-deployment-target macOS15 or iOS18 (got {target}), or use --compress int8"
         )
-    if output.exists() and not force:
+    if output is not None and output.exists() and not force:
         raise ConfigError(f"{output} already exists; pass --force to replace it")
+
+
+def model_name(source: str, native_size: int | None = None) -> str:
+    """The checkpoint's name as a Swift identifier in CamelCase, e.g. apple/aimv2-large-patch14-224-lit ->
+    AIMv2LargePatch14_224LiT (a word that starts with a digit gets an underscore before it, so that 14 and
+    224 stay apart). The native checkpoint's packages hold one input size, which the name ends with."""
+    words = [w for w in re.split(r"[^0-9A-Za-z]+", source.rstrip("/").split("/")[-1]) if w]
+    if native_size is not None:
+        words.append(str(native_size))
+    name = ""
+    for word in words:
+        word = SPELLING.get(word.lower(), word[:1].upper() + word[1:])
+        name += f"_{word}" if word[0].isdigit() else word
+    name = name.lstrip("_")
+    return name if name and not name[0].isdigit() else f"AIM_{name}"
+
+
+def _check_swift_name(output: Path, default: str) -> None:
+    """Warn when Xcode could not use the package's file name as its generated Swift class name."""
+    if not SWIFT_IDENTIFIER.fullmatch(output.stem):
+        logger.warning(
+            "%s: Xcode names the Swift class it generates after the package file, and %r is not a Swift "
+            "identifier, so the class cannot carry that name; name the package e.g. %s.mlpackage (letters, "
+            "digits and _, not starting with a digit)",
+            output.name,
+            output.stem,
+            default,
+        )
 
 
 def package_size(path: Path) -> int:
@@ -92,7 +132,7 @@ def _source_revision(folder: Path) -> str:
 
 def export_coreml(
     model: str,
-    output: str | Path,
+    output: str | Path | None = None,
     *,
     revision: str | None = None,
     precision: str = "float16",
@@ -105,16 +145,17 @@ def export_coreml(
     force: bool = False,
     labels: list[str] | None = None,
 ) -> ExportResult:
-    """Export an AIMv2 checkpoint (hub id or folder) to Core ML at `output`.
+    """Export an AIMv2 checkpoint (hub id or folder) to Core ML at `output` (default: the current folder,
+    named after the checkpoint by `model_name`).
 
     A vision checkpoint becomes one `.mlpackage`: one (1, 3, S, S) input, `image` (RGB, 0-255; resize and
     centre-crop to S first) or, with input_kind="tensor", normalised `pixel_values`; outputs `image_embeds`
     (1, D) float32, the mean of the final tokens, and with outputs="pooled,tokens" also `last_hidden_state`
     (1, N, D). The LiT checkpoint becomes a folder with an image and a text package (see the module doc),
-    and with `labels` their precomputed embeddings for zero-shot classification.
+    and with `labels` a classifier package and the labels' precomputed embeddings.
     `check` verifies the result against MLX (coreml_check.py) and writes nothing if it misses its bound.
     """
-    output = Path(output).expanduser()
+    output = None if output is None else Path(output).expanduser()
     outputs = outputs.replace(" ", "")
     validate_options(output, precision, compress, target, input_kind, outputs, force)
     require("coremltools")  # before minutes of loading, not after
@@ -124,24 +165,31 @@ def export_coreml(
     folder = hub.resolve(model, revision)
     raw = read_config(folder)
     lit = family_of(raw).text
-    if lit and output.suffix == ".mlpackage":
+    if output is not None and lit and output.suffix == ".mlpackage":
         raise ConfigError(
             f"{output}: the LiT checkpoint exports a folder (image and text packages, tokenizer, lit.json); "
             "name -o without .mlpackage"
         )
-    if not lit and output.suffix != ".mlpackage":
+    if output is not None and not lit and output.suffix != ".mlpackage":
         raise ConfigError(f"{output}: Core ML ML programs are saved as packages; name the output *.mlpackage")
     if labels is not None and not lit:
         raise ConfigError(f"{model} has no text tower: label embeddings need the LiT (zero-shot) checkpoint")
     net, processor = load(model, revision=revision, dtype="float32")
     vision = net.config.vision if lit else net.config
     size = _image_size(vision, image_size)
-    options = {"precision": precision, "compress": compress, "target": target}
-    options.update(input_kind=input_kind, outputs=outputs)
-    image_processor = processor.image if lit else processor
     # A folder written by `aim-mlx convert` records where it came from.
     source = raw.get("source_model") or model
     variant = None if Path(source).expanduser().is_dir() else find_variant(source)
+    # The name needs the loaded config: a native folder in Apple's layout says so only by its weights.
+    name = model_name(variant.repo_id if variant else source, size if vision.is_native else None)
+    if output is None:  # checked now, after loading, since the name comes from the checkpoint
+        output = Path(name if lit else f"{name}.mlpackage")
+        validate_options(output, precision, compress, target, input_kind, outputs, force)
+    elif not lit:
+        _check_swift_name(output, name)
+    options = {"precision": precision, "compress": compress, "target": target}
+    options.update(input_kind=input_kind, outputs=outputs)
+    image_processor = processor.image if lit else processor
     # Numbers stay numbers here (lit.json); Core ML's user-defined metadata holds strings (see _strings).
     facts = {
         "source_model": variant.repo_id if variant else source,
@@ -160,7 +208,7 @@ def export_coreml(
     try:
         with atomic_folder(output, replace=force) as staging:
             if lit:
-                _write_lit(net, processor, folder, staging, options, facts, labels)
+                _write_lit(net, processor, folder, staging, options, facts, name, labels)
                 report = check_lit(staging, net) if check else None
             else:
                 # coremltools saves only to a path named *.mlpackage: the package is saved inside the staging
@@ -194,32 +242,40 @@ def _vision_model(net, image_processor, size: int, options: dict, facts: dict):
         _opset(options),
     )
     mlmodel = convert_program(program, options, size)
-    describe(mlmodel, facts, options["input_kind"], size, net.config.hidden_size)
+    tokens = ((size // net.config.patch_size) ** 2, net.config.hidden_size)
+    describe(mlmodel, facts, options["input_kind"], size, net.config.hidden_size, tokens)
     return mlmodel
 
 
-def _write_lit(net, processor, folder: Path, output: Path, options: dict, facts: dict, labels=None) -> None:
-    """Write the LiT folder's contents into `output` (the staging folder)."""
+def _write_lit(
+    net, processor, folder: Path, output: Path, options: dict, facts: dict, name: str, labels=None
+) -> None:
+    """Write the LiT folder's contents into `output` (the staging folder); packages are named after `name`."""
     image_w, text_w = coreml_lit.lit_weights(net)
     vision, size = net.config.vision, net.config.vision.image_size
-    program = coreml_vision.build_program(
-        image_w,
-        vision,
-        size,
-        processor.image.image_mean,
-        processor.image.image_std,
-        processor.image.rescale_factor,
-        options["input_kind"],
-        options["outputs"] == "pooled,tokens",
-        _opset(options),
-        pool=coreml_lit.image_pool(image_w, vision.num_attention_heads),
-    )
-    image = convert_program(program, options, size)
+    heads = vision.num_attention_heads
+
+    def image_program(pool, tokens: bool):
+        """The image tower with `pool` on its final tokens (the image package's and the classifier's)."""
+        p, kind = processor.image, options["input_kind"]
+        mean, std, rescale = p.image_mean, p.image_std, p.rescale_factor
+        opset = _opset(options)
+        return coreml_vision.build_program(
+            image_w, vision, size, mean, std, rescale, kind, tokens, opset, pool=pool
+        )
+
+    pool = coreml_lit.image_pool(image_w, heads)
+    image = convert_program(image_program(pool, _tokens(options)), options, size)
     projection = int(image_w["image_projector.weight"].shape[0])
     facts = {**facts, "embedding_size": projection}
-    describe(image, facts, options["input_kind"], size, projection)
+    tokens = ((size // vision.patch_size) ** 2, vision.hidden_size)
+    describe(image, facts, options["input_kind"], size, projection, tokens)
     image.output_description["image_embeds"] = f"(1, {projection}) float32, L2-normalised (shared space)"
-    _save(image, output / IMAGE_PACKAGE)
+    packages = {
+        "image_package": f"{name}ImageEncoder.mlpackage",
+        "text_package": f"{name}TextEncoder.mlpackage",
+    }
+    _save(image, output / packages["image_package"])
 
     text_program = coreml_lit.build_text_program(text_w, net.config.text, _opset(options))
     text = convert_program(text_program, options, None)
@@ -231,17 +287,33 @@ def _write_lit(net, processor, folder: Path, output: Path, options: dict, facts:
     text.user_defined_metadata.update(_strings({**facts, "context_length": length}))
     text.input_description["input_ids"] = f"(1, {length}) int32 CLIP BPE ids, padded with the pad id"
     text.output_description["text_embeds"] = f"(1, {projection}) float32, L2-normalised (shared space)"
-    _save(text, output / TEXT_PACKAGE)
+    _save(text, output / packages["text_package"])
+
+    if labels is not None:
+        from ..zeroshot import DEFAULT_TEMPLATE, check_labels, encode_prompts
+
+        labels = check_labels(labels)
+        emb = encode_prompts(net, processor, labels, [DEFAULT_TEMPLATE])  # (L, P), MLX float32
+        table = {"labels": labels, "template": DEFAULT_TEMPLATE, "embeddings": emb.round(6).tolist()}
+        (output / "label_embeddings.json").write_text(json.dumps(table))
+        scale = float(np.array(net.logit_scale))
+        pool = coreml_lit.label_probabilities(image_w, heads, emb, scale)
+        classifier = classifier_model(image_program(pool, False), labels, options, size, facts)
+        classifier.short_description = (
+            f"AIMv2 LiT zero-shot classifier ({facts['source_model']}): a {size}x{size} image to one of "
+            f"{len(labels)} labels (prompt {DEFAULT_TEMPLATE!r})."
+        )
+        packages["classifier_package"] = f"{name}Classifier.mlpackage"
+        _save(classifier, output / packages["classifier_package"])
 
     copied = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
     if not copied:
         raise AimMlxError(f"{folder} has no tokenizer files to ship with the text package")
     (output / "tokenizer").mkdir()
-    for name in copied:
-        shutil.copyfile(folder / name, output / "tokenizer" / name)
+    for file in copied:
+        shutil.copyfile(folder / file, output / "tokenizer" / file)
     lit = {
-        "image_package": IMAGE_PACKAGE,
-        "text_package": TEXT_PACKAGE,
+        **packages,
         "logit_scale": float(np.array(net.logit_scale)),
         "context_length": int(length),
         "bos_token_id": int(net.tokenizer.bos_id),
@@ -251,37 +323,55 @@ def _write_lit(net, processor, folder: Path, output: Path, options: dict, facts:
         **facts,
     }
     (output / "lit.json").write_text(json.dumps(lit, indent=2))
-    if labels is not None:
-        from ..zeroshot import DEFAULT_TEMPLATE, check_labels, encode_prompts
 
-        labels = check_labels(labels)
-        emb = encode_prompts(net, processor, labels, [DEFAULT_TEMPLATE])  # (L, P), MLX float32
-        table = {"labels": labels, "template": DEFAULT_TEMPLATE, "embeddings": emb.round(6).tolist()}
-        (output / "label_embeddings.json").write_text(json.dumps(table))
+
+def classifier_model(program, labels: list[str], options: dict, size: int, facts: dict):
+    """A Core ML image classifier: `program` maps the image (options' input kind) to (1, L) probabilities, its
+    one output, in the order of `labels`. Core ML's ClassifierConfig adds the outputs `classLabel` (the most
+    probable label) and `classLabel_probs` (label -> probability): what Vision's VNCoreMLRequest returns as
+    VNClassificationObservations. Any classifier program can come here (AIMv1's ImageNet heads too)."""
+    mlmodel = convert_program(program, options, size, labels=labels)
+    describe(mlmodel, {**facts, "labels": len(labels)}, options["input_kind"], size, None)
+    mlmodel.short_description = (
+        f"Image classifier ({facts['source_model']}): a {size}x{size} image to one of {len(labels)} labels."
+    )
+    mlmodel.output_description["classLabel"] = "the most probable label"
+    mlmodel.output_description["classLabel_probs"] = f"each of the {len(labels)} labels' probability"
+    return mlmodel
+
+
+def _tokens(options: dict) -> bool:
+    return options["outputs"] == "pooled,tokens"
 
 
 def _opset(options: dict):
     return getattr(require("coremltools").target, options["target"])
 
 
-def convert_program(program, options: dict, size: int | None):
-    """ct.convert, then --compress. `size` given: an image model (input per options); None: the text model."""
+def convert_program(program, options: dict, size: int | None, labels: list[str] | None = None):
+    """ct.convert, then --compress. `size` given: an image model (input per options); None: the text model.
+    `labels`: an image classifier whose program outputs their probabilities (see classifier_model)."""
     ct = require("coremltools")
+    classifier = None
     if size is None:
         shape = tuple(program.functions["main"].inputs["input_ids"].shape)  # (1, context length)
         inputs = [ct.TensorType(name="input_ids", shape=shape, dtype=np.int32)]
-        names = ["text_embeds"]
+        outputs = [ct.TensorType(name="text_embeds", dtype=np.float32)]
     else:
         shape = (1, 3, size, size)
         if options["input_kind"] == "image":
             inputs = [ct.ImageType(name="image", shape=shape, color_layout=ct.colorlayout.RGB)]
         else:
             inputs = [ct.TensorType(name="pixel_values", shape=shape, dtype=np.float32)]
-        names = ["image_embeds"] + (["last_hidden_state"] if options["outputs"] == "pooled,tokens" else [])
+        names = ["image_embeds"] + (["last_hidden_state"] if _tokens(options) else [])
+        outputs = [ct.TensorType(name=n, dtype=np.float32) for n in names]
+    if labels is not None:  # the outputs are the classifier's, named by Core ML
+        outputs, classifier = None, ct.ClassifierConfig(list(labels))
     mlmodel = ct.convert(
         program,
         inputs=inputs,
-        outputs=[ct.TensorType(name=n, dtype=np.float32) for n in names],
+        outputs=outputs,
+        classifier_config=classifier,
         convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT16 if options["precision"] == "float16" else ct.precision.FLOAT32,
         minimum_deployment_target=getattr(ct.target, options["target"]),
@@ -324,8 +414,12 @@ def _strings(facts: dict) -> dict[str, str]:
     return {k: ",".join(f"{x:.8g}" for x in v) if isinstance(v, list) else str(v) for k, v in facts.items()}
 
 
-def describe(mlmodel, facts: dict, input_kind: str, size: int, embedding_size: int) -> None:
-    """Author, license, version, description, input/output descriptions and the user-defined fields."""
+def describe(
+    mlmodel, facts: dict, input_kind: str, size: int, embedding_size: int | None, tokens: tuple | None = None
+) -> None:
+    """Author, license, version, description, input/output descriptions and the user-defined fields.
+    `embedding_size`: image_embeds' width (None: no image_embeds output); `tokens`: last_hidden_state's
+    (N, D), when the package has that output."""
     meta = _strings(facts)
     mlmodel.author = "Apple (AIMv2 weights); Core ML package by aim-mlx"
     mlmodel.license = LICENSE_TEXT.get(meta["license"], meta["license"])
@@ -346,8 +440,10 @@ def describe(mlmodel, facts: dict, input_kind: str, size: int, embedding_size: i
             f"(1, 3, {size}, {size}) float32, RGB, already scaled to 0-1 and normalised with mean "
             f"{meta['image_mean']} and std {meta['image_std']}"
         )
-    mlmodel.output_description["image_embeds"] = f"(1, {embedding_size}) float32: mean-pooled tokens"
+    if embedding_size is not None:
+        mlmodel.output_description["image_embeds"] = f"(1, {embedding_size}) float32: mean-pooled tokens"
     if "last_hidden_state" in mlmodel.output_description:
+        n, d = tokens
         mlmodel.output_description["last_hidden_state"] = (
-            "(1, N, D) tokens after the final RMSNorm, rows outer"
+            f"(1, {n}, {d}) float32: the {n} patch tokens after the final RMSNorm, rows outer"
         )

@@ -247,6 +247,9 @@ def run_program(program, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if op.op_type == "const":
             env[out.name] = out.val
             continue
+        if op.op_type in WHOLE_OPS:
+            env.update(WHOLE_OPS[op.op_type](op, env))
+            continue
         args = {}
         for key, var in op.inputs.items():
             if isinstance(var, (list, tuple)):
@@ -264,6 +267,24 @@ def run_program(program, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             raise AimMlxError(f"the evaluator expects one output from {op.op_type!r} ({op.name})")
         env[out.name] = np.asarray(result).astype(_np_dtype(out))
     return {var.name: env[var.name] for var in main.outputs}
+
+
+def _classify(op, env: dict) -> dict:
+    """A classifier's outputs (ClassifierConfig): the most probable label and every label's probability.
+    Its labels are a literal list bound to the op, not a constant the program computes."""
+    probs = np.asarray(env[op.inputs["probabilities"].name], np.float64).reshape(-1)
+    classes = op.inputs["classes"].val
+    classes = [c.item() if isinstance(c, np.generic) else c for c in getattr(classes, "ls", classes)]
+    label, table = op.outputs
+    return {
+        label.name: classes[int(probs.argmax())],
+        table.name: dict(zip(classes, probs.tolist(), strict=True)),
+    }
+
+
+# Ops evaluated from the op itself, for several outputs or inputs that are not tensors: name -> (op, env)
+# -> {output name: value}.
+WHOLE_OPS = {"classify": _classify}
 
 
 def _is_float(value) -> bool:
@@ -507,10 +528,105 @@ def check_lit(folder: str | Path, net, texts=("a photo of a cat", "a photo of a 
     facts = json.loads((folder / "lit.json").read_text())
     image = check_package(folder / facts["image_package"], net)
     text = check_text_package(folder / facts["text_package"], net, list(texts))
-    return {
+    report = {
         "passed": image["passed"] and text["passed"],
         "image": image,
         "text": text,
         "summary": f"image: {image['summary']}; text: {text['summary']}",
         "predict": image["predict"],
+    }
+    if "classifier_package" in facts:  # with --labels; the labels and prompt are in label_embeddings.json
+        table = json.loads((folder / "label_embeddings.json").read_text())
+        classifier = check_classifier(
+            folder / facts["classifier_package"], net, table["labels"], table["template"]
+        )
+        report["classifier"] = classifier
+        report["passed"] = report["passed"] and classifier["passed"]
+        report["summary"] += f"; classifier: {classifier['summary']}"
+    return report
+
+
+# (precision, compression) -> the largest |probability difference| a classifier package may show against
+# MLX float32 zero-shot on the photos. This project's choice, like the 4-bit cosines: float32 must agree to
+# float32 rounding; float16 and 8-bit within a few hundredths; the 4-bit bound only catches broken weights.
+# With every probability within b, the top label can differ from MLX's only where its top two are within 2b.
+MAX_PROB_ERROR_FP32 = 1e-4
+MAX_PROB_ERROR = {"none": 0.01, "int8": 0.03, "palettize8": 0.03, "palettize6": 0.05}
+MAX_PROB_ERROR_DEFAULT = 0.25  # int4, palettize4
+
+
+def prob_tolerance(precision: str, compression: str) -> float:
+    if precision == "float32" and compression == "none":
+        return MAX_PROB_ERROR_FP32
+    return MAX_PROB_ERROR.get(compression, MAX_PROB_ERROR_DEFAULT)
+
+
+def check_classifier(package: str | Path, model, labels: list[str], template: str, images=None) -> dict:
+    """A zero-shot classifier package (numpy evaluator; on macOS also MLModel.predict) against MLX's zero-shot
+    on real photos: `aim_mlx.zeroshot.predict` on `model`'s image embeddings and the labels' prompt
+    embeddings. Reports each photo's top label from both and the largest probability difference."""
+    import mlx.core as mx
+
+    from ..zeroshot import predict
+
+    spec, program = load_program(package)
+    meta = dict(spec.description.metadata.userDefined)
+    images = photos() if images is None else images
+    raw, pixels = _photo_inputs(meta, images)
+    image = np.array(model.encode_image(mx.array(pixels)), np.float32)  # (B, P)
+    ids = np.asarray(model.tokenizer([template.format(label) for label in labels]), np.int32)
+    text = np.array(model.encode_text(ids), np.float32)  # (L, P)
+    reference = predict(image, text, labels, float(model.logit_scale), top_k=len(labels))
+    main_input = next(iter(program.functions["main"].inputs))
+    feed = raw if main_input == "image" else pixels
+    got = [run_program(program, {main_input: f.transpose(2, 0, 1)[None].astype(np.float32)}) for f in feed]
+    bound = prob_tolerance(meta.get("precision", "float16"), meta.get("compression", "none"))
+    report = {**_compare_classes(got, reference, labels), "bound": bound, "images": len(images)}
+    report["passed"] = report["max_prob_error"] <= bound
+    report["predict"] = "skipped: Core ML predicts only on macOS"
+    if sys.platform == "darwin":
+        import coremltools as ct
+        from PIL import Image
+
+        mlmodel = ct.models.MLModel(str(package))
+        feeds = (
+            [{"image": Image.fromarray(r)} for r in raw]
+            if main_input == "image"
+            else [{"pixel_values": p.transpose(2, 0, 1)[None]} for p in pixels]
+        )
+        report["predict"] = _compare_classes([mlmodel.predict(f) for f in feeds], reference, labels)
+        report["passed"] = bool(report["passed"] and report["predict"]["max_prob_error"] <= bound)
+    report["summary"] = (
+        f"max |probability error| {report['max_prob_error']:.3g} (<= {bound} needed), top label as MLX's on "
+        f"{report['top_agrees']} of {len(images)} photos"
+    )
+    return report
+
+
+def _photo_inputs(meta: dict, images) -> tuple[np.ndarray, np.ndarray]:
+    """(raw (B, S, S, 3) uint8 resized and cropped: what an `image` input takes; pixels (B, S, S, 3): what MLX
+    and a `pixel_values` input take), for the size, mean and std in a package's metadata."""
+    from ..preprocess import ImageProcessor
+
+    processor = ImageProcessor.clip(int(meta["image_size"]))
+    processor.image_mean = tuple(float(v) for v in meta["image_mean"].split(","))
+    processor.image_std = tuple(float(v) for v in meta["image_std"].split(","))
+    raw = np.stack([processor.center_crop(np.asarray(processor.resize(im.convert("RGB")))) for im in images])
+    return raw, np.stack([processor.preprocess_one(im) for im in images])
+
+
+def _compare_classes(outputs: list[dict], reference: list, labels: list[str]) -> dict:
+    """Classifier outputs (classLabel, classLabel_probs) against zero-shot Predictions of all labels."""
+    top = [o["classLabel"] for o in outputs]
+    errors = [
+        abs(o["classLabel_probs"][label] - p)
+        for o, ref in zip(outputs, reference, strict=True)
+        for label, p in zip(ref.labels, ref.probs, strict=True)
+    ]
+    return {
+        "top_labels": top,
+        "reference_top_labels": [ref.labels[0] for ref in reference],
+        "top_agrees": sum(t == ref.labels[0] for t, ref in zip(top, reference, strict=True)),
+        "max_prob_error": float(max(errors)),
+        "labels": len(labels),
     }

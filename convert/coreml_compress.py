@@ -2,6 +2,12 @@
 
 int8 is per-channel linear quantization; int4 is per block of 32 input channels, which Core ML has from
 macOS15/iOS18; palettizeN replaces each weight by one of 2^N values found by 1-D k-means.
+
+Only weights are compressed: the constants that `linear` ops (and the patch `conv`) take as their weight.
+coremltools picks a constant's config from the ops that consume it, so the config is set per op type with no
+global one: position tables and the causal mask (consumed by `add`), the token-embedding table (`gather`),
+norm weights (`mul`) and the attention-pool query (`matmul`) stay float. Biases are 1-D, which coremltools
+never compresses. int4's blocks of 32 input channels do not divide the patch conv's 3: it stays float.
 """
 
 import numpy as np
@@ -54,7 +60,13 @@ def compress_model(mlmodel, compress: str):
             granularity="per_channel" if compress == "int8" else "per_block",
             **({"block_size": INT4_BLOCK} if compress == "int4" else {}),
         )
-        return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=op))
+        return cto.linear_quantize_weights(mlmodel, weights_only(cto, op, conv=compress != "int4"))
     nbits = int(compress.removeprefix("palettize"))
     op = cto.OpPalettizerConfig(mode="custom", lut_function=_kmeans_lut(nbits))
-    return cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=op))
+    return cto.palettize_weights(mlmodel, weights_only(cto, op, conv=True))
+
+
+def weights_only(cto, op, conv: bool):
+    """An OptimizationConfig that compresses the weights of `linear` ops (and of `conv` ops if `conv`) and
+    nothing else: no global config, so every other op's constants stay float."""
+    return cto.OptimizationConfig(op_type_configs={"linear": op, "conv": op if conv else None})

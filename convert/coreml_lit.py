@@ -42,6 +42,19 @@ def image_pool(w: dict, heads: int):
     return pool
 
 
+def label_probabilities(w: dict, heads: int, label_embeds: np.ndarray, logit_scale: float):
+    """The pooling for a zero-shot classifier: (1, N, D) tokens -> (1, L) probabilities, the softmax of
+    `logit_scale * image_embeds · label_embedsᵀ` (label_embeds (L, P), L2-normalised). The label table enters
+    through `matmul`, not `linear`: it is data, not a layer's weight, so --compress leaves it float."""
+    embed = image_pool(w, heads)
+    table = (np.float32(logit_scale) * label_embeds.astype(np.float32)).T  # (P, L), the scale folded in
+
+    def pool(mb, x, fused: bool):
+        return mb.softmax(x=mb.matmul(x=embed(mb, x, fused), y=table), axis=-1)  # (1, L)
+
+    return pool
+
+
 def build_text_program(w: dict, config, opset, norm: str = DEFAULT_NORM):
     """`input_ids` (1, L) int32 -> `text_embeds` (1, P): the causal text tower pooled at the first EOS.
     `norm` and the fused attention as in coreml_vision.build_program."""

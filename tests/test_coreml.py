@@ -9,14 +9,22 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
 from aim_mlx.convert import coreml, coreml_check
-from aim_mlx.convert.coreml import export_coreml
-from aim_mlx.convert.coreml_check import check_lit, check_package, load_program, run_program, tolerance
+from aim_mlx.convert.coreml import export_coreml, model_name
+from aim_mlx.convert.coreml_check import (
+    check_classifier,
+    check_lit,
+    check_package,
+    load_program,
+    run_program,
+    tolerance,
+)
 from aim_mlx.convert.coreml_compress import kmeans_1d
 from checkpoints import TINY, make_reference, write_checkpoint, write_processor
 from typer.testing import CliRunner
@@ -199,6 +207,10 @@ def test_metadata_and_interface(packages, checkpoint):
     assert "56x56" in image.shortDescription
     outputs = {o.name: o.type.multiArrayType for o in spec.description.output}
     assert list(outputs) == ["image_embeds", "last_hidden_state"]
+    described = {o.name: o.shortDescription for o in spec.description.output}
+    d = TINY["large"]["hidden_size"]
+    assert described["image_embeds"].startswith(f"(1, {d}) float32")
+    assert described["last_hidden_state"].startswith(f"(1, 16, {d}) float32")  # 56 px: 4x4 patches
     assert all(t.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32 for t in outputs.values())
 
 
@@ -496,3 +508,229 @@ def test_hub_id_records_source_and_license(checkpoint, cache, tmp_path):
     assert meta.userDefined["source_model"] == variant.repo_id
     assert meta.userDefined["source_revision"] == variant.revision
     assert "apple-amlr" in meta.license and variant.revision[:12] in meta.versionString
+
+
+def _constants(package) -> dict:
+    """The saved program's constants of rank >= 2 by what consumes them: (op type, parameter) -> the set of
+    (how the constant is stored, its shape); stored as 'const fp16' (plain float) or a constexpr op type."""
+    from coremltools.converters.mil.mil import types
+
+    _, program = load_program(package)
+    found = {}
+    for op in program.functions["main"].operations:
+        if op.op_type in ("const", "classify") or op.op_type.startswith("constexpr_"):
+            continue  # classify's one constant is its list of labels
+        for param, var in op.inputs.items():
+            if isinstance(var, (list, tuple)) or var.op is None or var.rank < 2:
+                continue
+            if var.op.op_type == "const":
+                kind = f"const {types.builtin_to_string(var.dtype)}"
+            elif var.op.op_type.startswith("constexpr_"):
+                kind = var.op.op_type
+            else:
+                continue  # an activation
+            found.setdefault((op.op_type, param), set()).add((kind, tuple(var.shape)))
+    return found
+
+
+@pytest.fixture(scope="module")
+def checkpoint_84(tmp_path_factory):
+    """84 px: a (36, 128) position table, above coremltools' 2048-element compression threshold."""
+    folder = tmp_path_factory.mktemp("tiny-aimv2-84")
+    write_checkpoint(make_reference(seed=1, image_size=84, **TINY["large"]), folder, layout="apple")
+    return folder
+
+
+COMPRESSED_AS = {  # compression -> (target, the constexpr op holding a compressed weight)
+    "int8": ("iOS17", "constexpr_affine_dequantize"),
+    "int4": ("iOS18", "constexpr_blockwise_shift_scale"),
+    "palettize6": ("iOS17", "constexpr_lut_to_dense"),
+}
+
+
+def _assert_linear_weights_compressed(weights: set, compress: str, constexpr: str) -> None:
+    """Every linear weight is compressed; int4 only where its input width holds whole blocks of 32 (the
+    tiny text MLP's 176 does not; the published widths all do)."""
+    for kind, (_, width) in weights:
+        whole_blocks = compress != "int4" or width % 32 == 0
+        assert kind == (constexpr if whole_blocks else "const fp16"), (kind, width)
+    assert any(kind == constexpr for kind, _ in weights)
+
+
+@pytest.mark.parametrize("compress", list(COMPRESSED_AS))
+def test_compression_touches_only_weights(compress, checkpoint_84, lit, tmp_path, caplog):
+    """Linear weights (and the patch conv, except int4's blocks of 32 that its 3 channels cannot hold) are
+    compressed; the position tables, the causal mask and the token embeddings stay float16 constants."""
+    target, constexpr = COMPRESSED_AS[compress]
+    fp16 = "const fp16"
+    with caplog.at_level(logging.WARNING):
+        vision = export_coreml(
+            str(checkpoint_84), tmp_path / "v.mlpackage", compress=compress, target=target
+        ).path
+    assert not [r for r in caplog.records if "block" in r.getMessage()]  # int4 tried no conv blocks
+    found = _constants(vision)
+    _assert_linear_weights_compressed(found.pop(("linear", "weight")), compress, constexpr)
+    conv = found.pop(("conv", "weight"))
+    assert {kind for kind, _ in conv} == {fp16 if compress == "int4" else constexpr}
+    assert (fp16, (1, 36, 128)) in found["add", "y"]  # the position table
+    assert {kind for kinds in found.values() for kind, _ in kinds} == {fp16}, found
+
+    labels = [f"thing {i}" for i in range(50)]  # a (48, 50) label table: above the threshold too
+    folder = export_coreml(
+        str(lit[0]), tmp_path / "lit", compress=compress, target=target, labels=labels
+    ).path
+    facts = json.loads((folder / "lit.json").read_text())
+    for package in (facts["image_package"], facts["text_package"], facts["classifier_package"]):
+        found = _constants(folder / package)
+        _assert_linear_weights_compressed(found.pop(("linear", "weight")), compress, constexpr)
+        found.pop(("conv", "weight"), None)  # the image towers', as above
+        if package == facts["text_package"]:
+            assert (fp16, (49408, 64)) in found["gather", "x"]  # the token embeddings
+            assert (fp16, (1, 77, 64)) in found["add", "y"]  # the positions
+            # The causal mask: added to the scores, or from iOS18 the fused attention's attn_mask.
+            assert (fp16, (1, 1, 77, 77)) in set().union(*found.values())
+        if package == facts["classifier_package"]:
+            assert (fp16, (48, 50)) in found["matmul", "y"]  # the scaled label embeddings
+        assert {kind for kinds in found.values() for kind, _ in kinds} == {fp16}, (package, found)
+
+
+@pytest.mark.parametrize(
+    "source, native_size, name",
+    [
+        ("apple/aimv2-large-patch14-224-lit", None, "AIMv2LargePatch14_224LiT"),
+        ("apple/aimv2-1B-patch14-448", None, "AIMv2_1BPatch14_448"),
+        ("apple/aimv2-large-patch14-224-distilled", None, "AIMv2LargePatch14_224Distilled"),
+        ("apple/aimv2-large-patch14-native", 336, "AIMv2LargePatch14Native_336"),
+        ("/data/my.model-v2/", None, "MyModelV2"),
+        ("2024-model", None, "AIM_2024Model"),  # an identifier cannot start with a digit
+    ],
+)
+def test_model_name(source, native_size, name):
+    assert model_name(source, native_size) == name
+
+
+def test_every_published_checkpoint_has_its_own_swift_name():
+    from aim_mlx.variants import VARIANTS
+
+    names = [model_name(repo_id) for repo_id in VARIANTS]
+    assert len(set(names)) == len(names) == len(VARIANTS)
+    assert all(coreml.SWIFT_IDENTIFIER.fullmatch(name) for name in names)
+
+
+def test_default_names_come_from_the_checkpoint(checkpoint, cache, lit, tmp_path, monkeypatch):
+    """No -o: a vision package named after the model in the current folder; the LiT folder's packages are
+    named after the model too, and lit.json says so."""
+    from fakehub import add_folder
+
+    from aim_mlx.variants import VARIANTS
+
+    variant = VARIANTS["apple/aimv2-large-patch14-224"]
+    add_folder(cache, variant.repo_id, variant.revision, checkpoint)
+    monkeypatch.chdir(tmp_path)
+    assert export_coreml("aimv2-large-patch14-224").path == Path("AIMv2LargePatch14_224.mlpackage")
+    assert (tmp_path / "AIMv2LargePatch14_224.mlpackage" / "Manifest.json").is_file()
+
+    name = model_name(str(lit[0]))  # a local folder: its own name
+    out = export_coreml(str(lit[0]), labels=["cat", "dog"]).path
+    assert out == Path(name) and (tmp_path / name / "lit.json").is_file()
+    facts = json.loads((out / "lit.json").read_text())
+    assert facts["image_package"] == f"{name}ImageEncoder.mlpackage"
+    assert facts["text_package"] == f"{name}TextEncoder.mlpackage"
+    assert facts["classifier_package"] == f"{name}Classifier.mlpackage"
+    assert sorted(p.name for p in out.glob("*.mlpackage")) == sorted(
+        facts[k] for k in ("classifier_package", "image_package", "text_package")
+    )
+
+
+def test_output_that_is_not_a_swift_identifier_warns(checkpoint, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="aim_mlx"):
+        export_coreml(str(checkpoint), tmp_path / "AIMv2L.mlpackage")
+    assert not [r for r in caplog.records if "Swift" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="aim_mlx"):
+        export_coreml(str(checkpoint), tmp_path / "aim-v2 large.mlpackage")
+    (warning,) = [r.getMessage() for r in caplog.records if "Swift" in r.getMessage()]
+    assert "'aim-v2 large' is not a Swift identifier" in warning
+    assert f"{model_name(str(checkpoint))}.mlpackage" in warning
+
+
+def test_cli_output_is_optional(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["export", "coreml", "-m", str(checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir()] == [f"{model_name(str(checkpoint))}.mlpackage"]
+
+
+def _classify_photos(package, photos):
+    """The classifier package's outputs on each photo, through the numpy evaluator."""
+    from aim_mlx.preprocess import ImageProcessor
+
+    _, program = load_program(package)
+    size = program.functions["main"].inputs["image"].shape[-1]
+    processor = ImageProcessor.clip(size)
+    raw = [processor.center_crop(np.asarray(processor.resize(im.convert("RGB")))) for im in photos]
+    return [run_program(program, {"image": r.transpose(2, 0, 1)[None].astype(np.float32)}) for r in raw]
+
+
+def test_lit_classifier_package_matches_mlx_zero_shot(lit, tmp_path, photos):
+    """With labels, a Core ML classifier whose top labels and probabilities on photos are MLX zero-shot's."""
+    from aim_mlx.zeroshot import DEFAULT_TEMPLATE, zero_shot
+
+    folder, model = lit
+    labels = ["cat", "rocket", "cup of coffee", "astronaut"]
+    out = export_coreml(str(folder), tmp_path / "lit", precision="float32", labels=labels).path
+    package = out / json.loads((out / "lit.json").read_text())["classifier_package"]
+    spec = ct.utils.load_spec(str(package))
+    assert spec.description.predictedFeatureName == "classLabel"
+    assert spec.description.predictedProbabilitiesName == "classLabel_probs"
+    assert [o.type.WhichOneof("Type") for o in spec.description.output] == ["stringType", "dictionaryType"]
+    assert "one of 4 labels" in spec.description.metadata.shortDescription
+    assert spec.description.metadata.userDefined["labels"] == "4"
+    processor = aim_mlx.load(str(folder), dtype="float32")[1]
+    expected = zero_shot(model, processor, photos, labels, top_k=len(labels), cache=False)
+    got = _classify_photos(package, photos)
+    assert [g["classLabel"] for g in got] == [e.labels[0] for e in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert set(g["classLabel_probs"]) == set(labels)
+        for label, prob in zip(e.labels, e.probs, strict=True):
+            assert g["classLabel_probs"][label] == pytest.approx(prob, abs=1e-4)
+    report = check_classifier(package, model, labels, DEFAULT_TEMPLATE, photos)
+    assert report["passed"] and report["top_agrees"] == len(photos), report
+    # The check can fail: against another prompt, MLX's label embeddings are not the package's.
+    other = check_classifier(package, model, labels, "a drawing of the {}, in the dark", photos)
+    assert not other["passed"] and other["max_prob_error"] > 1e-2, other
+
+
+def test_check_lit_checks_the_classifier(lit, tmp_path, monkeypatch):
+    folder, model = lit
+    out = export_coreml(str(folder), tmp_path / "lit", labels=["cat", "rocket"], check=True).path
+    report = check_lit(out, model)
+    assert report["passed"] and "classifier:" in report["summary"], report["summary"]
+    monkeypatch.setattr(coreml_check, "MAX_PROB_ERROR", {"none": -1.0})  # a bound nothing meets
+    assert not check_lit(out, model)["passed"]
+
+
+def test_bench_finds_the_packages_a_lit_folder_names(tmp_path):
+    from aim_mlx.benchmark.coreml_engine import coreml_packages
+
+    folder = tmp_path / "lit"
+    folder.mkdir()
+    names = {"image_package": "XImageEncoder.mlpackage", "text_package": "XTextEncoder.mlpackage"}
+    (folder / "lit.json").write_text(json.dumps({**names, "logit_scale": 100.0}))
+    assert coreml_packages(folder) == [folder / names["image_package"], folder / names["text_package"]]
+    (tmp_path / "m.mlpackage").mkdir()
+    assert coreml_packages(tmp_path / "m.mlpackage") == [tmp_path / "m.mlpackage"]
+    with pytest.raises(ConfigError, match="neither a .mlpackage nor a LiT export folder"):
+        coreml_packages(tmp_path)
+    with pytest.raises(ConfigError, match="no such package"):
+        coreml_packages(tmp_path / "missing.mlpackage")
+
+
+def test_default_name_of_a_native_folder_holds_its_size(tmp_path, monkeypatch):
+    """Apple's native config.json says nothing of positions (only its weights lack a table): the default name
+    still ends with the one size the package takes."""
+    reference = make_reference(seed=5, image_size=224, is_native=True, **TINY["large"])
+    folder = write_checkpoint(reference, tmp_path / "native-apple", layout="apple")
+    assert "is_native" not in json.loads((folder / "config.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    path = export_coreml(str(folder), image_size=168).path
+    assert path == Path("NativeApple_168.mlpackage") and path.is_dir()

@@ -6,6 +6,7 @@ test_coreml.py; the evaluator's new ops are checked against torch and coremltool
 Core ML's compiler, kernels and compute plan run only on macOS and are not exercised here.
 """
 
+import json
 import logging
 import shutil
 from functools import partial
@@ -162,7 +163,8 @@ def test_lit_attention_is_fused_from_ios18(lit, tmp_path, monkeypatch, precision
     fused op (the text mask as its float attn_mask), and both still match MLX."""
     folder, model = lit
     out = _export(folder, tmp_path / "lit", monkeypatch, "layer_norm", precision, "iOS18")
-    image, text = _op_counts(out / "ImageEncoder.mlpackage"), _op_counts(out / "TextEncoder.mlpackage")
+    facts = json.loads((out / "lit.json").read_text())  # the packages are named after the model
+    image, text = _op_counts(out / facts["image_package"]), _op_counts(out / facts["text_package"])
     assert image.get("scaled_dot_product_attention") == LAYERS + 1 and "softmax" not in image, image
     text_layers = model.config.text.num_hidden_layers
     assert text.get("scaled_dot_product_attention") == text_layers and "softmax" not in text, text

@@ -1,9 +1,11 @@
 """The Core ML engine: `MLModel.predict` latency of an exported package, per compute unit (macOS only).
 
 The only module of aim_mlx that imports coremltools, and only when `bench --coreml` runs; without it that
-is a one-line error naming the `coreml` extra.
+is a one-line error naming the `coreml` extra. A LiT export folder is timed package by package, the
+packages named in its lit.json (`aim-mlx export coreml` names them after the model).
 """
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -17,13 +19,35 @@ from .timing import peak_rss_mb, summarize, time_calls
 COREML_UNITS = ("ALL", "CPU_AND_GPU", "CPU_AND_NE", "CPU_ONLY")
 
 
+def coreml_packages(path: Path) -> list[Path]:
+    """The packages at `path`: itself, or those a LiT export folder's lit.json names."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--coreml {path}: no such package")
+    if path.suffix == ".mlpackage":
+        return [path]
+    try:
+        facts = json.loads((path / "lit.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"--coreml {path}: neither a .mlpackage nor a LiT export folder with a readable lit.json ({exc})"
+        ) from None
+    return [
+        path / facts[key] for key in ("image_package", "text_package", "classifier_package") if key in facts
+    ]
+
+
 def run_coreml(package: Path, trials: int = 5, warmup: int = 1) -> list[dict]:
-    """`MLModel.predict` latency of a Core ML package per compute unit. Core ML runs only on macOS."""
+    """`MLModel.predict` latency of a Core ML package (or each package of a LiT export folder) per compute
+    unit. Core ML runs only on macOS."""
     if sys.platform != "darwin":
         raise AimMlxError(f"--coreml needs macOS: Core ML cannot run predictions on {sys.platform}")
-    if not package.exists():
-        raise ConfigError(f"--coreml {package}: no such package")
+    packages = coreml_packages(package)
     ct = require("coremltools", "coreml")
+    return [row for path in packages for row in _run_package(ct, path, trials, warmup)]
+
+
+def _run_package(ct, package: Path, trials: int, warmup: int) -> list[dict]:
     from PIL import Image
 
     rows = []
@@ -39,8 +63,12 @@ def run_coreml(package: Path, trials: int = 5, warmup: int = 1) -> list[dict]:
                     np.random.default_rng(0).integers(0, 256, (*size[::-1], 3), np.uint8)
                 )
             else:
-                shape = tuple(item.type.multiArrayType.shape)
-                feed[item.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+                array = item.type.multiArrayType
+                shape = tuple(array.shape)
+                if array.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.INT32:  # token ids
+                    feed[item.name] = np.zeros(shape, np.int32)
+                else:
+                    feed[item.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         times = time_calls(lambda m=model, f=feed: m.predict(f), trials=trials, warmup=warmup)
         compression = model.user_defined_metadata.get("compression", "package")
         rows.append(coreml_row(package, unit, times, load_s, compression))

@@ -22,7 +22,8 @@ from .common import (
 )
 
 EXAMPLES = [
-    "aim-mlx export coreml -o AIMv2L.mlpackage --check",
+    "aim-mlx export coreml --check  # writes AIMv2LargePatch14_224.mlpackage",
+    "aim-mlx export coreml -m apple/aimv2-large-patch14-224-lit --labels cat,dog",
     "aim-mlx export coreml -m aimv2-large-patch14-native --image-size 336 \\",
     "    -o native336.mlpackage",
     "aim-mlx export coreml -o l8.mlpackage --compress int8 \\",
@@ -34,8 +35,14 @@ EXAMPLES = [
 
 def coreml(
     output: Annotated[
-        Path, typer.Option("--output", "-o", metavar="PATH", help="The .mlpackage to write (LiT: a folder).")
-    ],
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="PATH",
+            help="The .mlpackage to write (LiT: a folder). Default: named after the model, here.",
+        ),
+    ] = None,
     model: Annotated[str, model_option("Hub id or local folder.", DEFAULT_MODEL)] = DEFAULT_MODEL,
     revision: Revision = None,
     precision: Annotated[
@@ -68,11 +75,13 @@ def coreml(
 ):
     """Build a Core ML package from a checkpoint, without torch.
 
-    The package is an ML program made from aim-mlx's weights. The LiT checkpoint gives a folder:
-    ImageEncoder.mlpackage, TextEncoder.mlpackage (input_ids (1, 77) -> text_embeds), tokenizer/ and
-    lit.json (logit scale, token ids), for zero-shot in an app.
+    The package is an ML program made from aim-mlx's weights, named after the model (Xcode names its Swift
+    class after the file). The LiT checkpoint gives a folder: NAMEImageEncoder.mlpackage,
+    NAMETextEncoder.mlpackage (input_ids (1, 77) -> text_embeds), with --labels NAMEClassifier.mlpackage,
+    tokenizer/ and lit.json (package names, logit scale, token ids), for zero-shot in an app.
     """
-    output = check_output(output, force, "-o", folder=True)
+    if output is not None:
+        output = check_output(output, force, "-o", folder=True)
     if not os.environ.get("AIM_MLX_DEBUG"):  # coremltools' progress bars and platform notes
         os.environ.setdefault("TQDM_DISABLE", "1")
         logging.getLogger("coremltools").setLevel(logging.ERROR)
