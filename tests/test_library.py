@@ -362,3 +362,27 @@ def test_heic_photos_are_indexed_and_found_and_without_the_plugin_named_in_one_l
         ImageError, match=r"IMG_0002.heic: reading HEIC/HEIF photos needs pillow-heif; pip install"
     ):
         images.load_image(root / "IMG_0002.heic")
+
+
+@pytest.mark.parametrize("approx_from", [None, 0], ids=["exact", "int8-first-pass"])
+def test_vector_search_matches_brute_force_numpy(approx_from):
+    """Top-k (with a file left out, as "more like this" does) equals a float64 brute-force ranking; the int8
+    first pass changes which rows are re-ranked, never their exact scores."""
+    from aim_mlx.apps.library.search import Vectors
+
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((5000, 64)).astype(np.float32)
+    ids = np.arange(100, 5100)
+    kwargs = {} if approx_from is None else {"approx_from": approx_from}
+    vectors = Vectors(ids, [f"p{i}" for i in ids], matrix, **kwargs)
+    assert (vectors.codes is not None) == (approx_from == 0)
+    unit = matrix.astype(np.float64) / np.linalg.norm(matrix, axis=1, keepdims=True)
+    for row in (0, 17, 4999):
+        query = matrix[row] + 0.5 * rng.standard_normal(64).astype(np.float32)
+        q = query / np.linalg.norm(query)
+        scores = unit @ q
+        scores[row] = -np.inf
+        expected = np.argsort(-scores)[:10]
+        hits = vectors.top_k(query, 10, exclude=int(ids[row]))
+        assert [h.id for h in hits] == [int(ids[i]) for i in expected]
+        np.testing.assert_allclose([h.score for h in hits], scores[expected], atol=1e-5)
