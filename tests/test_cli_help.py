@@ -21,6 +21,7 @@ COMMANDS = [
     ["convert"],
     ["export"],
     ["export", "coreml"],
+    ["export", "library"],
     ["bench"],
 ]
 
@@ -249,6 +250,7 @@ def test_h_works_on_every_command():
         "models",
         "convert",
         "export coreml",
+        "export library",
         "bench",
     }
     for name in names:

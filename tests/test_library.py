@@ -386,3 +386,26 @@ def test_vector_search_matches_brute_force_numpy(approx_from):
         hits = vectors.top_k(query, 10, exclude=int(ids[row]))
         assert [h.id for h in hits] == [int(ids[i]) for i in expected]
         np.testing.assert_allclose([h.score for h in hits], scores[expected], atol=1e-5)
+
+
+def test_export_writes_the_vectors_with_their_paths(lit, photos, tmp_path):
+    _, folder = lit
+    db = tmp_path / "library.sqlite"
+    index(folder, db, photos)
+    out = tmp_path / "photos.npz"
+    result = cli("export", "library", "-o", out, "--db", db)
+    assert result.exit_code == 0 and "wrote 8 vectors" in result.stderr, result.output
+    data = np.load(out)
+    with Library(db) as library:
+        ids, paths, matrix = library.vectors(library.models()[0]["id"])
+    assert data["paths"].tolist() == paths and data["ids"].tolist() == ids.tolist()
+    np.testing.assert_array_equal(data["embeddings"], matrix)
+    assert str(data["model"]) == str(folder.resolve())
+    # the library's vectors are what the model gives for the photos
+    net, processor = aim_mlx.load(str(folder))
+    expected = np.asarray(net.encode_image(processor(paths)))
+    np.testing.assert_allclose(data["embeddings"], expected, atol=1e-5)
+
+    assert cli("export", "library", "-o", out, "--db", db).exit_code == 1  # exists: --force
+    result = cli("export", "library", "-o", tmp_path / "x.csv", "--db", db)
+    assert result.exit_code == 1 and "name the file *.npz" in result.stderr

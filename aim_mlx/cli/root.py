@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import AimMlxError, ModelNotFoundError
-from . import bench, classify, convert, duplicates, embed, export, index, models, search
+from . import bench, classify, convert, duplicates, embed, export, export_library, index, models, search
 from .common import EXIT_CODES_HELP, ExitCode, examples, interrupted, library_warnings, say
 
 SETTINGS = {"help_option_names": ["-h", "--help"]}
@@ -136,7 +136,8 @@ app.command(epilog=examples(*search.EXAMPLES))(search.search)
 app.command(epilog=examples(*duplicates.EXAMPLES))(duplicates.duplicates)
 app.command()(models.models)
 app.command(epilog=examples(*convert.EXAMPLES))(convert.convert)
-export_app = typer_app(help="Export a checkpoint for other runtimes.")
+export_app = typer_app(help="Export a checkpoint for other runtimes, or the photo library's vectors.")
 export_app.command("coreml", epilog=examples(*export.EXAMPLES))(export.coreml)
+export_app.command("library", epilog=examples(*export_library.EXAMPLES))(export_library.library)
 app.add_typer(export_app, name="export")
 app.command(epilog=examples(*bench.EXAMPLES))(bench.bench)

@@ -236,6 +236,23 @@ class Library:
         matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
         return ids, [r[1] for r in rows], matrix
 
+    def export_npz(self, model_id: int, output: str | Path) -> int:
+        """Write `model_id`'s vectors, paths and ids to .npz (whole or not at all); returns the count."""
+        from aim_mlx.files import atomic_file
+
+        ids, paths, matrix = self.vectors(model_id)
+        key, info = self.conn.execute("SELECT key, info FROM models WHERE id=?", (model_id,)).fetchone()
+        with atomic_file(output) as tmp:
+            np.savez(
+                tmp,
+                embeddings=matrix,
+                paths=np.array(paths, dtype=str),
+                ids=ids,
+                model=np.array(json.loads(info)["source"]),
+                model_key=np.array(key),
+            )
+        return len(ids)
+
     def file(self, file_id: int) -> dict | None:
         """One indexed file's row as a dict, or None."""
         cur = self.conn.execute("SELECT * FROM files WHERE id=?", (file_id,))
