@@ -75,6 +75,7 @@ def workspace(tmp_path_factory):
         patch.setenv("HF_HUB_CACHE", str(hub))  # bench's child processes read the cache too
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setenv("AIM_MLX_CACHE", str(root / "aim-mlx-cache"))
+        patch.setenv("AIM_MLX_DATA", str(root / "aim-mlx-data"))  # the photo library's default database
         patch.setattr(constants, "HF_HUB_CACHE", str(hub))
         patch.setattr(constants, "HF_HUB_OFFLINE", True)
         patch.setattr(
