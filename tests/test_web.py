@@ -405,7 +405,7 @@ def wait(browser, script, timeout=60):
     )
 
 
-def test_the_page_in_chromium_search_view_more_like_this_duplicates(server, browser, library, tmp_path):
+def test_the_page_in_chromium_search_view_more_like_this_duplicates(browser, server, library, tmp_path):
     from selenium.webdriver.common.by import By
 
     browser.get(server + "/")
