@@ -8,6 +8,7 @@ import os
 import queue
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import skimage.data
 from aim_mlx.apps.library import web
-from aim_mlx.apps.library.db import Library
+from aim_mlx.apps.library.db import SCHEMA_VERSION, Library
 from aim_mlx.apps.library.web import MAX_UPLOAD, THUMB_SIZE, create_app
 from checkpoints import TINY, make_reference, write_checkpoint, write_processor
 from lit_checkpoints import make_lit_reference, write_lit_checkpoint
@@ -113,6 +114,8 @@ def test_status_photo_facts_and_duplicates(client, library):
     groups = client.get("/api/duplicates").json()["groups"]
     exact = [g for g in groups if g["exact"]]
     assert [sorted(g["ids"]) for g in exact] == [sorted([ids["coffee.jpg"], ids["trip/coffee copy.jpg"]])]
+    everything = client.get("/api/duplicates?threshold=-1").json()["groups"]  # every photo near every other
+    assert [len(g["ids"]) for g in everything] == [9] and everything[0]["exact"] is False
 
 
 def test_the_page_and_its_files_are_served_with_a_policy_against_other_origins(client):
@@ -220,7 +223,8 @@ def test_uploads_are_size_limited_and_decoded_safely(client, library):
 def test_other_host_names_are_refused(client):
     """A page on another site that rebinds its name to 127.0.0.1 must not read the library (DNS rebinding)."""
     assert client.get("/api/status", headers={"host": "evil.example"}).status_code == 400
-    assert client.get("/api/status", headers={"host": "localhost:8000"}).status_code == 200
+    for name in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+        assert client.get("/api/status", headers={"host": name}).status_code == 200
 
 
 def test_a_photo_gone_or_changed_on_disk_is_not_served(lit_library, tmp_path, monkeypatch):
@@ -293,6 +297,25 @@ def test_a_vision_only_library_searches_by_image_and_says_why_not_by_text(tmp_pa
         query = tmp_path / "Pictures" / "rocket.jpg"
         hits = client.post("/api/search/image", content=query.read_bytes()).json()["results"]
         assert [h["path"] for h in hits] == [str(query), str(tmp_path / "Pictures" / "coffee.jpg")]
+
+
+def test_a_database_the_server_cannot_read_is_one_line(tmp_path):
+    not_ours = tmp_path / "other.sqlite"
+    with sqlite3.connect(not_ours) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    newer = tmp_path / "newer.sqlite"
+    Library(newer).close()
+    with sqlite3.connect(newer) as conn:
+        conn.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    (tmp_path / "junk.sqlite").write_bytes(b"x" * 4096)
+    for name, message in [
+        ("other.sqlite", "is not an aim-mlx library"),
+        ("newer.sqlite", f"has schema 99, this aim-mlx reads {SCHEMA_VERSION}; upgrade aim-mlx"),
+        ("junk.sqlite", "is not a readable library database"),
+    ]:
+        result = cli("serve", "--db", tmp_path / name, "--port", "0")
+        assert result.exit_code == 1 and result.stderr.startswith(f"error: {tmp_path / name}")
+        assert len(result.stderr.splitlines()) == 1 and message in result.stderr
 
 
 def test_serve_says_what_is_wrong_in_one_line(tmp_path, monkeypatch):

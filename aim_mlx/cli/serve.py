@@ -66,7 +66,7 @@ def serve(
         warn(f"listening on {host}: anyone who can reach this machine on port {port} can see your photos")
     try:
         with spinner("loading the library and its model"):
-            app = create_app(library_path(db), model, hosts=sorted(LOOPBACK) if local else ["*"])
+            app = create_app(library_path(db), model, **({} if local else {"hosts": ["*"]}))
     except BaseException:
         listener.close()
         raise

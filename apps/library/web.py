@@ -47,7 +47,7 @@ from .duplicates import DEFAULT_THRESHOLD, groups
 from .search import Vectors, choose_model, image_query, load_model, text_query
 
 STATIC = Path(__file__).with_name("static")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")  # Host header names (Starlette keeps [ ] or not)
 MAX_UPLOAD = 20 * 1024 * 1024  # bytes; a phone's photo is 2-12 MB
 MAX_K = 200
 THUMB_SIZE = 384  # px, the longer side: sharp in a grid cell on a 2x screen
@@ -74,6 +74,7 @@ class Service:
         version = self.library.conn.execute("PRAGMA data_version").fetchone()[0]
         if version != self.version:
             self.vectors = Vectors.load(self.library, self.entry["id"])
+            self.groups = {}  # threshold -> duplicate groups of these vectors
             self.version = version
         return self.vectors
 
@@ -98,7 +99,11 @@ class Service:
         return self.hits(vectors.top_k(vectors.vector(file_id), k, exclude=file_id))
 
     def duplicates(self, threshold: float) -> list[dict]:
-        return groups(self.library, self.entry["id"], threshold)
+        """Duplicate groups, computed once per threshold until the library changes (they cost O(n^2))."""
+        self.current()
+        if threshold not in self.groups:
+            self.groups[threshold] = groups(self.library, self.entry["id"], threshold)
+        return self.groups[threshold]
 
     def photo(self, file_id: int) -> dict:
         """The file's row, if this model indexed it."""
