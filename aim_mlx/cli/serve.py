@@ -72,7 +72,7 @@ def serve(
         raise
     name = f"[{host}]" if ":" in host else host
     url = f"http://{name}:{listener.getsockname()[1]}/"
-    photos = plural(app.state.service.status()["photos"], "photo")
+    photos = plural(len(app.state.service.vectors), "photo")  # no query: the library thread owns the db
     say(f"serving {photos} at {url} (Ctrl-C to stop)")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     if open:
