@@ -15,11 +15,34 @@ from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import AimMlxError, ModelNotFoundError
-from . import bench, classify, convert, duplicates, embed, export, export_library, index, models, search
+from . import (
+    bench,
+    classify,
+    convert,
+    duplicates,
+    embed,
+    export,
+    export_library,
+    index,
+    models,
+    search,
+    serve,
+)
 from .common import EXIT_CODES_HELP, ExitCode, examples, interrupted, library_warnings, say
 
 SETTINGS = {"help_option_names": ["-h", "--help"]}
-ORDER = ["embed", "classify", "index", "search", "duplicates", "models", "convert", "export", "bench"]
+ORDER = [
+    "embed",
+    "classify",
+    "index",
+    "search",
+    "duplicates",
+    "serve",
+    "models",
+    "convert",
+    "export",
+    "bench",
+]
 # What the library says in Python, said with the command's flags.
 LOCAL_FOLDER = "aim_mlx.load('/path/to/folder')"
 REVISION = re.compile(r"\brevision=('[^']*')")
@@ -134,6 +157,7 @@ app.command(epilog=examples(*classify.EXAMPLES))(classify.classify)
 app.command(epilog=examples(*index.EXAMPLES))(index.index)
 app.command(epilog=examples(*search.EXAMPLES))(search.search)
 app.command(epilog=examples(*duplicates.EXAMPLES))(duplicates.duplicates)
+app.command(epilog=examples(*serve.EXAMPLES))(serve.serve)
 app.command()(models.models)
 app.command(epilog=examples(*convert.EXAMPLES))(convert.convert)
 export_app = typer_app(help="Export a checkpoint, or the photo library's vectors.")

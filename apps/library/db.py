@@ -97,6 +97,36 @@ class Library:
         except sqlite3.DatabaseError as exc:
             raise _database_error(self.path, exc) from None
 
+    @classmethod
+    def reader(cls, path: str | Path, timeout: float = 10.0) -> "Library":
+        """A read-only connection (a server's): it never waits for an index run's write lock, as opening
+        with `Library()` (which may migrate) would, and may be used from another thread than its creator's
+        as long as one thread uses it at a time."""
+        self = cls.__new__(cls)
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise LibraryError(f"{self.path}: no library here yet; run `aim-mlx index FOLDER` first")
+        try:
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            self.conn = sqlite3.connect(
+                uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "meta" not in tables:
+                raise LibraryError(f"{self.path} is not an aim-mlx library")
+            version = int(
+                self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+            )
+        except sqlite3.DatabaseError as exc:
+            raise _database_error(self.path, exc) from None
+        if version != SCHEMA_VERSION:
+            newer = version > SCHEMA_VERSION
+            raise LibraryError(
+                f"{self.path} has schema {version}, this aim-mlx reads {SCHEMA_VERSION}; "
+                + ("upgrade aim-mlx" if newer else "run `aim-mlx index` once to bring it forward")
+            )
+        return self
+
     def close(self) -> None:
         self.conn.close()
 

@@ -1,0 +1,201 @@
+// The page of `aim-mlx serve`: it talks only to its own server's /api/, /thumb/ and /photo/.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const grid = $("results");
+const state = { controller: null, seq: 0, photo: null, timer: 0 };
+// Each search's times in ms from sending the request: the answer (fetchMs), the grid painted (paintMs),
+// every thumbnail decoded (imagesMs). The browser test reads them.
+window.aimTimings = [];
+
+async function api(url, options = {}) {
+  const response = await fetch(url, options);
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
+  return body;
+}
+
+// Resolves after the next frame has been painted (the first callback runs before that paint).
+const painted = () => new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));
+
+function say(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+function card(photo, caption) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "card";
+  button.title = photo.path;
+  button.addEventListener("click", () => view(photo.id));
+  const img = document.createElement("img");
+  img.src = `/thumb/${photo.id}`;
+  img.alt = photo.name;
+  img.addEventListener("error", () => button.classList.add("missing"));
+  const label = document.createElement("span");
+  label.textContent = caption;
+  button.append(img, label);
+  return button;
+}
+
+function showResults() {
+  $("duplicates").hidden = true;
+  grid.hidden = false;
+  $("show-duplicates").setAttribute("aria-pressed", "false");
+}
+
+// One search at a time: a newer one aborts the request of the one before.
+async function search(label, url, options = {}) {
+  state.controller?.abort();
+  const controller = (state.controller = new AbortController());
+  const seq = ++state.seq;
+  const start = performance.now();
+  showResults();
+  say(`Searching ${label}…`);
+  let body;
+  try {
+    body = await api(url, { ...options, signal: controller.signal });
+  } catch (error) {
+    if (error.name !== "AbortError") say(error.message, true);
+    return;
+  }
+  if (seq !== state.seq) return;
+  const timing = { label, fetchMs: performance.now() - start };
+  grid.replaceChildren(...body.results.map((hit) => card(hit, hit.score.toFixed(3))));
+  await painted();
+  timing.paintMs = performance.now() - start;
+  const count = body.results.length;
+  say(`${count} photo${count === 1 ? "" : "s"} ${label} · ${Math.round(timing.paintMs)} ms`);
+  await Promise.all([...grid.querySelectorAll("img")].map((img) => img.decode().catch(() => {})));
+  timing.imagesMs = performance.now() - start;
+  window.aimTimings.push(timing);
+}
+
+function searchText() {
+  const text = $("q").value.trim();
+  history.replaceState(null, "", text ? `#q=${encodeURIComponent(text)}` : "#");
+  if (!text) {
+    state.controller?.abort();
+    grid.replaceChildren();
+    say("");
+    return;
+  }
+  search(`for “${text}”`, `/api/search?q=${encodeURIComponent(text)}`);
+}
+
+function searchImage(file) {
+  if (!file) return;
+  $("q").value = "";
+  search(`like ${file.name}`, "/api/search/image", {
+    method: "POST",
+    body: file,
+    headers: { "Content-Type": file.type || "application/octet-stream" },
+  });
+}
+
+async function view(id) {
+  let photo;
+  try {
+    photo = await api(`/api/photo/${id}`);
+  } catch (error) {
+    say(error.message, true);
+    return;
+  }
+  state.photo = photo;
+  $("full").src = `/photo/${id}`;
+  $("full").alt = photo.name;
+  $("full-open").href = `/photo/${id}`;
+  $("full-path").textContent = photo.path;
+  const taken = photo.taken ? `Taken ${photo.taken.replace("T", " ")}` : "No capture date";
+  const size = photo.width ? ` · ${photo.width} × ${photo.height}` : "";
+  $("full-facts").textContent = taken + size;
+  if (!$("viewer").open) $("viewer").showModal();
+}
+
+function moreLikeThis() {
+  const photo = state.photo;
+  $("viewer").close();
+  $("q").value = "";
+  history.replaceState(null, "", `#like=${photo.id}`);
+  search(`like ${photo.name}`, `/api/similar/${photo.id}`);
+}
+
+async function showDuplicates() {
+  state.controller?.abort();
+  grid.hidden = true;
+  $("duplicates").hidden = false;
+  $("show-duplicates").setAttribute("aria-pressed", "true");
+  say("Looking for duplicates…");
+  try {
+    const { groups } = await api("/api/duplicates");
+    $("duplicates").replaceChildren(
+      ...groups.map((group) => {
+        const section = document.createElement("section");
+        const title = document.createElement("h2");
+        const kind = group.exact ? "identical" : `near copies (cosine ≥ ${group.score.toFixed(3)})`;
+        title.textContent = `${group.ids.length} photos, ${kind}`;
+        const row = document.createElement("div");
+        row.className = "grid";
+        row.append(
+          ...group.ids.map((id, i) => {
+            const name = group.paths[i].split(/[\\/]/).pop();
+            return card({ id, path: group.paths[i], name }, name);
+          }),
+        );
+        section.append(title, row);
+        return section;
+      }),
+    );
+    say(groups.length ? `${groups.length} group${groups.length === 1 ? "" : "s"} of duplicates` : "No duplicates");
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+async function start() {
+  $("search").addEventListener("submit", (event) => {
+    event.preventDefault();
+    clearTimeout(state.timer);
+    searchText();
+  });
+  $("q").addEventListener("input", () => {
+    clearTimeout(state.timer);
+    state.timer = setTimeout(searchText, 200);
+  });
+  $("file").addEventListener("change", (event) => searchImage(event.target.files[0]));
+  $("show-duplicates").addEventListener("click", showDuplicates);
+  $("more").addEventListener("click", moreLikeThis);
+  $("close").addEventListener("click", () => $("viewer").close());
+  $("viewer").addEventListener("click", (event) => event.target === $("viewer") && $("viewer").close());
+  addEventListener("dragover", (event) => {
+    event.preventDefault();
+    $("drop").hidden = false;
+  });
+  $("drop").addEventListener("dragleave", () => ($("drop").hidden = true));
+  addEventListener("drop", (event) => {
+    event.preventDefault();
+    $("drop").hidden = true;
+    searchImage(event.dataTransfer.files[0]);
+  });
+
+  try {
+    const library = await api("/api/status");
+    say(`${library.photos} photos, indexed with ${library.model}`);
+    if (!library.text) {
+      $("q").disabled = true;
+      $("q").placeholder = "This model searches by image only: drop or pick one";
+    }
+  } catch (error) {
+    say(error.message, true);
+  }
+  const hash = new URLSearchParams(location.hash.slice(1));
+  if (hash.get("q")) {
+    $("q").value = hash.get("q");
+    searchText();
+  } else if (hash.get("like")) {
+    view(Number(hash.get("like"))).then(() => state.photo && moreLikeThis());
+  }
+}
+
+start();
