@@ -1,0 +1,189 @@
+"""The photo library's targets (issue #20), each measured against its peer in the same run.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_library.py [--parts search,rerun]
+
+- index:  `aim-mlx index`'s images/s on a folder of real photos (scikit-image, 36 JPEGs of varied sizes)
+          against the model's own images/s on the same files' pixels, decoded beforehand (AIMv2-L/14-224,
+          random weights, float32, batch 8). Target: >= 0.9x (decoding and hashing hidden behind the model).
+- rerun:  a re-run over a library of 10 000 unchanged files (tiny PNGs; their rows written directly, with a
+          tiny model's identity): the walk and comparison, with the model already loaded. Target: < 2 s.
+- search: per-query latency of exact float32 search and of the int8 first pass + exact re-ranking over
+          N x 768 unit vectors (a mixture of 1000 clusters, queries near stored vectors), at N from 10 000 to
+          1 000 000, and recall@10 of the second against the first. Target: <= 10 ms at 100 000.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def photos(folder: Path, count: int = 36) -> list[Path]:
+    """Real photos as JPEGs, cropped and scaled so that no two files are the same."""
+    import skimage.data
+    from PIL import Image
+
+    names = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"]
+    paths = []
+    for i in range(count):
+        image = Image.fromarray(getattr(skimage.data, names[i % len(names)])()).convert("RGB")
+        w, h = image.size
+        box = (i % 5 * w // 20, i % 3 * h // 20, w - i % 4 * w // 20, h)
+        image = image.crop(box).resize((320 + 16 * (i % 7), 320))
+        paths.append(folder / f"{i:03d}.jpg")
+        image.save(paths[-1], quality=90)
+    return paths
+
+
+def bench_index(rounds: int) -> dict:
+    import mlx.core as mx
+    from aim_mlx.apps.library.db import Library
+    from aim_mlx.apps.library.index import index
+    from checkpoints import LARGE, make_reference, write_checkpoint, write_processor
+
+    import aim_mlx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = write_processor(
+            write_checkpoint(make_reference(seed=0, image_size=224, **LARGE), tmp / "m"), 224
+        )
+        (tmp / "photos").mkdir()
+        paths = photos(tmp / "photos")
+        model, processor = aim_mlx.load(str(folder))
+        pixels = [processor.preprocess_one(p) for p in paths]
+        mx.eval(model.encode_image(mx.array(np.stack(pixels[:8]))))  # warm-up
+        model_rates, index_rates = [], []
+        for r in range(rounds):
+            for part in ("model", "index") if r % 2 == 0 else ("index", "model"):
+                start = time.perf_counter()
+                if part == "model":
+                    for i in range(0, len(pixels), 8):
+                        np.asarray(model.encode_image(mx.array(np.stack(pixels[i : i + 8]))))
+                    model_rates.append(len(paths) / (time.perf_counter() - start))
+                else:
+                    with Library(tmp / f"library{r}.sqlite") as library:
+                        summary = index(library, model, processor, [tmp / "photos"], batch_size=8)
+                    assert summary.embedded == len(paths)
+                    index_rates.append(len(paths) / (time.perf_counter() - start))
+    model_rate, index_rate = float(np.median(model_rates)), float(np.median(index_rates))
+    return {
+        "images": len(paths),
+        "model_images_per_s": model_rate,
+        "index_images_per_s": index_rate,
+        "ratio": index_rate / model_rate,
+        "rounds": rounds,
+    }
+
+
+def bench_rerun(files: int = 10_000) -> dict:
+    from aim_mlx.apps.library.db import FileFacts, Library
+    from aim_mlx.apps.library.index import index
+    from checkpoints import TINY, make_reference, write_checkpoint, write_processor
+    from PIL import Image
+
+    import aim_mlx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model, processor = aim_mlx.load(
+            str(write_processor(write_checkpoint(make_reference(seed=0, **TINY["large"]), tmp / "m")))
+        )
+        root = tmp / "photos"
+        for i in range(files):  # 100 folders of 100
+            folder = root / f"{i // 100:03d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (i % 256, i // 256 % 256, 0)).save(folder / f"{i:05d}.png")
+        with Library(tmp / "library.sqlite") as library:
+            model_id = library.model_id(model.info)
+            vector = np.zeros(model.dims["embed_dim"], np.float32)
+            with library.transaction():
+                for path in sorted(root.rglob("*.png")):
+                    stat = path.stat()
+                    library.put(
+                        model_id, FileFacts(str(path), stat.st_size, stat.st_mtime_ns, str(path)), vector
+                    )
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            with Library(tmp / "library.sqlite") as library:
+                summary = index(library, model, processor, [root])
+            times.append(time.perf_counter() - start)
+            assert summary.unchanged == files and summary.embedded == 0
+    return {"files": files, "seconds": float(np.median(times)), "all": times}
+
+
+def bench_search(sizes: list[int], queries: int = 50) -> list[dict]:
+    from aim_mlx.apps.library.search import Vectors
+
+    rng = np.random.default_rng(0)
+    dim, biggest = 768, max(sizes)
+    centres = rng.standard_normal((1000, dim)).astype(np.float32)
+    data = centres[rng.integers(0, 1000, biggest)] + 0.8 * rng.standard_normal(
+        (biggest, dim), dtype=np.float32
+    )
+    rows = []
+    for n in sizes:
+        matrix = data[:n]
+        ids = np.arange(n)
+        exact = Vectors(ids, [""] * n, matrix, approx_from=n + 1)
+        approx = Vectors(ids, [""] * n, matrix, approx_from=0)
+        picks = rng.integers(0, n, queries)
+        qs = matrix[picks] + 0.5 * rng.standard_normal((queries, dim), dtype=np.float32)
+        result = {"n": n}
+        found = {}
+        for name, vectors in (("exact", exact), ("int8+rerank", approx)):
+            vectors.top_k(qs[0], 10)  # warm-up
+            times = []
+            found[name] = []
+            for q in qs:
+                start = time.perf_counter()
+                hits = vectors.top_k(q, 10)
+                times.append(time.perf_counter() - start)
+                found[name].append({h.id for h in hits})
+            result[f"{name}_ms_p50"] = 1e3 * float(np.median(times))
+            result[f"{name}_ms_p95"] = 1e3 * float(np.percentile(times, 95))
+        result["recall_at_10"] = float(
+            np.mean([len(a & b) / 10 for a, b in zip(found["exact"], found["int8+rerank"], strict=True)])
+        )
+        rows.append(result)
+        print(json.dumps(result), flush=True)
+        del exact, approx
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--parts", default="index,rerun,search")
+    parser.add_argument("--rounds", type=int, default=2, help="index: rounds of (model, index) in turns")
+    parser.add_argument("--sizes", default="10000,20000,50000,100000,1000000", help="search: vector counts")
+    args = parser.parse_args()
+    from aim_mlx.benchmark.timing import header, machine
+
+    print(header(machine()))
+    parts = args.parts.split(",")
+    out = {}
+    if "search" in parts:
+        out["search"] = bench_search([int(s) for s in args.sizes.split(",")])
+    if "rerun" in parts:
+        out["rerun"] = bench_rerun()
+        print(json.dumps({"rerun": out["rerun"]}), flush=True)
+    if "index" in parts:
+        out["index"] = bench_index(args.rounds)
+        print(json.dumps({"index": out["index"]}), flush=True)
+    print(json.dumps(out))
+    print(f"# cores: {os.cpu_count()}")
+
+
+if __name__ == "__main__":
+    main()
