@@ -409,3 +409,24 @@ def test_export_writes_the_vectors_with_their_paths(lit, photos, tmp_path):
     assert cli("export", "library", "-o", out, "--db", db).exit_code == 1  # exists: --force
     result = cli("export", "library", "-o", tmp_path / "x.csv", "--db", db)
     assert result.exit_code == 1 and "name the file *.npz" in result.stderr
+
+
+def test_a_library_locked_by_another_writer_is_one_line(tmp_path):
+    from aim_mlx.apps.library.db import LibraryError
+
+    db = tmp_path / "library.sqlite"
+    Library(db).close()
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process's index run, mid-transaction
+    try:
+        library = Library(db, timeout=0.1)  # opening an up-to-date library takes no lock
+        locked = "is locked by another aim-mlx process; wait for it to finish"
+        with pytest.raises(LibraryError, match=locked), library.transaction():
+            pass
+        assert library.check() == "ok"  # and reading goes on (WAL)
+        library.close()
+        result = cli("search", "a cat", "--db", db)  # searches read: the lock is no obstacle
+        assert result.exit_code == 1 and "holds no photos yet" in result.stderr
+    finally:
+        other.execute("ROLLBACK")
+        other.close()

@@ -309,8 +309,11 @@ def test_a_database_the_server_cannot_read_is_one_line(tmp_path):
         conn.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     (tmp_path / "junk.sqlite").write_bytes(b"x" * 4096)
     for name, message in [
-        ("other.sqlite", "is not an aim-mlx library"),
-        ("newer.sqlite", f"has schema 99, this aim-mlx reads {SCHEMA_VERSION}; upgrade aim-mlx"),
+        ("other.sqlite", "is an SQLite database but not an aim-mlx library"),
+        (
+            "newer.sqlite",
+            f"newer aim-mlx (schema 99, this one reads up to {SCHEMA_VERSION}); upgrade aim-mlx",
+        ),
         ("junk.sqlite", "is not a readable library database"),
     ]:
         result = cli("serve", "--db", tmp_path / name, "--port", "0")

@@ -35,7 +35,7 @@ def duplicates(
     from ..apps.library.duplicates import groups
     from ..apps.library.search import choose_model
 
-    with Library(library_path(db), create=False) as library:
+    with Library.reader(library_path(db)) as library:
         found = groups(library, choose_model(library, model)["id"], threshold)
     if json:
         typer.echo(json_module.dumps(found))

@@ -32,7 +32,7 @@ def library(
     if output.suffix.lower() != ".npz":
         raise ConfigError(f"-o {output}: the library exports to .npz; name the file *.npz")
     output = check_output(output, force, "-o")
-    with Library(library_path(db), create=False) as lib:
+    with Library.reader(library_path(db)) as lib:
         entry = choose_model(lib, model)
         count = lib.export_npz(entry["id"], output)
     say(f"wrote {plural(count, 'vector')} from {entry['info']['source']} to {output}")

@@ -53,7 +53,7 @@ def search(
     given = [x for x in (query, image, like) if x is not None]
     if len(given) != 1:
         raise ConfigError("give one query: a TEXT, --image FILE or --like ID")
-    with Library(library_path(db), create=False) as library:
+    with Library.reader(library_path(db)) as library:
         entry = choose_model(library, model)
         if query is not None and not FAMILIES[entry["info"]["family"]].text:
             raise ConfigError(

@@ -111,19 +111,17 @@ class Library:
             self.conn = sqlite3.connect(
                 uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False
             )
-            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if "meta" not in tables:
-                raise LibraryError(f"{self.path} is not an aim-mlx library")
-            version = int(
-                self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-            )
+            version = self._version()
         except sqlite3.DatabaseError as exc:
             raise _database_error(self.path, exc) from None
-        if version != SCHEMA_VERSION:
-            newer = version > SCHEMA_VERSION
+        if version is None:
+            raise LibraryError(f"{self.path} is an empty database, not an aim-mlx library")
+        if version > SCHEMA_VERSION:
+            raise _newer(self.path, version)
+        if version < SCHEMA_VERSION:
             raise LibraryError(
-                f"{self.path} has schema {version}, this aim-mlx reads {SCHEMA_VERSION}; "
-                + ("upgrade aim-mlx" if newer else "run `aim-mlx index` once to bring it forward")
+                f"{self.path} has schema {version}, this aim-mlx reads {SCHEMA_VERSION}; run `aim-mlx index` "
+                "once to bring it forward"
             )
         return self
 
@@ -138,25 +136,30 @@ class Library:
 
     def _migrate(self) -> None:
         """Create the schema in a new database, or bring an older one forward, in one write transaction (so
-        two processes opening a new library at once cannot both create it)."""
+        two processes opening a new library at once cannot both create it). An up-to-date library is only
+        read: opening it never waits for another process's write lock."""
+        if self._version() == SCHEMA_VERSION:
+            return
         with self.transaction():
-            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if not tables:
+            version = self._version()  # again, under the lock
+            if version is None:
                 _run(self.conn, SCHEMA)
                 self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                 return
-            if "meta" not in tables:
-                raise LibraryError(f"{self.path} is an SQLite database but not an aim-mlx library")
-            row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            version = int(row[0])
             if version > SCHEMA_VERSION:
-                raise LibraryError(
-                    f"{self.path} was written by a newer aim-mlx (schema {version}, this one reads up to "
-                    f"{SCHEMA_VERSION}); upgrade aim-mlx"
-                )
+                raise _newer(self.path, version)
             for step in range(version, SCHEMA_VERSION):
                 _run(self.conn, MIGRATIONS[step])
             self.conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+
+    def _version(self) -> int | None:
+        """The schema version, or None for an empty database."""
+        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            return None
+        if "meta" not in tables:
+            raise LibraryError(f"{self.path} is an SQLite database but not an aim-mlx library")
+        return int(self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
 
     def transaction(self):
         """A write transaction (BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error)."""
@@ -318,6 +321,13 @@ class _Transaction:
         else:
             self.conn.execute("ROLLBACK")
         return False
+
+
+def _newer(path: Path, version: int) -> LibraryError:
+    return LibraryError(
+        f"{path} was written by a newer aim-mlx (schema {version}, this one reads up to {SCHEMA_VERSION}); "
+        "upgrade aim-mlx"
+    )
 
 
 def _database_error(path: Path, exc: sqlite3.DatabaseError) -> LibraryError:
