@@ -3,6 +3,7 @@
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -72,11 +73,8 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None,
             "float32 is the fast dtype here",
             dtype,
         )
-    folder = hub.resolve(path_or_id, revision)
-    local = Path(path_or_id).expanduser().is_dir()
-    variant = None if local else find_variant(path_or_id)
-    raw = read_config(folder)
-    family = family_of(raw, variant)
+    found = origin(path_or_id, revision)
+    folder, raw, variant, family = found.folder, found.raw, found.variant, found.family
     channels = VisionConfig.from_dict(
         raw
     ).num_channels  # (a LiT config's vision tower, as from_dict reads it)
@@ -91,19 +89,48 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None,
     processor = family.processor(folder, config, variant)
     if family.text:
         model.tokenizer = processor.tokenizer  # encode_text takes strings
-    model.info = ModelInfo(
-        family=family.name,
-        source=str(folder.resolve()) if local else (variant.repo_id if variant else path_or_id),
-        revision=None if local else (folder.name if _COMMIT.fullmatch(folder.name) else revision),
-        dims=model.dims,
-        dtype=dtype,
-        quantization=raw.get("quantization"),
-        files=_file_stats(folder) if local else [],
-        backend=backends.install(model),
-    )
+    model.info = found.info(model.dims, dtype, backend=backends.install(model))
     blas.release_freed_memory()  # the checkpoint's load-time copies (e.g. before an upcast) are garbage now
     logger.info("loaded %s (%s, %s, %s backend)", path_or_id, folder, dtype, model.info.backend)
     return model, processor
+
+
+@dataclass
+class Origin:
+    """Where a checkpoint comes from, known without reading its weights: the folder, its config.json, its
+    variant and family, and the fields of its identity that do not depend on the built model."""
+
+    folder: Path
+    raw: dict
+    variant: object  # a variants.Variant, or None
+    family: object  # a registry.Family
+    source: str
+    revision: str | None
+    files: list
+
+    def info(self, dims: dict, dtype: str, backend: str = "mlx") -> ModelInfo:
+        """The identity of this checkpoint built with `dims` in `dtype` (what load() attaches as `info`)."""
+        quantization = self.raw.get("quantization")
+        return ModelInfo(
+            self.family.name, self.source, self.revision, dims, dtype, quantization, self.files, backend
+        )
+
+
+def origin(path_or_id: str, revision: str | None = None) -> Origin:
+    """Resolve a hub id (downloading what the cache lacks) or a local folder, and read its config.json."""
+    folder = hub.resolve(path_or_id, revision)
+    local = Path(path_or_id).expanduser().is_dir()
+    variant = None if local else find_variant(path_or_id)
+    raw = read_config(folder)
+    return Origin(
+        folder=folder,
+        raw=raw,
+        variant=variant,
+        family=family_of(raw, variant),
+        source=str(folder.resolve()) if local else (variant.repo_id if variant else path_or_id),
+        revision=None if local else (folder.name if _COMMIT.fullmatch(folder.name) else revision),
+        files=_file_stats(folder) if local else [],
+    )
 
 
 def _file_stats(folder: Path) -> list:

@@ -24,6 +24,7 @@ from transformers import CLIPTokenizer
 from typer.testing import CliRunner
 
 import aim_mlx
+import aim_mlx.loading
 from aim_mlx.cli import app
 
 runner = CliRunner()
@@ -152,9 +153,17 @@ def test_reruns_touch_only_what_changed(lit, photos, tmp_path, monkeypatch):
     opened = []
     read_facts = indexing.facts
     monkeypatch.setattr(indexing, "facts", lambda path, stat: opened.append(path) or read_facts(path, stat))
+    loads = []
+
+    def no_loading(*args):
+        loads.append(args)
+        raise AssertionError("a re-run with nothing to do loaded the model")
+
+    monkeypatch.setattr(aim_mlx.loading, "fill", no_loading)
     result, summary = index(folder, db, photos)
     assert (summary["unchanged"], summary["embedded"], summary["reused"]) == (8, 0, 0)
-    assert opened == []  # unchanged files are not even hashed
+    assert opened == [] and loads == []  # unchanged files are not even hashed, and no model is loaded
+    monkeypatch.undo()
 
     (photos / "coffee_renamed.jpg").write_bytes((photos / "trip" / "coffee.jpg").read_bytes())
     (photos / "trip" / "coffee.jpg").unlink()  # renamed

@@ -21,6 +21,7 @@ from .common import (
     progress,
     rate_column,
     say,
+    value,
 )
 
 EXAMPLES = [
@@ -68,8 +69,9 @@ def index(
     library keeps everything finished; run the command again to do the rest.
     """
     from ..apps.library.db import Library
+    from ..apps.library.index import Summary, known_model, plan
     from ..apps.library.index import index as run_index
-    from ..apps.library.index import plan
+    from ..loading import default_dtype, origin
 
     if not folders:
         raise ConfigError("no folders given; pass the folders (or image files) to index")
@@ -79,10 +81,18 @@ def index(
     path = library_path(db)
     if dry_run:
         return _dry_run(path, model, folders, json)
+    found = origin(model, revision)
+    with Library(path) as library:  # a re-run with nothing to do loads no model
+        known = known_model(library, found, value(dtype) or default_dtype())
+        todo = plan(library, known, folders) if known is not None else None
+    if todo is not None and not (todo.todo or todo.gone or todo.missing):
+        return _report(Summary(unchanged=todo.unchanged), path, found.source, json)
     net, processor = load(model, revision, dtype)
     done = 0
     with Library(path) as library:
-        todo = plan(library, library.model_id(net.info), folders)
+        model_id = library.model_id(net.info)
+        if model_id != known:
+            todo = plan(library, model_id, folders)
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
         total = len(todo.todo) + todo.unchanged + len(todo.missing)
@@ -103,11 +113,14 @@ def index(
                 f"after {plural(done, 'file')}; what was indexed is kept, run the command again to finish",
                 kept=True,
             ) from None
+    _report(summary, path, net.info.source, json)
+
+
+def _report(summary, path: Path, source: str, json: bool) -> None:
     for _, reason in summary.failed:
         say(f"skipped {reason}")
-    result = {**summary.to_dict(), "database": str(path), "model": net.info.source}
     if json:
-        typer.echo(json_module.dumps(result))
+        typer.echo(json_module.dumps({**summary.to_dict(), "database": str(path), "model": source}))
     else:
         typer.echo(
             f"{plural(summary.new, 'new file')}, {summary.changed} changed ({summary.embedded} embedded, "

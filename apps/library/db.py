@@ -28,7 +28,7 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE models (
     id INTEGER PRIMARY KEY,
     key TEXT NOT NULL UNIQUE,       -- model.info.key
-    info TEXT NOT NULL,             -- model.info.to_dict(), JSON: source, revision, family, dims
+    info TEXT NOT NULL,             -- model.info as JSON: source, revision, family, dims, dtype, files
     dim INTEGER NOT NULL
 );
 CREATE TABLE files (
@@ -175,7 +175,7 @@ class Library:
         with self.transaction():
             cur = self.conn.execute(
                 "INSERT INTO models (key, info, dim) VALUES (?, ?, ?)",
-                (info.key, json.dumps(info.to_dict()), int(info.dims["embed_dim"])),
+                (info.key, json.dumps({**info.to_dict(), "files": info.files}), int(info.dims["embed_dim"])),
             )
             return cur.lastrowid
 

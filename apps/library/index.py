@@ -86,6 +86,18 @@ def plan(library: Library, model_id: int, roots: Iterable[str | os.PathLike]) ->
     return result
 
 
+def known_model(library: Library, found, dtype: str) -> int | None:
+    """The library's id for the checkpoint `found` (a loading.Origin) in `dtype`, recognised without loading
+    its weights (same source, revision, files and config), or None. A re-run with nothing to do needs no
+    model at all."""
+    for entry in library.models():
+        info = entry["info"]
+        same = (info["source"], info["revision"], info["dtype"]) == (found.source, found.revision, dtype)
+        if same and found.info(info["dims"], dtype).key == entry["key"]:
+            return entry["id"]
+    return None
+
+
 def _under(path: str, roots: list[Path]) -> bool:
     return any(path == str(r) or path.startswith(str(r).rstrip(os.sep) + os.sep) for r in roots)
 
