@@ -359,15 +359,7 @@ def check_package(package: str | Path, model, images=None) -> dict:
     if problem:
         report.update(passed=False, summary=problem)
     if sys.platform == "darwin":
-        import coremltools as ct
-        from PIL import Image
-
-        mlmodel = ct.models.MLModel(str(package))
-        feeds = (
-            [{"image": Image.fromarray(r)} for r in raw]
-            if main_input == "image"
-            else [{"pixel_values": p.transpose(2, 0, 1)[None]} for p in pixels]
-        )
+        mlmodel, feeds = _mac_feeds(package, main_input, raw, pixels)
         predicted = _compare([mlmodel.predict(f) for f in feeds], reference)
         report["predict"] = predicted
         report["passed"] = report["passed"] and _passes(predicted, metric, bound)
@@ -561,6 +553,18 @@ def prob_tolerance(precision: str, compression: str) -> float:
     return MAX_PROB_ERROR.get(compression, MAX_PROB_ERROR_DEFAULT)
 
 
+def _mac_feeds(package, main_input: str, raw, pixels):
+    """macOS only: the package as an MLModel, and its inputs for the photos (PIL images, or tensors)."""
+    import coremltools as ct
+    from PIL import Image
+
+    if main_input == "image":
+        feeds = [{"image": Image.fromarray(r)} for r in raw]
+    else:
+        feeds = [{"pixel_values": p.transpose(2, 0, 1)[None]} for p in pixels]
+    return ct.models.MLModel(str(package)), feeds
+
+
 def check_classifier(package: str | Path, model, labels: list[str], template: str, images=None) -> dict:
     """A zero-shot classifier package (numpy evaluator; on macOS also MLModel.predict) against MLX's zero-shot
     on real photos: `aim_mlx.zeroshot.predict` on `model`'s image embeddings and the labels' prompt
@@ -585,15 +589,7 @@ def check_classifier(package: str | Path, model, labels: list[str], template: st
     report["passed"] = report["max_prob_error"] <= bound
     report["predict"] = "skipped: Core ML predicts only on macOS"
     if sys.platform == "darwin":
-        import coremltools as ct
-        from PIL import Image
-
-        mlmodel = ct.models.MLModel(str(package))
-        feeds = (
-            [{"image": Image.fromarray(r)} for r in raw]
-            if main_input == "image"
-            else [{"pixel_values": p.transpose(2, 0, 1)[None]} for p in pixels]
-        )
+        mlmodel, feeds = _mac_feeds(package, main_input, raw, pixels)
         report["predict"] = _compare_classes([mlmodel.predict(f) for f in feeds], reference, labels)
         report["passed"] = bool(report["passed"] and report["predict"]["max_prob_error"] <= bound)
     report["summary"] = (

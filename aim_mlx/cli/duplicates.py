@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .common import Json, say
-from .index import db_option, library_path
+from .index import db_option, library_model_option, library_path
 
 EXAMPLES = ["aim-mlx duplicates", "aim-mlx duplicates --threshold 0.98 --json"]
 
@@ -20,10 +20,7 @@ def duplicates(
         ),
     ] = 0.95,
     db: Annotated[Path | None, db_option()] = None,
-    model: Annotated[
-        str | None,
-        typer.Option("--model", "-m", metavar="MODEL", help="Which of the library's models (id or folder)."),
-    ] = None,
+    model: Annotated[str | None, library_model_option()] = None,
     json: Json = False,
 ):
     """List groups of duplicate photos, largest first.

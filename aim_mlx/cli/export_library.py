@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from .common import check_output, force_option, plural, say
-from .index import db_option, library_path
+from .index import db_option, library_model_option, library_path
 
 EXAMPLES = ["aim-mlx export library -o photos.npz", "aim-mlx export library -o photos.npz -m ./my-lit-model"]
 
@@ -14,10 +14,7 @@ EXAMPLES = ["aim-mlx export library -o photos.npz", "aim-mlx export library -o p
 def library(
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="The .npz file to write.")],
     db: Annotated[Path | None, db_option()] = None,
-    model: Annotated[
-        str | None,
-        typer.Option("--model", "-m", metavar="MODEL", help="Which of the library's models (id or folder)."),
-    ] = None,
+    model: Annotated[str | None, library_model_option()] = None,
     force: Annotated[bool, force_option("output")] = False,
 ):
     """Write the photo library's vectors to an .npz file.

@@ -42,6 +42,18 @@ def db_option():
     )
 
 
+def library_model_option():
+    """-m for the commands that read a library: which of the models that indexed it."""
+    return typer.Option(
+        "--model",
+        "-m",
+        metavar="MODEL",
+        show_default=False,
+        help="Which of the library's models (hub id or folder). Default: the only one, or the LiT "
+        "checkpoint.",
+    )
+
+
 def library_path(db: Path | None) -> Path:
     from ..files import data_dir
 

@@ -8,7 +8,7 @@ import typer
 
 from ..errors import ConfigError
 from .common import Json, say
-from .index import db_option, library_path
+from .index import db_option, library_model_option, library_path
 
 EXAMPLES = [
     'aim-mlx search "a dog running on the beach"',
@@ -28,16 +28,7 @@ def search(
     ] = None,
     top: Annotated[int, typer.Option("-k", "--top", min=1, metavar="K", help="How many results.")] = 10,
     db: Annotated[Path | None, db_option()] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "-m",
-            metavar="MODEL",
-            help="Which of the library's models to search (hub id or folder). Default: the only one, or "
-            "the LiT checkpoint.",
-        ),
-    ] = None,
+    model: Annotated[str | None, library_model_option()] = None,
     json: Json = False,
     open: Annotated[bool, typer.Option("--open", help="Open the best match in the default viewer.")] = False,
 ):

@@ -11,7 +11,7 @@ import typer
 
 from ..errors import AimMlxError, ConfigError
 from .common import plural, say, spinner, warn
-from .index import db_option, library_path
+from .index import db_option, library_model_option, library_path
 
 EXAMPLES = [
     "aim-mlx serve",
@@ -23,16 +23,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 def serve(
     db: Annotated[Path | None, db_option()] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "-m",
-            metavar="MODEL",
-            help="Which of the library's models to search (hub id or folder). Default: the only one, or "
-            "the LiT checkpoint.",
-        ),
-    ] = None,
+    model: Annotated[str | None, library_model_option()] = None,
     host: Annotated[
         str,
         typer.Option(
