@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,12 @@ _warned: set[str] = set()
 
 
 def default_dtype() -> str:
-    """float16 on Apple GPUs, float32 on CPUs (MLX's CPU float16 matmul has no BLAS path)."""
-    return "float16" if mx.default_device() == mx.gpu else "float32"
+    """AIM_MLX_DTYPE if set; otherwise float16 on Apple GPUs, float32 on CPUs (MLX's CPU float16 matmul has
+    no BLAS path)."""
+    chosen = os.environ.get("AIM_MLX_DTYPE", "").strip().lower()
+    if chosen and chosen not in DTYPES:
+        raise ConfigError(f"AIM_MLX_DTYPE={chosen!r} is not a dtype; use {', '.join(DTYPES)}")
+    return chosen or ("float16" if mx.default_device() == mx.gpu else "float32")
 
 
 def read_config(folder: Path) -> dict:
@@ -56,17 +61,19 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None,
     Returns `(model, processor)`. `processor(images)` gives NHWC float32 pixels; `model.encode_image(pixels)`
     pooled (B, D) embeddings, `model(pixels)` a VisionOutput (LiT: `model(pixels, texts)` logits, and
     `encode_text`); `model.info` says what was loaded (family, source, revision, dims, dtype) and its `key`
-    identifies it for caches. `dtype` is float32, float16 or bfloat16 (default: float16 on Apple GPUs,
-    float32 on CPUs, where half precision is 20-30x slower). On a CPU with the fast BLAS, float32 blocks run
-    in the numpy backend (aim_mlx/backends; AIM_MLX_BACKEND=mlx keeps them in MLX); results are the same.
+    identifies it for caches. `dtype` is float32, float16 or bfloat16 (default: AIM_MLX_DTYPE if set, else
+    float16 on Apple GPUs, float32 on CPUs, where half precision is 20-30x slower). On a CPU with the fast
+    BLAS, float32 blocks run in the numpy backend (aim_mlx/backends; AIM_MLX_BACKEND=mlx keeps them in MLX);
+    results are the same.
     `probe` ("best" or "last", AIMv1 only) says which attention-probe head you expect; a checkpoint holds one
     (its config.json's probe_layers), and a different one is an error. None: the checkpoint's own.
     """
+    asked = dtype is not None  # AIM_MLX_DTYPE's choice is the environment's, made once: no warning for it
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     backends.check_choice()  # a mistyped AIM_MLX_BACKEND fails before the download, not after
-    if dtype != "float32" and mx.default_device() == mx.cpu and dtype not in _warned:
+    if asked and dtype != "float32" and mx.default_device() == mx.cpu and dtype not in _warned:
         _warned.add(dtype)
         logger.warning(
             "%s on a CPU runs 20-30x slower than float32 (MLX's CPU has no half-precision matmul kernels); "

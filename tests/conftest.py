@@ -7,10 +7,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
+
 import socket  # noqa: E402
 
+import emulation  # noqa: E402
 import pytest  # noqa: E402
 from huggingface_hub import constants  # noqa: E402
+
+emulation.apply()  # AIM_MLX_EMULATE=apple: a Mac's defaults (see emulation.py), before aim_mlx is imported
 
 import aim_mlx  # noqa: E402,F401  (first, so MLX gets the fast BLAS before anything imports mlx.core)
 
@@ -22,7 +26,7 @@ def backend(request, monkeypatch):
     from aim_mlx.backends import blas
 
     if request.param == "numpy" and not blas.loaded():
-        pytest.skip("the numpy backend needs the fast BLAS (Linux)")
+        pytest.skip("the numpy backend needs the fast BLAS (Linux; not under AIM_MLX_EMULATE=apple)")
     monkeypatch.setenv("AIM_MLX_BACKEND", request.param)
     return request.param
 

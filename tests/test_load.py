@@ -154,11 +154,36 @@ def test_model_info_names_what_was_loaded(cache, folders, tmp_path):
     assert local.info.backend in ("numpy", "mlx") and local.info.dims["embed_dim"] == DIMS["hidden_size"]
 
 
-def test_default_dtype(folders):
+def test_default_dtype(folders, monkeypatch):
+    """float16 on an Apple GPU, float32 on a CPU, unless AIM_MLX_DTYPE says otherwise."""
+    monkeypatch.delenv("AIM_MLX_DTYPE", raising=False)
     model, _ = aim_mlx.load(str(folders["hf"]))
-    expected = mx.float16 if mx.default_device() == mx.gpu else mx.float32
-    assert default_dtype() in DTYPES
-    assert dtypes(model) == {expected}
+    expected = "float16" if mx.default_device() == mx.gpu else "float32"
+    assert default_dtype() == model.info.dtype == expected and dtypes(model) == {DTYPES[expected]}
+
+
+@pytest.mark.parametrize("setting, dtype", [("bfloat16", "bfloat16"), (" Float16 ", "float16"), ("", None)])
+def test_aim_mlx_dtype_sets_the_default(folders, monkeypatch, caplog, setting, dtype):
+    """The environment's choice, made once, is not warned about (a dtype passed to load() is); an explicit
+    dtype still wins."""
+    from aim_mlx import loading
+
+    monkeypatch.setattr(loading, "_warned", set())
+    monkeypatch.setenv("AIM_MLX_DTYPE", setting)
+    expected = dtype or ("float16" if mx.default_device() == mx.gpu else "float32")  # empty: as if unset
+    with caplog.at_level(logging.WARNING, logger="aim_mlx"):
+        model, _ = aim_mlx.load(str(folders["hf"]))
+    assert model.info.dtype == expected and dtypes(model) == {DTYPES[expected]}
+    assert "slower" not in caplog.text
+    assert aim_mlx.load(str(folders["hf"]), dtype="float32")[0].info.dtype == "float32"
+
+
+def test_a_mistyped_aim_mlx_dtype_names_the_variable_and_the_choices(folders, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_DTYPE", "fp16")
+    with pytest.raises(ConfigError) as info:
+        aim_mlx.load(str(folders["hf"]))
+    assert str(info.value) == "AIM_MLX_DTYPE='fp16' is not a dtype; use float32, float16, bfloat16"
+    assert aim_mlx.load(str(folders["hf"]), dtype="float32")[0].info.dtype == "float32"  # not read then
 
 
 @pytest.mark.parametrize("dtype", ["int8", "fp16", "float64", "Float32"])
