@@ -7,7 +7,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+import torch
 from checkpoints import LARGE, TINY, make_reference, reference_outputs, write_checkpoint
+from emulation import HALF_PRECISION
 
 from aim_mlx import backends, quantized, weights
 from aim_mlx.backends import blas, numpy_trunk
@@ -400,6 +402,23 @@ def test_half_precision_stays_close(tmp_path):
         out = model(pixels).last_hidden_state
         assert out.dtype == dtype
         assert rel_err(out.astype(mx.float32), expected) < 5e-2
+
+
+def test_mean_pooling_does_not_overflow_in_float16(tmp_path):
+    """A channel large in every token (as trained ViTs grow) sums past float16's 65504 over the grid while
+    each token stays in range: encode_image must still give the mean (Apple GPUs run float16 by default)."""
+    ref = make_reference(seed=8, image_size=56, **TINY["large"])
+    with torch.no_grad():
+        ref.embeddings.patch_embed.bias[0] = 100.0  # channel 0 dominates every token ...
+        ref.rms_norm.weight.mul_(2000.0)  # ... and the final norm takes it to ~2e4
+    model = build_ours(write_checkpoint(ref, tmp_path, "hf"))
+    model.set_dtype(mx.float16)
+    pixels = np.random.default_rng(1).standard_normal((2, 56, 56, 3)).astype(np.float32)
+    tokens = reference_outputs(ref, pixels)["last_hidden_state"]  # (2, 16, D)
+    assert np.abs(tokens).max() < 65504 < np.abs(tokens.sum(axis=1)).max()  # the case in question
+    pooled = model.encode_image(mx.array(pixels))
+    assert pooled.dtype == mx.float16
+    assert rel_err(pooled.astype(mx.float32), tokens.mean(axis=1)) < HALF_PRECISION["float16"]
 
 
 @pytest.mark.slow

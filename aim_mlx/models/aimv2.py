@@ -226,7 +226,8 @@ class AIMv2VisionEncoder(BlockStack):
         x = self.post_trunk_norm(x)
         return VisionOutput(
             last_hidden_state=x,
-            pooler_output=x.mean(axis=1),
+            # In float32: a float16 sum over the tokens overflows (65504) long before their mean does.
+            pooler_output=x.astype(mx.float32).mean(axis=1).astype(x.dtype),  # (B, D)
             hidden_states=(x0, *(kept[i] for i in keep)) if output_hidden_states else None,
         )
 
