@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import skimage.data
 from checkpoints import TINY, make_reference, write_checkpoint, write_processor
+from emulation import tolerance
 from PIL import Image
 
 import aim_mlx
@@ -50,7 +51,8 @@ def test_results_come_in_input_order_with_failures_in_place(model, photos, tmp_p
     assert "broken.jpg" in items[1].error and items[1].embedding is None
     good = [p for p, item in zip(paths, items, strict=True) if item.error is None]
     expected = np.asarray(net.encode_image(processor(good)))
-    np.testing.assert_allclose(np.stack([i.embedding for i in items if i.error is None]), expected, atol=1e-5)
+    ours = np.stack([i.embedding for i in items if i.error is None])
+    np.testing.assert_allclose(ours, expected, atol=tolerance(net, 1e-5))  # batches of other sizes
 
 
 def test_the_next_batch_runs_while_the_previous_is_copied_out(model, photos):
@@ -99,7 +101,7 @@ def test_token_grids_and_varying_native_sizes(native, photos):
         x = processor([path])
         expected = net.forward_intermediates(x, indices=[-1], norm=True)[0][0]
         assert item.embedding.shape == expected.shape
-        np.testing.assert_allclose(item.embedding, np.asarray(expected), atol=1e-4)
+        np.testing.assert_allclose(item.embedding, np.asarray(expected), atol=tolerance(net, 1e-4))
     assert len({item.embedding.shape for item in items}) == 2  # 60x60 and 74x60 photos: two grids
 
 
