@@ -22,6 +22,7 @@ from aim_mlx.benchmark.torch_engine import run_torch
 from aim_mlx.cli import app
 from aim_mlx.config import VisionConfig
 from aim_mlx.errors import AimMlxError
+from aim_mlx.loading import default_dtype
 
 runner = CliRunner()
 ROW_KEYS = {
@@ -49,9 +50,10 @@ def native(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(tiny, tmp_path_factory):
-    """One full run: two batch sizes, the torch comparison, JSON and a plot."""
+    """One full run: two batch sizes, the torch comparison (float32 against float32), JSON and a plot."""
     curve = tmp_path_factory.mktemp("plot") / "curve.png"
     args = ["bench", "-m", str(tiny), "--batch-sizes", "1,2", "--num-trials", "3", "--compare-torch"]
+    args += ["--dtype", "float32"]
     result = runner.invoke(app, [*args, "--json", "--plot", str(curve)])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout), curve
@@ -95,13 +97,14 @@ def test_plot_is_written(report):
 
 
 def test_table_on_stdout(tiny):
+    """In the default dtype (float16 on Apple GPUs, float32 on CPUs, or AIM_MLX_DTYPE's)."""
     result = runner.invoke(app, ["bench", "-m", str(tiny), "--batch-sizes", "2", "--num-trials", "2"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("# ") and "cores" in lines[0] and "BLAS" in lines[1]
     table = [line for line in lines if not line.startswith("# ")]  # a third comment if a kernel is forced
     assert table[0].split()[:6] == ["model", "engine", "dtype", "weights", "batch", "img/s"]
-    assert table[1].split()[:5] == [tiny.name, "aim-mlx", "float32", "float", "2"]
+    assert table[1].split()[:5] == [tiny.name, "aim-mlx", default_dtype(), "float", "2"]
 
 
 def test_native_image_size(native):
