@@ -8,10 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from emulation import APPLE
 
 from aim_mlx.backends import blas as _blas
 
-linux = pytest.mark.skipif(sys.platform != "linux", reason="the loader acts on Linux only")
+# Under AIM_MLX_EMULATE=apple (AIM_MLX_BLAS=0, as a Mac has no loader) every process here starts without it.
+linux = pytest.mark.skipif(
+    sys.platform != "linux" or APPLE, reason="the loader acts on Linux only (not under AIM_MLX_EMULATE=apple)"
+)
 
 # Which library answers `cblas_sgemm` in the process's global scope, where MLX's own lookups go.
 PROBE = """
@@ -62,8 +66,8 @@ def test_opting_out_leaves_mlx_alone():
 
 
 avx2 = pytest.mark.skipif(
-    sys.platform != "linux" or "avx2" not in Path("/proc/cpuinfo").read_text(),
-    reason="needs an x86 CPU with AVX2",
+    sys.platform != "linux" or APPLE or "avx2" not in Path("/proc/cpuinfo").read_text(),
+    reason="needs an x86 CPU with AVX2 and the loader (not under AIM_MLX_EMULATE=apple)",
 )
 
 
