@@ -41,7 +41,8 @@ class AIMv1(AIMv2VisionEncoder):
         """The mean of the probed blocks' outputs (B, N, D); blocks after the last probed one do not run."""
         layers = self.config.probe_layers
         _, kept = self.run_blocks(self.embed(pixel_values), layers[-1] + 1, keep=layers)
-        return sum(kept[i] for i in layers) / len(layers)
+        # In float32: a float16 sum of the blocks overflows (65504) long before their mean does.
+        return (sum(kept[i].astype(mx.float32) for i in layers) / len(layers)).astype(kept[layers[0]].dtype)
 
     def encode_image(self, pixel_values: mx.array) -> mx.array:
         """Features (B, D): the attention-pooled probed blocks, before the classifier's Linear."""
