@@ -68,12 +68,14 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None,
     `probe` ("best" or "last", AIMv1 only) says which attention-probe head you expect; a checkpoint holds one
     (its config.json's probe_layers), and a different one is an error. None: the checkpoint's own.
     """
-    asked = dtype is not None  # AIM_MLX_DTYPE's choice is the environment's, made once: no warning for it
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     backends.check_choice()  # a mistyped AIM_MLX_BACKEND fails before the download, not after
-    if asked and dtype != "float32" and mx.default_device() == mx.cpu and dtype not in _warned:
+    slow = dtype != "float32" and mx.default_device() == mx.cpu
+    # Not for AIM_MLX_DTYPE's choice (made once for the environment), however it arrives: as the default,
+    # or passed on by a caller that read the default (bench, a photo library reloading its model).
+    if slow and dtype not in _warned and dtype != default_dtype():
         _warned.add(dtype)
         logger.warning(
             "%s on a CPU runs 20-30x slower than float32 (MLX's CPU has no half-precision matmul kernels); "
