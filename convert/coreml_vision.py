@@ -68,7 +68,9 @@ def build_program(
         x = transformer(mb, x, w, "blocks.", layers, heads, eps, fused, norm)
         x = rms_norm(mb, x, w["post_trunk_norm.weight"], eps, norm)
         if pool is None:
-            pooled = mb.reduce_mean(x=x, axes=[1], keep_dims=False, name="image_embeds")  # (1, D)
+            # the mean as a sum of x / N: no partial sum can pass float16's range where every token is in it
+            x_n = mb.mul(x=x, y=np.float32(1.0 / n))
+            pooled = mb.reduce_sum(x=x_n, axes=[1], keep_dims=False, name="image_embeds")  # (1, D)
         else:
             pooled = mb.identity(x=pool(mb, x, fused), name="image_embeds")
         if tokens:
