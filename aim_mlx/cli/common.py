@@ -96,8 +96,8 @@ Revision = Annotated[
 DTypeOpt = Annotated[
     DType | None,
     typer.Option(
-        help="Compute dtype. Default: float32 on a CPU (where float16 and bfloat16 are 20-30x slower), "
-        "float16 on an Apple GPU."
+        help="Compute dtype. Default: $AIM_MLX_DTYPE if set, else float32 on a CPU (where float16 and "
+        "bfloat16 are 20-30x slower), float16 on an Apple GPU."
     ),
 ]
 BatchSize = Annotated[int, typer.Option(min=1, metavar="N", help="Images per forward pass.")]
