@@ -121,12 +121,14 @@ def _mixin_source(label: str, revision: str | None, folder: Path, probe: str | N
         )
     depth = config["num_blocks"]
     config.setdefault("probe_layers", list(range(depth - 6, depth)))  # ml-aim's default: the last six
+    variant = find_variant(label)
     if probe is not None:
-        FAMILIES["aimv1"].probe(config, probe, find_variant(label))
-    size = aimv1_size(config["embed_dim"], depth)
-    for name in ("best", "last"):
-        if size and config["probe_layers"] == list(aimv1_probe_layers(size, name)):
-            config["probe"] = name
+        FAMILIES["aimv1"].probe(config, probe, variant)
+    size = variant.size if variant is not None else aimv1_size(config["embed_dim"], depth)
+    sets = {"best": aimv1_probe_layers(size, "best") if size else (), "last": range(depth - 6, depth)}
+    named = [name for name, layers in sets.items() if list(layers) == config["probe_layers"]]
+    if named:
+        config["probe"] = named[0]
     return PickleSource(label, revision, folder, [MIXIN_WEIGHTS], config, probe)
 
 
@@ -195,8 +197,9 @@ def read_state(path: Path) -> dict:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip pickle
     except pickle.UnpicklingError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
-        reason = lines[0].removeprefix("WeightsUnpickler error: ") if lines else "it holds more than tensors"
+        # torch's message is a paragraph; the reason follows "WeightsUnpickler error:" on the next lines.
+        detail = str(exc).partition("WeightsUnpickler error:")[2].strip().splitlines()
+        reason = detail[0].strip() if detail else "it holds more than tensors"
         raise WeightsError(
             f"{path.name} was refused unread by torch's weights-only loader ({reason})"
         ) from None
