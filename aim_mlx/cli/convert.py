@@ -24,7 +24,7 @@ EXAMPLES = [
     "aim-mlx convert --hf-path ./checkpoint --mlx-path out -q \\",
     "    --quant-predicate mixed_4_8",
     "aim-mlx convert --hf-path apple/aim-600M --mlx-path aim-600M",
-    "aim-mlx convert --hf-path aim-1B-5B-imgs --probe last --mlx-path aim-1b-last -q",
+    "aim-mlx convert --hf-path aim-1B-5B-imgs --probe last --mlx-path aim-1b -q",
 ]
 
 
