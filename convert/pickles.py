@@ -117,7 +117,8 @@ def _mixin_source(label: str, revision: str | None, folder: Path, probe: str | N
         raise ConfigError(f"{folder / CONFIG_FILE} is not valid JSON ({exc})") from exc
     if not isinstance(config, dict) or not {"embed_dim", "num_blocks", "num_heads"} <= config.keys():
         raise ConfigError(
-            f"{folder / CONFIG_FILE} is not an AIMv1 config (ml-aim's embed_dim, num_blocks, num_heads)"
+            f"{folder} holds {MIXIN_WEIGHTS}, but aim-mlx converts pickles of AIMv1 only and its config.json "
+            "is not ml-aim's (embed_dim, num_blocks, num_heads); use a safetensors checkpoint"
         )
     depth = config["num_blocks"]
     config.setdefault("probe_layers", list(range(depth - 6, depth)))  # ml-aim's default: the last six

@@ -188,6 +188,15 @@ def test_without_torch_one_line_names_the_extra(tmp_path, ref, monkeypatch):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+def test_a_file_missing_from_the_offline_cache_names_the_download(tmp_path, cache):
+    code, output = convert("--hf-path", "aim-600M-2B-imgs", "--mlx-path", tmp_path / "out")
+    assert code == 1 and len(output.strip().splitlines()) == 1, output
+    stem = f"{PTH_STEMS['600M']}_attnprobe"
+    assert (
+        f"`hf download apple/AIM --revision main {stem}_backbone.pth {stem}_head_best_layers.pth`" in output
+    )
+
+
 def test_the_combined_repo_alone_is_ambiguous(tmp_path, cache):
     code, output = convert("--hf-path", "apple/AIM", "--mlx-path", tmp_path / "out")
     assert code == 1 and "apple/AIM holds all four AIMv1 models; name one as ml-aim does" in output
@@ -224,3 +233,13 @@ def test_loading_a_converted_folder_never_imports_torch(tmp_path, ref):
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["(1,", "1000)", "False"]
+
+
+def test_a_pickle_beside_a_config_that_is_not_aimv1s_is_refused(tmp_path):
+    folder = tmp_path / "aimv2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 96, "num_hidden_layers": 2}))
+    torch.save({"trunk.post_trunk_norm.weight": torch.ones(96)}, folder / "pytorch_model.bin")
+    code, output = convert("--hf-path", folder, "--mlx-path", tmp_path / "out")
+    assert code == 1 and len(output.strip().splitlines()) == 1, output
+    assert "aim-mlx converts pickles of AIMv1 only" in output and not (tmp_path / "out").exists()
