@@ -55,7 +55,6 @@ class PickleSource:
     folder: Path
     files: list[str]  # the pickles in `folder`: the weights, or backbone then head
     config: dict  # ml-aim's constructor keys, probe_layers included
-    probe: str | None
 
     @property
     def paths(self) -> list[Path]:
@@ -84,9 +83,7 @@ def find_source(hf_path: str, revision: str | None, probe: str | None) -> Pickle
         rev = revision or "main"
         folder = hub.download_files(AIMV1_COMBINED_REPO, [backbone, head], rev)
         config = _config(variant.size, probe or "best")
-        return PickleSource(
-            AIMV1_COMBINED_REPO, _commit(folder, rev), folder, [backbone, head], config, probe
-        )
+        return PickleSource(AIMV1_COMBINED_REPO, _commit(folder, rev), folder, [backbone, head], config)
     rev = revision or variant.revision
     folder = hub.download_files(variant.repo_id, [CONFIG_FILE, MIXIN_WEIGHTS], rev)
     return _mixin_source(variant.repo_id, _commit(folder, rev), folder, probe)
@@ -105,7 +102,7 @@ def _local_source(folder: Path, probe: str | None) -> PickleSource | None:
                     f"{folder} has {backbone} but not {head}, the head for the {probe or 'best'} layers"
                 )
             return PickleSource(
-                str(folder.resolve()), None, folder, [backbone, head], _config(size, probe or "best"), probe
+                str(folder.resolve()), None, folder, [backbone, head], _config(size, probe or "best")
             )
     return None
 
@@ -130,7 +127,7 @@ def _mixin_source(label: str, revision: str | None, folder: Path, probe: str | N
     named = [name for name, layers in sets.items() if list(layers) == config["probe_layers"]]
     if named:
         config["probe"] = named[0]
-    return PickleSource(label, revision, folder, [MIXIN_WEIGHTS], config, probe)
+    return PickleSource(label, revision, folder, [MIXIN_WEIGHTS], config)
 
 
 def _config(size: str, probe: str) -> dict:
