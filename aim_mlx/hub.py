@@ -116,11 +116,39 @@ def _resolve(path_or_id: str, revision: str | None, cache_dir, local_files_only:
     variant = find_variant(repo_id)
     if variant is not None and variant.pickled:
         hint = (
-            f"{repo_id} publishes its weights only as pytorch_model.bin, a pickle, which aim-mlx never "
-            "reads; pass a local folder holding config.json and model.safetensors"
+            f"{repo_id} publishes its weights only as pytorch_model.bin, a pickle, which aim-mlx reads only "
+            f"when converting: `aim-mlx convert --hf-path {repo_id} --mlx-path "
+            f"{repo_id.split('/')[1].lower()}`, then load that folder"
         )
     _check_complete(folder, label, hint)
     logger.info("resolved %s to %s", label, folder)
+    return folder
+
+
+def download_files(
+    repo_id: str, names: list[str], revision: str = "main", *, cache_dir: str | Path | None = None
+) -> Path:
+    """The cached snapshot folder holding the files `names` of `repo_id` at `revision`, pickles included.
+
+    For `aim-mlx convert` only, which reads pickles with torch's weights-only loader; `resolve` never fetches
+    them. Raises ModelNotFoundError with what to do when a file cannot be had.
+    """
+    label = f"{repo_id}@{revision[:7] if _COMMIT.fullmatch(revision) else revision}"
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(
+            snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=list(names))
+        )
+    except _hub_failures() as exc:
+        raise ModelNotFoundError(_explain(exc, repo_id, revision, label, names)) from exc
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise ModelNotFoundError(
+            f"{label} has no {', '.join(missing)}; run `{_download_command(repo_id, revision, names)}` on a "
+            "connected machine, or pass a local folder holding the files"
+        )
+    logger.info("fetched %s from %s to %s", ", ".join(names), label, folder)
     return folder
 
 
@@ -167,12 +195,12 @@ def _hub_failures() -> tuple[type[BaseException], ...]:
     return tuple(failures)
 
 
-def _explain(exc: BaseException, repo_id: str, revision: str, label: str) -> str:
+def _explain(exc: BaseException, repo_id: str, revision: str, label: str, files=None) -> str:
     """One line: what went wrong fetching `repo_id` at `revision`, and what to do."""
     from huggingface_hub import constants, errors
 
     local = "or pass a local folder: aim_mlx.load('/path/to/folder')"
-    fetch = f"download it on a connected machine (`{_download_command(repo_id, revision)}`) {local}"
+    fetch = f"download it on a connected machine (`{_download_command(repo_id, revision, files)}`) {local}"
     incomplete = getattr(errors, "IncompleteSnapshotError", ())  # huggingface_hub >= 1.x only
     if isinstance(exc, incomplete):
         return (
@@ -199,8 +227,10 @@ def _explain(exc: BaseException, repo_id: str, revision: str, label: str) -> str
     return f"{label} could not be stored in the Hugging Face cache ({_first_line(exc)}); {local}"
 
 
-def _download_command(repo_id: str, revision: str) -> str:
+def _download_command(repo_id: str, revision: str, files=None) -> str:
     command = f"hf download {repo_id} --revision {revision}"
+    if files:
+        return f"{command} {' '.join(files)}"
     if find_variant(repo_id) is not None:  # the exact files, so that the duplicate MLX copy stays behind
         return f"{command} config.json preprocessor_config.json model.safetensors"
     return command

@@ -88,7 +88,7 @@ def _aimv1_probe(raw: dict, probe: str, variant: Variant | None) -> None:
         raise ConfigError(
             f"this {f'AIM-{size}' if size else 'AIMv1'} checkpoint's head reads blocks {held}, not the "
             f"{probe} layers {wanted}; the hub repos hold only the best-layers heads (apple/AIM's .pth "
-            f"files hold both; aim-mlx cannot read them yet)"
+            f"files hold both: `aim-mlx convert --probe {probe}` converts them)"
         )
 
 

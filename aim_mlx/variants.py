@@ -102,6 +102,37 @@ AIMV1_NAMES = {  # ml-aim's architecture names (load_pretrained), accepted as mo
 }
 PROBES = ("best", "last")
 
+# The combined repo apple/AIM: each model as torch pickles of state dicts, a backbone and one head per probe
+# set, merged without overlap (ml-aim's load_pretrained). ml-aim pins no revision for it either.
+AIMV1_COMBINED_REPO = "apple/AIM"
+AIMV1_FILE_STEMS = {
+    "600M": "aim_600m_2bimgs",
+    "1B": "aim_1b_5bimgs",
+    "3B": "aim_3b_5bimgs",
+    "7B": "aim_7b_5bimgs",
+}
+# The SHA-256 prefixes ml-aim's README (aim-v1/README.md, "Pre-trained checkpoints") publishes for each file.
+AIMV1_SHA256 = {
+    "aim_600m_2bimgs_attnprobe_backbone.pth": "0d6f6b8f",
+    "aim_600m_2bimgs_attnprobe_head_last_layers.pth": "5ce5a341",
+    "aim_600m_2bimgs_attnprobe_head_best_layers.pth": "ebd45c05",
+    "aim_1b_5bimgs_attnprobe_backbone.pth": "d254ecd3",
+    "aim_1b_5bimgs_attnprobe_head_last_layers.pth": "db3be2ad",
+    "aim_1b_5bimgs_attnprobe_head_best_layers.pth": "f1ed7852",
+    "aim_3b_5bimgs_attnprobe_backbone.pth": "8475ce4e",
+    "aim_3b_5bimgs_attnprobe_head_last_layers.pth": "5c057b30",
+    "aim_3b_5bimgs_attnprobe_head_best_layers.pth": "ad380e16",
+    "aim_7b_5bimgs_attnprobe_backbone.pth": "184ed94c",
+    "aim_7b_5bimgs_attnprobe_head_last_layers.pth": "1e5c99ba",
+    "aim_7b_5bimgs_attnprobe_head_best_layers.pth": "73ecd732",
+}
+
+
+def aimv1_pth_files(size: str, probe: str) -> tuple[str, str]:
+    """The combined repo's (backbone, head) file names for an AIMv1 `size` and probe set."""
+    stem = f"{AIMV1_FILE_STEMS[size]}_attnprobe"
+    return f"{stem}_backbone.pth", f"{stem}_head_{probe}_layers.pth"
+
 
 def aimv1_probe_layers(size: str, probe: str) -> tuple[int, ...]:
     """The blocks an AIMv1 head of `size` reads for probe "best" or "last"."""

@@ -14,6 +14,7 @@ folder beside the output and renamed into place when complete (aim_mlx.files.ato
 import json
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from aim_mlx.quantized import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODE
 from aim_mlx.registry import family_of as model_family
 from aim_mlx.variants import find_variant
 
+from . import pickles
 from .recipes import recipe
 
 logger = logging.getLogger("aim_mlx")
@@ -67,6 +69,8 @@ def convert(
     quant_predicate: str | None = None,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    probe: str | None = None,
+    verify: bool = True,
 ) -> Conversion:
     """Convert `hf_path` (hub id or local folder) into an MLX folder at `mlx_path`, quantizing if asked.
 
@@ -74,22 +78,49 @@ def convert(
     Linear layer is packed to `q_bits` with groups of `q_group_size` (4 and 64 unless given), or per layer as
     the named `quant_predicate` recipe says; giving any of the three without `quantize` is refused, since it
     would do nothing. An existing `mlx_path` is refused unless `force`.
+
+    AIMv1: `probe` (best or last) picks the attention-probe head. AIMv1's published pickles (a per-model
+    repo's pytorch_model.bin, the combined repo's .pth files for ml-aim's names or `probe` last, or a local
+    folder of them) are read with torch's weights-only loader (convert/pickles.py); `verify` checks the .pth
+    files against the SHA-256 prefixes ml-aim publishes (turn it off only for files you trained yourself).
     """
     output = Path(mlx_path).expanduser()
     _check_options(dtype, quantize, q_bits, q_group_size, quant_predicate)
     _check_output(output, force)
-    folder = hub.resolve(hf_path, revision)
+    options = dict(
+        dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
+        quant_predicate=quant_predicate, force=force, max_shard_bytes=max_shard_bytes,
+    )  # fmt: skip
+    pickled = pickles.find_source(hf_path, revision, probe)
+    if pickled is None:
+        folder = hub.resolve(hf_path, revision)
+        source = (_source_id(hf_path), _revision(folder, hf_path, revision))
+        return _convert(folder, hf_path, revision, probe, source, output, **options)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # The pickles become a safetensors checkpoint in a hidden folder beside the output, deleted afterwards.
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", suffix=".pickles", dir=output.parent) as tmp:
+        pickles.stage(pickled, Path(tmp), check=verify)
+        done = _convert(Path(tmp), tmp, None, None, (pickled.label, pickled.revision), output, **options)
+    done.bytes_before = sum(path.stat().st_size for path in pickled.paths)
+    return done
+
+
+def _convert(
+    folder: Path, load_id: str, revision, probe, source: tuple, output: Path, *, dtype, quantize, q_bits,
+    q_group_size, quant_predicate, force, max_shard_bytes,
+) -> Conversion:  # fmt: skip
+    """Convert the checkpoint in `folder` (loaded as `load_id`), recording `source` (id, revision)."""
     raw = read_config(folder)
     if "quantization" in raw:
-        raise ConfigError(f"{hf_path} is already quantized; convert from its float checkpoint instead")
+        raise ConfigError(f"{source[0]} is already quantized; convert from its float checkpoint instead")
     dtype = dtype or _source_dtype(raw)
     # Loaded in float32 and cast lazily below: `load` casting to half precision evaluates every tensor at
     # once, which held the float32 and the half copies together (1.57x the checkpoint for AIMv2-L).
-    model, processor = load(hf_path, revision=revision, dtype="float32")
+    model, processor = load(load_id, revision=revision, dtype="float32", probe=probe)
     model.set_dtype(DTYPES[dtype])
     done = Conversion(
-        source=_source_id(hf_path),
-        revision=_revision(folder, hf_path, revision),
+        source=source[0],
+        revision=source[1],
         output=output,
         dtype=dtype,
         recipe=quant_predicate,
@@ -121,7 +152,7 @@ def convert(
     except FileExistsError:
         _check_output(output, force)  # it appeared while converting: the one-line refusal
         raise
-    logger.info("converted %s to %s", hf_path, output)
+    logger.info("converted %s to %s", source[0], output)
     return done
 
 
@@ -238,13 +269,17 @@ def model_card(done: Conversion, config: dict) -> str:
         front.append(f"base_model: {done.source}")
     if variant is not None:
         front.append(f"license: other\nlicense_name: {variant.license}")
-    lit = model_family(config).text
+    family = model_family(config)
+    lit, classifier = family.text, family.name == "aimv1"
     task = "zero-shot-image-classification" if lit else "image-feature-extraction"
-    front += [f"pipeline_tag: {task}", "tags:", "- mlx", "- aimv2", "- vision", "---"]
+    task = "image-classification" if classifier else task
+    front += [f"pipeline_tag: {task}", "tags:", "- mlx", f"- {family.name.split('-')[0]}", "- vision", "---"]
     q = config.get("quantization")
     flags = [f"--hf-path {done.source}", f"--mlx-path {done.output.name}", f"--dtype {done.dtype}"]
     if done.revision:
         flags.insert(1, f"--revision {done.revision}")
+    if "probe" in config:
+        flags.append(f"--probe {config['probe']}")
     if q:
         flags += ["-q", f"--q-bits {q['bits']}", f"--q-group-size {q['group_size']}"]
         if done.recipe:
@@ -271,6 +306,7 @@ def model_card(done: Conversion, config: dict) -> str:
             "pip install aim-mlx",
             f"aim-mlx embed photo.jpg --model {done.output.name}",
             *([f'aim-mlx classify photo.jpg --labels "cat,dog" --model {done.output.name}'] if lit else []),
+            *([f"aim-mlx classify photo.jpg --model {done.output.name}"] if classifier else []),
             "```",
             "",
             "```python",

@@ -1,7 +1,8 @@
 """The export tooling's optional dependencies: imported when needed, or one line that names the extra.
 
 coremltools (building and reading packages) and scikit-image (the photos `--check` verifies on) come with
-`pip install 'aim-mlx[coreml]'`; the runtime and `aim-mlx convert` never need them.
+`pip install 'aim-mlx[coreml]'`; torch, for converting AIMv1's pickled checkpoints, with `aim-mlx[pth]`. The
+runtime never needs any of them.
 """
 
 import importlib
@@ -10,7 +11,11 @@ from types import ModuleType
 from ..errors import AimMlxError
 
 # import name -> (the distribution pip installs, the aim-mlx extra that brings it)
-OPTIONAL = {"coremltools": ("coremltools", "coreml"), "skimage": ("scikit-image", "coreml")}
+OPTIONAL = {
+    "coremltools": ("coremltools", "coreml"),
+    "skimage": ("scikit-image", "coreml"),
+    "torch": ("torch", "pth"),  # reading AIMv1's published pickles in `aim-mlx convert` (convert/pickles.py)
+}
 
 
 def require(module: str) -> ModuleType:

@@ -1,4 +1,4 @@
-"""Random-weight AIMv1 checkpoints in the per-model hub repos' format, and a torch reference to check against.
+"""Random-weight AIMv1 checkpoints in the published formats, and a torch reference to check against.
 
 The reference is written here from the architecture (shared/REFERENCE.md, AIMv1; ml-aim's aim-v1 torch
 model), not from aim_mlx: patch conv + LayerNorm, 2-D sin-cos positions, pre-norm blocks (LayerNorm eps 1e-6
@@ -201,3 +201,23 @@ def write_checkpoint(
     else:
         torch.save(state, folder / "pytorch_model.bin")
     return folder
+
+
+# The combined repo apple/AIM's file name stems, as ml-aim's README links them.
+PTH_STEMS = {"600M": "aim_600m_2bimgs", "1B": "aim_1b_5bimgs", "3B": "aim_3b_5bimgs", "7B": "aim_7b_5bimgs"}
+
+
+def write_pth_pair(model: ReferenceAIMv1, folder: Path, size: str, probe: str) -> list[Path]:
+    """`model` as apple/AIM publishes it: the backbone and the `probe` head as two pickled state dicts
+    (torch.save, as ml-aim's load_pretrained reads them back with torch.load), named as the README lists
+    them. Returns [backbone, head]."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    paths = [
+        folder / f"{PTH_STEMS[size]}_attnprobe_backbone.pth",
+        folder / f"{PTH_STEMS[size]}_attnprobe_head_{probe}_layers.pth",
+    ]
+    torch.save({k: v for k, v in state.items() if not k.startswith("head.")}, paths[0])
+    torch.save({k: v for k, v in state.items() if k.startswith("head.")}, paths[1])
+    return paths

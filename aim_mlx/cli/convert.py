@@ -7,6 +7,7 @@ import typer
 
 from .common import (
     DType,
+    Probe,
     QBits,
     QGroupSize,
     QuantRecipe,
@@ -22,6 +23,8 @@ EXAMPLES = [
     "aim-mlx convert --hf-path aimv2-large-patch14-224 --mlx-path aimv2-l-4bit -q",
     "aim-mlx convert --hf-path ./checkpoint --mlx-path out -q \\",
     "    --quant-predicate mixed_4_8",
+    "aim-mlx convert --hf-path apple/aim-600M --mlx-path aim-600M",
+    "aim-mlx convert --hf-path aim-1B-5B-imgs --probe last --mlx-path aim-1b -q",
 ]
 
 
@@ -41,10 +44,22 @@ def convert(
         QuantRecipe | None, typer.Option(help="A mixed-precision recipe (with -q); see the README.")
     ] = None,
     force: Annotated[bool, force_option("--mlx-path folder")] = False,
+    probe: Annotated[
+        Probe | None,
+        typer.Option(help="AIMv1: the attention-probe head, best or last layers. Default: best."),
+    ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="AIMv1 .pth files: check the SHA-256 ml-aim publishes (--no-verify for your own files)."
+        ),
+    ] = True,
 ):
     """Convert a checkpoint to an MLX folder, optionally quantized.
 
     The folder (aim-mlx's layout) loads wherever a hub id does: `--model DIR`. The flags are mlx_lm.convert's.
+    AIMv1's published pickles (.bin, .pth) are read here only, with torch's weights-only loader
+    (pip install 'aim-mlx[pth]').
     """
     from ..convert.convert import convert as run_convert
     from ..convert.convert import describe_quantization
@@ -61,6 +76,8 @@ def convert(
             q_group_size=q_group_size and int(q_group_size.value),
             quant_predicate=value(quant_predicate),
             force=force,
+            probe=value(probe),
+            verify=verify,
         )
     source = done.source + (f" @ {done.revision}" if done.revision else "")
     typer.echo(f"source:     {source}")
