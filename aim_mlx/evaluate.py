@@ -96,12 +96,16 @@ class Report:
 
 
 def method(model) -> str:
-    """ "head" or "zero-shot"; a model with neither is refused in one line."""
-    if FAMILIES[model.family].classes is not None:
+    """How `model` classifies ImageNet: "head" or "zero-shot"; a model with neither is refused in one line."""
+    return check_family(model.family, model.info.source if model.info is not None else "this model")
+
+
+def check_family(family: str, source: str) -> str:
+    """How a model `family` classifies ImageNet: "head" or "zero-shot"; neither is a ConfigError."""
+    if FAMILIES[family].classes is not None:
         return "head"
-    if FAMILIES[model.family].text:
+    if FAMILIES[family].text:
         return "zero-shot"
-    source = model.info.source if model.info is not None else "this model"
     raise ConfigError(
         f"{source} has neither a classification head nor a text tower to classify with; evaluate an AIMv1 "
         "classifier (apple/AIM-600M) or the LiT model (apple/aimv2-large-patch14-224-lit)"

@@ -77,11 +77,15 @@ def imagenet(
     """
     from .. import evaluate as ev
     from .. import zeroshot
+    from ..variants import find_variant
 
     if output is not None:
         output = check_output(output, force, "-o")
     paths, labels = ev.find_samples(data)
     prompts = zeroshot.template_set(None, value(templates))
+    variant = None if Path(model).expanduser().is_dir() else find_variant(model)
+    if variant is not None:  # a known id: refuse one with neither head nor text tower before downloading it
+        ev.check_family(variant.family, variant.repo_id)
     net, processor = load(model, revision, dtype, probe)
     if ev.method(net) == "head" and templates is not None:
         raise ConfigError(f"{model} scores with its trained head; --templates is for zero-shot (LiT) models")
