@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import skimage.data
 from aimv1_checkpoints import TINY, make_reference, write_checkpoint
+from checkpoints import make_reference as make_aimv2
+from checkpoints import write_checkpoint as write_aimv2
 from checkpoints import write_processor
 from lit_checkpoints import make_lit_reference, write_lit_checkpoint
 from PIL import Image
@@ -176,10 +178,14 @@ def test_a_bad_folder_is_one_line(tmp_path, layout, message):
     assert line.startswith("error: ") and message in line
 
 
-def test_a_vision_only_model_has_neither_head_nor_text_tower(tmp_path, cache):
+@pytest.mark.parametrize("where", ["known id", "local folder"])
+def test_a_vision_only_model_has_neither_head_nor_text_tower(tmp_path, cache, where):
     (tmp_path / "val" / "n01440764").mkdir(parents=True)
     Image.fromarray(skimage.data.coffee()).save(tmp_path / "val" / "n01440764" / "a.png")
-    result = eval_imagenet("--data", tmp_path / "val", "-m", "apple/aimv2-large-patch14-224")
+    model = "apple/aimv2-large-patch14-224"  # refused before loading: the offline cache does not hold it
+    if where == "local folder":  # refused once loaded
+        model = write_processor(write_aimv2(make_aimv2(seed=1), tmp_path / "aimv2"))
+    result = eval_imagenet("--data", tmp_path / "val", "-m", model)
     assert result.exit_code == 1
     [line] = result.stderr.splitlines()
     assert "has neither a classification head nor a text tower" in line
@@ -199,3 +205,22 @@ def test_published_figures_for_known_checkpoints():
     assert evaluate.published_top1(Model()) == 77.0
     Info.source = "apple/aimv2-large-patch14-224"  # vision-only: no ImageNet classifier figure of ours
     assert evaluate.published_top1(Model()) is None
+
+
+def test_the_summary_prints_the_published_figure_beside_ours():
+    from aim_mlx.cli.eval import summary
+
+    report = evaluate.Report(
+        "apple/AIM-600M", "main", "head", 50000, 1000, 79.412, 94.5, 0, 100.0, 500.0, False, 79.4
+    )
+    text = summary(report)
+    assert "top-1 79.41% (published: 79.4)" in text and "50000 images, 1000 classes, head" in text
+    assert "subset" not in text
+
+
+def test_templates_are_refused_for_a_head(aimv1):
+    folder, data, _, _ = aimv1
+    result = eval_imagenet("--data", data, "-m", folder, "--templates", "imagenet")
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert "scores with its trained head; --templates is for zero-shot (LiT) models" in line
