@@ -18,7 +18,7 @@ from .embed import iter_embeddings
 from .errors import ConfigError
 from .images import find_images
 from .registry import FAMILIES
-from .variants import AIMV1_TOP1, aimv1_probe_layers, find_variant
+from .variants import AIMV1_TOP1, aimv1_probe_layers, aimv1_size, find_variant
 from .zeroshot import _data, imagenet_classes, text_classifier
 
 Progress = Callable[[int, int], None]  # (images done, images in all)
@@ -113,15 +113,17 @@ def check_family(family: str, source: str) -> str:
 
 
 def published_top1(model) -> float | None:
-    """The published ImageNet-1k top-1 of a known checkpoint: AIMv1's head (best or last layers) or LiT's
-    zero-shot figure."""
+    """The published ImageNet-1k top-1 of a known checkpoint: AIMv1's head (best or last layers; a converted
+    folder is known by its published size) or LiT's zero-shot figure."""
     variant = find_variant(model.info.source) if model.info is not None else None
-    if variant is None:
-        return None
-    if variant.family == "aimv1":
-        best = model.dims["probe_layers"] == list(aimv1_probe_layers(variant.size, "best"))
-        return AIMV1_TOP1[variant.size][0 if best else 1]
-    return variant.published_top1 if variant.lit else None
+    if model.family == "aimv1":
+        dims = model.dims
+        size = aimv1_size(dims["hidden_size"], dims["num_hidden_layers"]) if variant is None else variant.size
+        if size is None:
+            return None
+        best = dims["probe_layers"] == list(aimv1_probe_layers(size, "best"))
+        return AIMV1_TOP1[size][0 if best else 1]
+    return variant.published_top1 if variant is not None and variant.lit else None
 
 
 def scorer(model, processor, templates: Sequence[str]):

@@ -196,14 +196,20 @@ def test_published_figures_for_known_checkpoints():
         source = "apple/AIM-600M"
 
     class Model:
-        info, dims = Info(), {"probe_layers": list(range(14, 20))}
+        family, info = "aimv1", Info()
+        dims = {"hidden_size": 1536, "num_hidden_layers": 24, "probe_layers": list(range(14, 20))}
 
     assert evaluate.published_top1(Model()) == 79.4
-    Model.dims = {"probe_layers": list(range(18, 24))}  # the last-layers head
+    Model.dims = {**Model.dims, "probe_layers": list(range(18, 24))}  # the last-layers head
     assert evaluate.published_top1(Model()) == 78.5
-    Info.source = "apple/aimv2-large-patch14-224-lit"
+    Info.source = "/home/me/aim-1b"  # a converted folder: known by its size
+    Model.dims = {"hidden_size": 2048, "num_hidden_layers": 24, "probe_layers": list(range(12, 18))}
+    assert evaluate.published_top1(Model()) == 82.3
+    Model.dims = {**Model.dims, "hidden_size": 96}  # no published size
+    assert evaluate.published_top1(Model()) is None
+    Model.family, Info.source = "aimv2-lit", "apple/aimv2-large-patch14-224-lit"
     assert evaluate.published_top1(Model()) == 77.0
-    Info.source = "apple/aimv2-large-patch14-224"  # vision-only: no ImageNet classifier figure of ours
+    Model.family, Info.source = "aimv2", "apple/aimv2-large-patch14-224"  # vision-only: no such figure
     assert evaluate.published_top1(Model()) is None
 
 
