@@ -178,6 +178,13 @@ def test_a_bad_folder_is_one_line(tmp_path, layout, message):
     assert line.startswith("error: ") and message in line
 
 
+def test_a_data_folder_that_does_not_exist_is_one_line(tmp_path):
+    result = eval_imagenet("--data", tmp_path / "nowhere", "-m", tmp_path / "no-model-needed")
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert line == f"error: --data {tmp_path / 'nowhere'} is not a folder; give the validation set's folder"
+
+
 @pytest.mark.parametrize("where", ["known id", "local folder"])
 def test_a_vision_only_model_has_neither_head_nor_text_tower(tmp_path, cache, where):
     (tmp_path / "val" / "n01440764").mkdir(parents=True)
