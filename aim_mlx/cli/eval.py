@@ -1,11 +1,13 @@
 """`aim-mlx eval imagenet`: top-1 / top-5 on an ImageNet-layout folder, over aim_mlx.evaluate."""
 
+import json as json_module
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import ConfigError
+from ..files import atomic_file
 from ..variants import DEFAULT_TEXT_MODEL
 from .common import (
     BatchSize,
@@ -96,17 +98,12 @@ def imagenet(
         say(f"skipped {reason}")
     if report.images == 0:
         raise all_failed(len(paths))
+    text = json_module.dumps(report.to_dict(), indent=2)
     if output is not None:
-        import json as json_module
-
-        from ..files import atomic_file
-
-        with atomic_file(output) as tmp:
-            Path(tmp).write_text(json_module.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        with atomic_file(output) as tmp:  # written whole or not at all
+            tmp.write_text(text + "\n", encoding="utf-8")
     if json:
-        import json as json_module
-
-        typer.echo(json_module.dumps(report.to_dict(), indent=2))
+        typer.echo(text)
     else:
         typer.echo(summary(report))
     if report.failed:
