@@ -14,6 +14,8 @@ runner = CliRunner()
 COMMANDS = [
     ["embed"],
     ["classify"],
+    ["eval"],
+    ["eval", "imagenet"],
     ["index"],
     ["search"],
     ["duplicates"],
@@ -65,7 +67,7 @@ def test_help_is_plain_with_one_usage_style(command):
     )
 
 
-@pytest.mark.parametrize("group", [[], ["export"]], ids=["app", "export"])
+@pytest.mark.parametrize("group", [[], ["eval"], ["export"]], ids=["app", "eval", "export"])
 def test_command_summaries_are_whole_sentences(group):
     """Click cuts a summary that does not fit with '...'; each command's first sentence must fit."""
     commands = help_text(*group).split("Commands:")[1].split("\n\n")[0]
@@ -78,6 +80,7 @@ def test_commands_are_listed_in_the_order_a_user_needs_them():
     assert listed == [
         "embed",
         "classify",
+        "eval",
         "index",
         "search",
         "duplicates",
@@ -101,6 +104,7 @@ def test_the_app_help_has_the_exit_code_table():
     [
         (["embed"], [DEFAULT_MODEL, DEFAULT_TEXT_MODEL]),
         (["classify"], [DEFAULT_TEXT_MODEL]),
+        (["eval", "imagenet"], [DEFAULT_TEXT_MODEL]),
         (["export", "coreml"], [DEFAULT_MODEL]),
         (["bench"], [DEFAULT_MODEL]),
     ],
@@ -216,7 +220,7 @@ def test_usage_errors_are_one_line_and_exit_2(args, message):
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("group", [[], ["export"]], ids=["app", "export"])
+@pytest.mark.parametrize("group", [[], ["eval"], ["export"]], ids=["app", "eval", "export"])
 def test_a_group_without_a_command_shows_its_help(group):
     result = invoke(*group)
     assert result.exit_code == 2 and result.stdout == ""
@@ -243,7 +247,7 @@ def test_python_keyword_names_match_the_flags():
 
 def test_h_works_on_every_command():
     names = {name for name, _ in click_commands()}
-    assert names == {" ".join(command) for command in COMMANDS if command != ["export"]}
+    assert names == {" ".join(command) for command in COMMANDS if command not in (["eval"], ["export"])}
     for name in names:
         assert invoke(*name.split(), "-h").exit_code == 0
 

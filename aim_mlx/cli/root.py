@@ -21,6 +21,7 @@ from . import (
     convert,
     duplicates,
     embed,
+    eval,
     export,
     export_library,
     index,
@@ -34,6 +35,7 @@ SETTINGS = {"help_option_names": ["-h", "--help"]}
 ORDER = [
     "embed",
     "classify",
+    "eval",
     "index",
     "search",
     "duplicates",
@@ -154,6 +156,9 @@ def _main(
 
 app.command(epilog=examples(*embed.EXAMPLES))(embed.embed)
 app.command(epilog=examples(*classify.EXAMPLES))(classify.classify)
+eval_app = typer_app(help="Measure accuracy on a benchmark set.")
+eval_app.command("imagenet", epilog=examples(*eval.EXAMPLES))(eval.imagenet)
+app.add_typer(eval_app, name="eval")
 app.command(epilog=examples(*index.EXAMPLES))(index.index)
 app.command(epilog=examples(*search.EXAMPLES))(search.search)
 app.command(epilog=examples(*duplicates.EXAMPLES))(duplicates.duplicates)

@@ -1,0 +1,142 @@
+"""`aim-mlx eval imagenet`: top-1 / top-5 on an ImageNet-layout folder, over aim_mlx.evaluate."""
+
+import json as json_module
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import ConfigError
+from ..files import atomic_file
+from ..variants import DEFAULT_TEXT_MODEL
+from .common import (
+    BatchSize,
+    DTypeOpt,
+    Json,
+    ProbeOpt,
+    Revision,
+    Templates,
+    all_failed,
+    check_output,
+    force_option,
+    load,
+    model_option,
+    partial,
+    progress,
+    rate_column,
+    say,
+    spinner,
+    value,
+)
+
+EXAMPLES = [
+    "aim-mlx eval imagenet --data ~/imagenet/val -m apple/AIM-600M",
+    "aim-mlx eval imagenet --data val --templates imagenet --json",
+    "aim-mlx eval imagenet --data val -m apple/AIM-1B -o report.json",
+]
+
+
+def imagenet(
+    data: Annotated[
+        Path,
+        typer.Option(
+            metavar="DIR",
+            help="The validation set: one folder per class, named by WordNet id (n01440764) or class "
+            "index (0-999).",
+        ),
+    ],
+    model: Annotated[
+        str,
+        model_option(
+            "An AIMv1 classifier (apple/AIM-600M, ...) or a zero-shot (LiT) checkpoint: hub id or local "
+            "folder.",
+            DEFAULT_TEXT_MODEL,
+        ),
+    ] = DEFAULT_TEXT_MODEL,
+    templates: Annotated[
+        Templates | None,
+        typer.Option(help="LiT: imagenet for CLIP's 80 prompts per class. Default: 'a photo of a {}.'"),
+    ] = None,
+    revision: Revision = None,
+    dtype: DTypeOpt = None,
+    batch_size: BatchSize = 8,
+    probe: ProbeOpt = None,
+    json: Json = False,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", metavar="FILE", help="Write the JSON report to FILE."),
+    ] = None,
+    force: Annotated[bool, force_option("report")] = False,
+):
+    """Measure ImageNet-1k top-1 and top-5 accuracy.
+
+    DIR (--data) holds labelled images, one folder per class.
+
+    An AIMv1 model scores with its trained head; a LiT model classifies zero-shot among the 1000 class names.
+    A folder with fewer than 1000 classes is evaluated as a subset (predictions still over all 1000) and
+    says so. The published figure of a known checkpoint is shown beside ours. Unreadable images are named
+    on stderr and skipped (exit code 3).
+    """
+    from .. import evaluate as ev
+    from .. import zeroshot
+    from ..variants import find_variant
+
+    if output is not None:
+        output = check_output(output, force, "-o")
+    paths, labels = ev.find_samples(data)
+    prompts = zeroshot.template_set(None, value(templates))
+    variant = None if Path(model).expanduser().is_dir() else find_variant(model)
+    if variant is not None:  # a known id: refuse one with neither head nor text tower before downloading it
+        ev.check_family(variant.family, variant.repo_id)
+    net, processor = load(model, revision, dtype, probe)
+    if ev.method(net) == "head" and templates is not None:
+        raise ConfigError(f"{model} scores with its trained head; --templates is for zero-shot (LiT) models")
+    with spinner("encoding the class prompts"):  # a head needs nothing; LiT its (cached) class embeddings
+        score = ev.scorer(net, processor, prompts)
+    report = _run(net, processor, paths, labels, score, batch_size)
+    for _, reason in report.failures:  # the reason names the file, as in classify
+        say(f"skipped {reason}")
+    if report.images == 0:
+        raise all_failed(len(paths))
+    text = json_module.dumps(report.to_dict(), indent=2)
+    if output is not None:
+        with atomic_file(output) as tmp:  # written whole or not at all
+            tmp.write_text(text + "\n", encoding="utf-8")
+    if json:
+        typer.echo(text)
+    else:
+        typer.echo(summary(report))
+    if report.failed:
+        raise partial(report.failed, len(paths))
+
+
+def _run(net, processor, paths, labels, score, batch_size):
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from ..evaluate import evaluate
+
+    columns = (
+        TextColumn("evaluating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        rate_column("images"),
+        TimeRemainingColumn(),
+    )
+    with progress(*columns) as bar:
+        task = bar.add_task("images", total=len(paths))
+        return evaluate(
+            net, processor, paths, labels, score, batch_size, lambda done, _: bar.update(task, completed=done)
+        )
+
+
+def summary(report) -> str:
+    published = f" (published: {report.published_top1:.1f})" if report.published_top1 is not None else ""
+    scope = f"subset of {report.classes} classes" if report.subset else f"{report.classes} classes"
+    return "\n".join(
+        [
+            f"{report.model}: {report.images} images, {scope}, {report.method}",
+            f"top-1 {report.top1:.2f}%{published}",
+            f"top-5 {report.top5:.2f}%",
+            f"{report.seconds:.1f} s, {report.images_per_s:.1f} images/s",
+        ]
+    )
