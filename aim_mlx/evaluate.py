@@ -19,16 +19,10 @@ from .errors import ConfigError
 from .images import find_images
 from .registry import FAMILIES
 from .variants import AIMV1_TOP1, aimv1_probe_layers, aimv1_size, find_variant
-from .zeroshot import _data, imagenet_classes, text_classifier
+from .zeroshot import imagenet_classes, imagenet_wnids, text_classifier
 
 Progress = Callable[[int, int], None]  # (images done, images in all)
 CLASSES = 1000
-
-
-def imagenet_wnids() -> list[str]:
-    """The 1000 ImageNet-1k WordNet ids in class-index order (sorted, as torchvision's ImageFolder orders
-    the training folders, which is the order the published heads were trained with)."""
-    return list(_data("imagenet_wnids.json"))
 
 
 def class_index(name: str, wnids: Sequence[str]) -> int | None:

@@ -40,6 +40,12 @@ def imagenet_classes() -> list[str]:
     return list(_data("imagenet_classes.json"))
 
 
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids in class-index order (sorted, as torchvision's ImageFolder orders
+    the training folders, which is the order the published heads were trained with)."""
+    return list(_data("imagenet_wnids.json"))
+
+
 def imagenet_templates() -> list[str]:
     """CLIP's 80 ImageNet prompt templates, `{}` standing for the class name."""
     return list(_data("imagenet_templates.json"))
