@@ -25,14 +25,12 @@ Progress = Callable[[int, int], None]  # (images done, images in all)
 CLASSES = 1000
 
 
-def class_index(name: str, wnids: Sequence[str]) -> int | None:
-    """A class folder's index: its WordNet id's position, or the index it is named by; None if neither."""
+def class_index(name: str, wnids: dict[str, int]) -> int | None:
+    """A class folder's index: its WordNet id's (`wnids`: id -> index), or the index it is named by; None if
+    neither."""
     if name.isdigit() and int(name) < len(wnids) and str(int(name)) == name:
         return int(name)
-    try:
-        return list(wnids).index(name)
-    except ValueError:
-        return None
+    return wnids.get(name)
 
 
 def find_samples(root: Path) -> tuple[list[Path], list[int]]:
@@ -46,7 +44,7 @@ def find_samples(root: Path) -> tuple[list[Path], list[int]]:
             f"{root} has no class folders; expected one folder per class, named by WordNet id (n01440764) "
             "or class index (0-999)"
         )
-    wnids = imagenet_wnids()
+    wnids = {wnid: index for index, wnid in enumerate(imagenet_wnids())}
     seen: dict[int, str] = {}
     paths, labels = [], []
     for folder in folders:
