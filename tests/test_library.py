@@ -198,6 +198,11 @@ def test_reruns_touch_only_what_changed(lit, photos, tmp_path, monkeypatch):
 
     result = cli("index", photos, "--db", db, "-m", folder, "--dry-run")
     assert result.exit_code == 0 and "would embed or reuse 0 new files" in result.stdout
+    fresh = tmp_path / "fresh.sqlite"
+    result = cli("index", photos, "--db", fresh, "-m", folder, "--dry-run")
+    count = len(list(walk([photos])))
+    assert result.exit_code == 0 and f"would embed or reuse {count} new files" in result.stdout
+    assert not fresh.exists()  # a dry run creates nothing
 
 
 def test_a_second_model_adds_its_own_vectors_and_search_never_mixes_them(lit, photos, tmp_path):

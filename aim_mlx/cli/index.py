@@ -150,13 +150,15 @@ def _dry_run(path: Path, model: str, folders: list[Path], json: bool) -> None:
     from ..apps.library.index import Plan, plan
     from ..apps.library.scan import walk
 
-    todo = Plan(todo=[(p, None, "new") for p in walk(folders)])
-    if path.exists():
-        with Library(path, create=False) as library:
+    todo = None
+    if path.exists():  # (matched by source alone: recognising the exact model could mean downloading it)
+        with Library.reader(path) as library:
             source = str(Path(model).expanduser().resolve()) if Path(model).expanduser().is_dir() else model
             ids = [m["id"] for m in library.models() if m["info"]["source"] == source]
             if ids:
                 todo = plan(library, ids[-1], folders)
+    if todo is None:  # no index for this model yet: every file is new
+        todo = Plan(todo=[(p, None, "new") for p in walk(folders)])
     counts = todo.counts()
     if json:
         typer.echo(json_module.dumps({**counts, "database": str(path), "dry_run": True}))
