@@ -38,9 +38,10 @@ def iter_embeddings(
     """One `Embedded` per input path, in input order, batch by batch as the model finishes them.
 
     Images are decoded and preprocessed on worker threads a couple of batches ahead while the model runs,
-    and batched while they share a shape (always, for fixed-resolution checkpoints; for the native one,
-    consecutive images of equal size). Memory stays bounded by a few batches, however many paths there are
-    (`paths` may be a generator). A file that cannot be read is yielded with its `error` and skipped.
+    and batched `batch_size` inputs at a time (a batch with a failed input is short by one), split where the
+    native-resolution checkpoint meets a new image size. Memory stays bounded by a few batches, however many
+    paths there are (`paths` may be a generator). A file that cannot be read is yielded with its `error`
+    and skipped.
     `pool`: "mean" gives `model.encode_image` (LiT: the image-text space), "none" the final token grid.
     """
     if batch_size < 1:
@@ -75,12 +76,15 @@ def iter_embeddings(
         yield from items
 
     for path, px, error in _read_ahead(processor, paths, lookahead=2 * batch_size):
+        # A batch is cut every `batch_size` inputs, failed ones included, so an image's batch (and its result,
+        # to the bit) depends on its position alone: not on whether a neighbour failed, nor on how the work
+        # is shared (aim_mlx.distributed deals whole batches). Native resolution also cuts on a new size.
+        if len(window) == batch_size or (px is not None and pixels and pixels[0].shape != px.shape):
+            yield from dispatch()
         if error is not None:
             logger.info("skipped %s", error)
             window.append(Embedded(path, None, str(error)))
             continue
-        if pixels and (len(pixels) == batch_size or pixels[0].shape != px.shape):
-            yield from dispatch()
         window.append(Embedded(path, None))
         pixels.append(px)
     yield from dispatch()  # the last batch gathered
@@ -102,11 +106,19 @@ def embed_images(
     batch_size: int = 8,
     pool: str = "mean",
     on_done: Callable[[int], None] | None = None,
+    group=None,
 ) -> EmbedResult:
     """`iter_embeddings` collected: the embedded files in order, and the failures. `on_done(n)` is called as
-    files are done (embedded or skipped) with how many."""
+    files are done (embedded or skipped) with how many. `group`: an `mx.distributed` group to share the work
+    with (aim_mlx.distributed); the other ranks run `distributed.embeddings` with no paths."""
     result = EmbedResult()
-    for item in iter_embeddings(model, processor, paths, batch_size, pool):
+    if group is not None:
+        from .distributed import embeddings
+
+        items = embeddings(group, model, processor, paths, batch_size, pool)
+    else:
+        items = iter_embeddings(model, processor, paths, batch_size, pool)
+    for item in items:
         if item.error is None:
             result.paths.append(item.path)
             result.embeddings.append(item.embedding)

@@ -25,6 +25,7 @@ from .common import (
     plural,
     progress,
     say,
+    value,
 )
 
 EXAMPLES = [
@@ -78,6 +79,9 @@ def embed(
         raise ConfigError("pass images or --text, not both; run embed once for each")
     if not text and not images:
         raise ConfigError("nothing to embed; pass image files or folders, or --text 'some text'")
+    group = _world()
+    if group is not None and group.rank() != 0:  # under mlx.launch: rank 0 reads, writes and reports
+        return _work(group, text, model or DEFAULT_MODEL, revision, dtype, probe)
     if output is not None:
         from .. import embed as embedding
 
@@ -92,16 +96,36 @@ def embed(
     variant = find_variant(model)
     if one_array and variant is not None and variant.image_size is None:
         raise ConfigError(NATIVE_TOKENS)  # known from the id alone: refused before loading
-    _embed_images(image_paths(images), model, revision, batch_size, dtype, pool, output, one_array, probe)
+    paths = image_paths(images)
+    _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_array, probe, group)
 
 
-def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_array, probe) -> None:
+def _world():
+    from ..distributed import world
+
+    return world()
+
+
+def _work(group, text, model, revision, dtype, probe) -> None:
+    """A rank other than 0 of a distributed `embed`: embed the shares rank 0 sends (texts: rank 0 alone)."""
+    from ..distributed import work
+    from ..loading import load as load_model
+
+    if not text:
+        work(group, lambda: load_model(model, revision, value(dtype), value(probe)))
+
+
+def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_array, probe, group) -> None:
     done = 0
     try:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
         from .. import embed as embedding
 
+        if group is not None:
+            from ..distributed import start
+
+            start(group, {"batch_size": batch_size, "pool": pool.value})  # the other ranks load meanwhile
         net, processor = load(model, revision, dtype, probe)
         if one_array and net.dims["image_size"] is None:  # native: from a folder, known once it is loaded
             raise ConfigError(NATIVE_TOKENS)
@@ -115,7 +139,7 @@ def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_a
                 done += count
                 bar.advance(task, count)
 
-            result = embedding.embed_images(net, processor, paths, batch_size, pool.value, on_done=advance)
+            result = embedding.embed_images(net, processor, paths, batch_size, pool.value, advance, group)
     except KeyboardInterrupt:
         raise interrupted(f"after {done} of {plural(len(paths), 'image')}") from None
     for _, reason in result.failures:

@@ -83,8 +83,12 @@ def index(
     from ..apps.library.db import Library
     from ..apps.library.index import Summary, known_model, plan
     from ..apps.library.index import index as run_index
+    from ..distributed import RankLost, world
     from ..loading import default_dtype, origin
 
+    group = world()
+    if group is not None and group.rank() != 0:  # under mlx.launch: rank 0 reads and writes the library
+        return None if dry_run else _work(group, model, revision, dtype)
     if not folders:
         raise ConfigError("no folders given; pass the folders (or image files) to index")
     for folder in folders:
@@ -97,7 +101,12 @@ def index(
     with Library(path) as library:  # a re-run with nothing to do loads no model
         known = known_model(library, found, value(dtype) or default_dtype())
         todo = plan(library, known, folders) if known is not None else None
-    if todo is not None and not (todo.todo or todo.gone or todo.missing):
+    nothing = todo is not None and not (todo.todo or todo.gone or todo.missing)
+    if group is not None:
+        from ..distributed import start
+
+        start(group, None if nothing else {"batch_size": batch_size, "pool": "mean"})
+    if nothing:
         return _report(Summary(unchanged=todo.unchanged), path, found.source, json)
     net, processor = load(model, revision, dtype)
     done = 0
@@ -119,13 +128,26 @@ def index(
                     done += 1
                     bar.advance(task)
 
-                summary = run_index(library, net, processor, folders, batch_size, advance, todo)
+                summary = run_index(library, net, processor, folders, batch_size, advance, todo, group)
         except KeyboardInterrupt:
             raise interrupted(
                 f"after {plural(done, 'file')}; what was indexed is kept, run the command again to finish",
                 kept=True,
             ) from None
+        except RankLost as exc:
+            raise RankLost(
+                f"{exc}; the library keeps the {plural(done, 'file')} finished; run the command again to "
+                "finish"
+            ) from None
     _report(summary, path, net.info.source, json)
+
+
+def _work(group, model: str, revision, dtype) -> None:
+    """A rank other than 0 of a distributed `index`: embed the shares rank 0 sends, if it has work."""
+    from ..distributed import work
+    from ..loading import load as load_model
+
+    work(group, lambda: load_model(model, revision, value(dtype)))
 
 
 def _report(summary, path: Path, source: str, json: bool) -> None:

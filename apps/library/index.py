@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+from aim_mlx import distributed
 from aim_mlx.embed import iter_embeddings
 
 from .db import FileFacts, Library
@@ -110,10 +111,12 @@ def index(
     batch_size: int = 8,
     on_file: Callable[[str], None] | None = None,
     todo: Plan | None = None,
+    group=None,
 ) -> Summary:
     """Index `roots` with `model` (loaded by aim_mlx.load) into `library`. `on_file(kind)` is called once per
     file read: "embedded", "reused" or "failed" (unchanged files are not read). `todo`: a plan made already
-    (see `plan`)."""
+    (see `plan`). `group`: an `mx.distributed` group whose other ranks embed shares of the images
+    (aim_mlx.distributed.work); this process (rank 0) alone reads the library, hashes and writes."""
     model_id = library.model_id(model.info)
     todo = todo or plan(library, model_id, roots)
     counts = todo.counts()
@@ -161,7 +164,11 @@ def index(
     try:
         for path, reason in todo.missing:
             fail(path, reason)
-        for item in iter_embeddings(model, processor, to_embed(), batch_size):
+        if group is None:
+            results = iter_embeddings(model, processor, to_embed(), batch_size)
+        else:
+            results = distributed.embeddings(group, model, processor, to_embed(), batch_size)
+        for item in results:
             found = facts_of.pop(str(item.path))
             same = waiting.pop(found.hash)
             if item.error is not None:
@@ -179,7 +186,7 @@ def index(
             if len(writes) >= batch_size:
                 commit()
         commit()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, distributed.RankLost):
         commit()  # what is finished is kept; the next run does the rest
         raise
     if todo.gone:
