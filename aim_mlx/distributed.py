@@ -42,12 +42,16 @@ class RankLost(AimMlxError):
 
 
 def world():
-    """The `mx.distributed` group of a job started with more than one rank, or None (one process)."""
+    """The `mx.distributed` group of a job started with more than one rank, or None (one process). In a job,
+    SIGTERM raises RankLost from then on."""
     launched = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_JACCL_COORDINATOR")
     if not any(name in os.environ for name in launched):  # not under a launcher: nothing to initialise
         return None
     group = mx.distributed.init()
-    return group if group.size() > 1 else None
+    if group.size() == 1:
+        return None
+    _stop_on_sigterm(group)
+    return group
 
 
 def where(group) -> str:
@@ -108,13 +112,12 @@ def embeddings(
     shape = _row_shape(model, pool)
     chunk_size = group.size() * batch_size * CHUNK_BATCHES
     paths = iter(paths) if paths is not None else None
-    with _terminated_is_lost(group):
-        while True:
-            chunk = _chunk(paths, chunk_size) if group.rank() == 0 else None
-            chunk = broadcast(group, chunk)
-            if not chunk:
-                return
-            yield from _embed_chunk(group, model, processor, chunk, batch_size, pool, shape)
+    while True:
+        chunk = _chunk(paths, chunk_size) if group.rank() == 0 else None
+        chunk = broadcast(group, chunk)
+        if not chunk:
+            return
+        yield from _embed_chunk(group, model, processor, chunk, batch_size, pool, shape)
 
 
 def _chunk(paths: Iterator[Path], size: int) -> list[tuple[str, int]]:
@@ -165,13 +168,14 @@ def _pack(group, rows, batch_size: int, shape: tuple[int, ...]):
 
 
 def _located(group, item: Embedded) -> str:
-    """An error line as rank 0 reports it: where it happened, and what to do when a file is missing there."""
-    if group.rank() == 0:
+    """An error line as rank 0 reports it. A file this rank cannot see (where rank 0 found it) is named with
+    the rank and host, and what to do; any other error reads as it would in one process."""
+    if group.rank() == 0 or os.access(item.path, os.R_OK):
         return item.error
-    line = f"{item.error} ({where(group)})"
-    if not item.path.exists():
-        line += "; every rank reads the files itself, so each host must see them at the same path"
-    return line
+    return (
+        f"{item.error} ({where(group)}: every rank reads the files itself, so each host must see them at the "
+        "same path, e.g. on a shared volume)"
+    )
 
 
 def _gather(group, packed):
@@ -206,30 +210,18 @@ def _collective(op, x, group):
         raise RankLost(f"{where(group)}: another rank of the job stopped ({exc})") from None
 
 
-class _terminated_is_lost:
-    """While a job runs, SIGTERM (what mlx.launch sends the others when one rank exits) raises RankLost, once:
-    rank 0 then keeps what it finished and says what happened, and a second SIGTERM, or one on the heels of a
+def _stop_on_sigterm(group) -> None:
+    """From now on SIGTERM (what mlx.launch sends the others when one rank exits) raises RankLost, once:
+    rank 0 keeps what it finished and says what happened, and a second SIGTERM, or one on the heels of a
     lost connection, does not interrupt that."""
 
-    def __init__(self, group):
-        self.group = group
+    def stop(signum, frame):
+        if not _lost.is_set():
+            _lost.set()
+            raise RankLost(f"{where(group)}: stopped by SIGTERM (mlx.launch sends it when a rank exits)")
 
-    def __enter__(self):
-        def stop(signum, frame):
-            if not _lost.is_set():
-                _lost.set()
-                raise RankLost(
-                    f"{where(self.group)}: stopped by SIGTERM (mlx.launch sends it when a rank exits)"
-                )
-
-        try:
-            self.previous = signal.signal(signal.SIGTERM, stop)
-        except ValueError:  # not the main thread: leave signals alone
-            self.previous = None
-
-    def __exit__(self, *exc):
-        if self.previous is not None and not _lost.is_set():  # once lost, the process is on its way out
-            signal.signal(signal.SIGTERM, self.previous)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 _lost = threading.Event()  # set once a rank is found gone: the job is over for this process
