@@ -141,7 +141,7 @@ def _embed_chunk(group, model, processor, chunk, batch_size, pool, shape) -> Ite
     next_out = 0
     for _ in range(max(-(-len(share) // batch_size) for share in shares)):
         rows = [(next(positions), item) for item in islice(results, batch_size)]
-        index, vectors, errors = _gather(group, _pack(group, rows, batch_size, shape))
+        index, vectors, errors = _gather(group, _pack(group, rows, batch_size, shape), shape)
         if rank != 0:
             continue
         for i, vector, error in zip(index, vectors, errors, strict=True):
@@ -153,18 +153,23 @@ def _embed_chunk(group, model, processor, chunk, batch_size, pool, shape) -> Ite
             next_out += 1
 
 
-def _pack(group, rows, batch_size: int, shape: tuple[int, ...]):
+def _pack(group, rows, batch_size: int, shape: tuple[int, ...]) -> np.ndarray:
+    """One round's rows of this rank as bytes, one row per slot: the input position (int32, -1 for an empty
+    slot), the float32 vector, the error line (UTF-8, zero-padded)."""
+    width = int(np.prod(shape))
+    packed = np.zeros((batch_size, 4 + 4 * width + ERROR_BYTES), np.uint8)
     index = np.full(batch_size, -1, np.int32)
-    vectors = np.zeros((batch_size, *shape), np.float32)
-    errors = np.zeros((batch_size, ERROR_BYTES), np.uint8)
+    vectors = np.zeros((batch_size, width), np.float32)
     for j, (i, item) in enumerate(rows):
         index[j] = i
         if item.error is None:
-            vectors[j] = item.embedding
+            vectors[j] = item.embedding.reshape(-1)
         else:
             line = _located(group, item).encode()[:ERROR_BYTES]
-            errors[j, : len(line)] = np.frombuffer(line, np.uint8)
-    return index, vectors, errors
+            packed[j, 4 + 4 * width : 4 + 4 * width + len(line)] = np.frombuffer(line, np.uint8)
+    packed[:, :4] = index.view(np.uint8).reshape(batch_size, 4)
+    packed[:, 4 : 4 + 4 * width] = vectors.view(np.uint8)
+    return packed
 
 
 def _located(group, item: Embedded) -> str:
@@ -178,11 +183,13 @@ def _located(group, item: Embedded) -> str:
     )
 
 
-def _gather(group, packed):
-    index, vectors, errors = (
-        np.asarray(_collective(mx.distributed.all_gather, mx.array(a), group)) for a in packed
-    )
-    lines = [row.tobytes().rstrip(b"\0").decode(errors="replace") or None for row in errors]
+def _gather(group, packed: np.ndarray, shape: tuple[int, ...]):
+    """Every rank's packed rows, in rank order (one all_gather): positions, vectors, error lines or None."""
+    rows = np.asarray(_collective(mx.distributed.all_gather, mx.array(packed), group))
+    width = int(np.prod(shape))
+    index = rows[:, :4].copy().view(np.int32).reshape(-1)
+    vectors = rows[:, 4 : 4 + 4 * width].copy().view(np.float32).reshape(-1, *shape)
+    lines = [row.tobytes().rstrip(b"\0").decode(errors="replace") or None for row in rows[:, 4 + 4 * width :]]
     return index, vectors, lines
 
 
