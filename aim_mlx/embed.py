@@ -106,18 +106,15 @@ def embed_images(
     batch_size: int = 8,
     pool: str = "mean",
     on_done: Callable[[int], None] | None = None,
-    group=None,
 ) -> EmbedResult:
     """`iter_embeddings` collected: the embedded files in order, and the failures. `on_done(n)` is called as
-    files are done (embedded or skipped) with how many. `group`: an `mx.distributed` group to share the work
-    with (aim_mlx.distributed); the other ranks run `distributed.embeddings` with no paths."""
-    result = EmbedResult()
-    if group is not None:
-        from .distributed import embeddings
+    files are done (embedded or skipped) with how many."""
+    return collect(iter_embeddings(model, processor, paths, batch_size, pool), on_done)
 
-        items = embeddings(group, model, processor, paths, batch_size, pool)
-    else:
-        items = iter_embeddings(model, processor, paths, batch_size, pool)
+
+def collect(items: Iterable[Embedded], on_done: Callable[[int], None] | None = None) -> EmbedResult:
+    """An `Embedded` stream (iter_embeddings', or aim_mlx.distributed's on rank 0) as an EmbedResult."""
+    result = EmbedResult()
     for item in items:
         if item.error is None:
             result.paths.append(item.path)

@@ -226,11 +226,11 @@ def test_token_grids_of_the_native_checkpoint_are_refused_in_one_array(cache, ph
 def test_an_interrupt_says_how_far_it_got_and_writes_nothing(checkpoint, photos, tmp_path, monkeypatch):
     """In process and exact; tests/test_interrupt.py sends real signals to a real process."""
 
-    def interrupted(model, processor, paths, batch_size, pool, on_done):
+    def interrupted(items, on_done):
         on_done(2)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("aim_mlx.embed.embed_images", interrupted)
+    monkeypatch.setattr("aim_mlx.embed.collect", interrupted)
     result = embed(photos, "-m", checkpoint, "-o", tmp_path / "e.npy")
     assert result.exit_code == 130 and not (tmp_path / "e.npy").exists()
     assert one_line(result.stderr) == "interrupted after 2 of 3 images; nothing written"

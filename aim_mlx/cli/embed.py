@@ -139,7 +139,13 @@ def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_a
                 done += count
                 bar.advance(task, count)
 
-            result = embedding.embed_images(net, processor, paths, batch_size, pool.value, advance, group)
+            if group is None:
+                items = embedding.iter_embeddings(net, processor, paths, batch_size, pool.value)
+            else:
+                from ..distributed import embeddings
+
+                items = embeddings(group, net, processor, paths, batch_size, pool.value)
+            result = embedding.collect(items, advance)
     except KeyboardInterrupt:
         raise interrupted(f"after {done} of {plural(len(paths), 'image')}") from None
     for _, reason in result.failures:
