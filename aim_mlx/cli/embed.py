@@ -33,6 +33,7 @@ EXAMPLES = [
     "aim-mlx embed ~/Pictures -o embeddings.npz --batch-size 16",
     "aim-mlx embed a.jpg b.png --pool none -o tokens.npy",
     'aim-mlx embed --text "a photo of a cat" -o cat.npy',
+    "mlx.launch -n 2 --backend ring -- aim-mlx embed ~/Pictures -o e.npz",
 ]
 NATIVE_TOKENS = (
     "--pool none on the native-resolution checkpoint gives each image its own token grid, which one array "
@@ -73,7 +74,9 @@ def embed(
     IMAGES are image files and folders (walked recursively), embedded in that order. Unreadable images are
     named on stderr and skipped; the others are still embedded (exit code 3). With the LiT checkpoint,
     images and texts land in its shared image-text space. With an AIMv1 model (apple/AIM-600M, ...), an
-    embedding is its features: the probed blocks' mean, pooled by its attention-probe head.
+    embedding is its features: the probed blocks' mean, pooled by its attention-probe head. Started by
+    `mlx.launch` on several ranks, the ranks share the images and rank 0 writes; each host must see the files
+    at the same path.
     """
     if text and images:
         raise ConfigError("pass images or --text, not both; run embed once for each")

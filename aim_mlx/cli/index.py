@@ -28,6 +28,7 @@ EXAMPLES = [
     "aim-mlx index ~/Pictures",
     "aim-mlx index ~/Pictures /Volumes/Photos --dry-run",
     "aim-mlx index ~/Pictures --db ~/photos.sqlite --json",
+    "mlx.launch --hosts mac1,mac2 -- aim-mlx index /Volumes/Photos",
 ]
 
 
@@ -78,7 +79,9 @@ def index(
     image files. A re-run only touches what changed: unchanged files are not opened, renamed, moved or
     copied photos reuse their vectors, edited ones are embedded again, deleted ones leave the library.
     Unreadable files are recorded with the reason and skipped (exit code 3). Interrupted or killed, the
-    library keeps everything finished; run the command again to do the rest.
+    library keeps everything finished; run the command again to do the rest. Started by `mlx.launch` on
+    several ranks (or machines), the ranks share the embedding and rank 0 alone writes the library; each
+    host must see the files at the same path.
     """
     from ..apps.library.db import Library
     from ..apps.library.index import Summary, known_model, plan
