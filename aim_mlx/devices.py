@@ -113,7 +113,7 @@ def choose(facts: Facts) -> Choice:
             f"keep the CPU: pip uninstall -y {cuda[0]} && {cpu_build}"
         )
     if facts.build == "cuda" and gpu is None and not asked:
-        notes.append(f"MLX's CUDA build sees no NVIDIA GPU ({_why_no_gpu(facts)}); running on the CPU")
+        notes.append(f"MLX's CUDA build is installed, but {_why_no_gpu(facts)}; MLX runs on the CPU")
     return Choice(
         device=device,
         gpu=gpu if device == "gpu" else None,

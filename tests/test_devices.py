@@ -40,8 +40,8 @@ def test_cuda_build_without_a_gpu_runs_on_the_cpu():
     assert (c.device, c.gpu, c.dtype, c.fast_blas, c.numpy_backend) == ("cpu", None, "float32", True, True)
     assert c.set_default
     assert c.notes == (
-        "MLX's CUDA build sees no NVIDIA GPU (the NVIDIA driver reports no GPU (see nvidia-smi, and "
-        "CUDA_VISIBLE_DEVICES if it is set)); running on the CPU",
+        "MLX's CUDA build is installed, but the NVIDIA driver reports no GPU (see nvidia-smi, and "
+        "CUDA_VISIBLE_DEVICES if it is set); MLX runs on the CPU",
     )
 
 
