@@ -156,7 +156,8 @@ def _why_no_gpu(facts: Facts) -> str:
 
 def visible_gpus(count: int, cuda_visible_devices: str | None) -> int:
     """How many of the driver's `count` GPUs CUDA shows under CUDA_VISIBLE_DEVICES: a comma-separated list of
-    indices or UUIDs that CUDA reads up to its first invalid entry (unset: all; empty or -1: none)."""
+    indices or UUIDs that CUDA reads up to its first invalid entry (unset: all; empty or -1: none). A UUID
+    is taken as valid without asking the driver."""
     if cuda_visible_devices is None:
         return count
     seen = 0
