@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import backends, hub, quantized, weights
+from . import backends, devices, hub, quantized, weights
 from .backends import blas
 from .config import VisionConfig
 from .errors import ConfigError
@@ -25,12 +25,12 @@ _warned: set[str] = set()
 
 
 def default_dtype() -> str:
-    """AIM_MLX_DTYPE if set; otherwise float16 on Apple GPUs, float32 on CPUs (MLX's CPU float16 matmul has
-    no BLAS path)."""
-    chosen = os.environ.get("AIM_MLX_DTYPE", "").strip().lower()
-    if chosen and chosen not in DTYPES:
-        raise ConfigError(f"AIM_MLX_DTYPE={chosen!r} is not a dtype; use {', '.join(DTYPES)}")
-    return chosen or ("float16" if mx.default_device() == mx.gpu else "float32")
+    """AIM_MLX_DTYPE if set; otherwise float16 on a GPU (Apple's, or NVIDIA's with MLX's CUDA build), float32
+    on a CPU (MLX's CPU float16 matmul has no BLAS path). Puts aim_mlx/devices.py's device choice in place
+    first; the dtype then follows MLX's default device, also where a caller set it."""
+    devices.apply()  # a mistyped AIM_MLX_DEVICE, or a GPU asked for where there is none, fails here
+    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    return devices.dtype_for(device, os.environ.get("AIM_MLX_DTYPE", ""))
 
 
 def read_config(folder: Path) -> dict:
@@ -62,12 +62,14 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None,
     pooled (B, D) embeddings, `model(pixels)` a VisionOutput (LiT: `model(pixels, texts)` logits, and
     `encode_text`); `model.info` says what was loaded (family, source, revision, dims, dtype) and its `key`
     identifies it for caches. `dtype` is float32, float16 or bfloat16 (default: AIM_MLX_DTYPE if set, else
-    float16 on Apple GPUs, float32 on CPUs, where half precision is 20-30x slower). On a CPU with the fast
+    float16 on a GPU, float32 on a CPU, where half precision is 20-30x slower). The device is MLX's default,
+    as aim_mlx/devices.py sets it (AIM_MLX_DEVICE). On a CPU with the fast
     BLAS, float32 blocks run in the numpy backend (aim_mlx/backends; AIM_MLX_BACKEND=mlx keeps them in MLX);
     results are the same.
     `probe` ("best" or "last", AIMv1 only) says which attention-probe head you expect; a checkpoint holds one
     (its config.json's probe_layers), and a different one is an error. None: the checkpoint's own.
     """
+    devices.apply()  # MLX's default device as chosen; a bad AIM_MLX_DEVICE fails before any download
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")

@@ -17,7 +17,7 @@ import aim_mlx
 from aim_mlx.benchmark.coreml_engine import coreml_row, run_coreml
 from aim_mlx.benchmark.harness import group_by, run_interleaved
 from aim_mlx.benchmark.report import check_plot_path, plot, table
-from aim_mlx.benchmark.timing import flops_per_image
+from aim_mlx.benchmark.timing import device_name, flops_per_image, header, machine
 from aim_mlx.benchmark.torch_engine import run_torch
 from aim_mlx.cli import app
 from aim_mlx.config import VisionConfig
@@ -31,8 +31,8 @@ ROW_KEYS = {
     "weights",
 }  # fmt: skip
 MACHINE_KEYS = {
-    "cpu", "cores", "os", "python", "mlx", "numpy", "aim_mlx", "mlx_device", "mlx_blas", "mlx_blas_kernel",
-    "numpy_blas_kernel", "openblas_coretype", "threads",
+    "cpu", "cores", "os", "python", "mlx", "numpy", "aim_mlx", "mlx_device", "gpu", "device_name", "mlx_blas",
+    "mlx_blas_kernel", "numpy_blas_kernel", "openblas_coretype", "threads",
 }  # fmt: skip
 
 
@@ -97,14 +97,49 @@ def test_plot_is_written(report):
 
 
 def test_table_on_stdout(tiny):
-    """In the default dtype (float16 on Apple GPUs, float32 on CPUs, or AIM_MLX_DTYPE's)."""
+    """In the default dtype (float16 on a GPU, float32 on a CPU, or AIM_MLX_DTYPE's)."""
     result = runner.invoke(app, ["bench", "-m", str(tiny), "--batch-sizes", "2", "--num-trials", "2"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("# ") and "cores" in lines[0] and "BLAS" in lines[1]
+    on = machine()
+    if on["gpu"] is None:  # the CPU model, as on the first line
+        assert f" on {on['cpu']} (CPU), BLAS" in lines[1] and lines[0].startswith(f"# {on['cpu']}, ")
     table = [line for line in lines if not line.startswith("# ")]  # a third comment if a kernel is forced
     assert table[0].split()[:6] == ["model", "engine", "dtype", "weights", "batch", "img/s"]
     assert table[1].split()[:5] == [tiny.name, "aim-mlx", default_dtype(), "float", "2"]
+
+
+@pytest.mark.parametrize(
+    "gpu, mlx_info, smi, expected",
+    [
+        ("cuda", {"device_name": "NVIDIA H200", "architecture": "sm_90"}, None, "NVIDIA H200"),
+        ("cuda", {}, "NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 4090"),  # an MLX without device_info
+        ("cuda", {}, None, "an NVIDIA GPU"),  # nor nvidia-smi
+        ("metal", {"device_name": "Apple M2 Pro", "architecture": "applegpu_g14s"}, None, "Apple M2 Pro"),
+        ("metal", {}, "never asked", "an Apple GPU"),
+        (None, {"device_name": "AMD EPYC"}, "never asked", "AMD EPYC 9654 96-Core Processor"),
+    ],
+)  # fmt: skip
+def test_device_name(gpu, mlx_info, smi, expected):
+    """The GPU's name from MLX (nvidia-smi where MLX gives none, on CUDA only), or the CPU model."""
+    assert device_name(gpu, mlx_info, "AMD EPYC 9654 96-Core Processor", lambda: smi) == expected
+
+
+def test_header_names_the_device():
+    info = {
+        "cpu": "AMD EPYC 9654 96-Core Processor", "cores": 16, "os": "Linux-6.8", "mlx": "0.32.4",
+        "numpy": "2.4.6", "aim_mlx": "0.1.0", "mlx_device": "Device(gpu, 0)", "gpu": "cuda",
+        "device_name": "NVIDIA H200", "mlx_blas": "MLX's own", "mlx_blas_kernel": None,
+        "numpy_blas_kernel": None, "openblas_coretype": None, "threads": 16,
+    }  # fmt: skip
+    assert header(info).splitlines()[1].startswith("# mlx 0.32.4 on NVIDIA H200 (CUDA), BLAS MLX's own")
+    metal = header({**info, "gpu": "metal", "device_name": "Apple M2 Pro"}).splitlines()[1]
+    assert metal.startswith("# mlx 0.32.4 on Apple M2 Pro (Metal), ")
+    cpu = {**info, "gpu": None, "device_name": info["cpu"], "mlx_device": "Device(cpu, 0)"}
+    assert header(cpu).splitlines()[1].startswith("# mlx 0.32.4 on AMD EPYC 9654 96-Core Processor (CPU), ")
+    older = {k: v for k, v in info.items() if k not in ("gpu", "device_name")}  # a result from before
+    assert header(older).splitlines()[1].startswith("# mlx 0.32.4 on Device(gpu, 0), ")
 
 
 def test_native_image_size(native):

@@ -9,6 +9,10 @@ never clashes with another BLAS. We make a cached copy with the prefix removed (
 --rename-dynamic-symbols`, which also rebuilds the symbol hash tables) and load that copy. Anything missing or
 failing leaves MLX on its reference BLAS with one log line; macOS (Accelerate) is never touched.
 With it, glibc's malloc keeps freed memory (`_keep_freed_memory`). Set AIM_MLX_BLAS=0 to skip all this.
+`import aim_mlx` calls `enable` only where aim_mlx/devices.py chooses the CPU: not on an NVIDIA GPU, where
+the matmuls run in cuBLAS. MLX's CUDA build links the same reference BLAS for its CPU side (the wheels of
+mlx-cpu and mlx-cuda-12 0.32.4 carry the identical libblas, and its libmlx.so imports cblas_sgemm the same
+way), so with AIM_MLX_DEVICE=cpu there the swap should act alike: not yet verified on a machine with a GPU.
 """
 
 import ctypes

@@ -39,8 +39,9 @@ def run_mlx(spec: dict) -> dict:
     result = measure(spec, load_model, run)
     mlx_peak = mx.get_peak_memory() / 2**20
     on_gpu = mx.default_device() == mx.gpu
-    # On Apple GPUs MLX's allocator sees all the memory that matters; on the CPU numpy buffers and the
-    # process's own footprint count too, so the process peak is the honest figure there.
+    # On a GPU MLX's allocator sees all the memory that matters (Apple's unified memory; on NVIDIA's, the
+    # memory MLX's CUDA allocator holds, not yet checked against nvidia-smi); on the CPU numpy buffers and
+    # the process's own footprint count too, so the process peak is the honest figure there.
     return {
         **result,
         "weights": loaded["weights"],

@@ -92,7 +92,8 @@ def peak_rss_mb() -> float:
 
 
 def machine() -> dict:
-    """CPU model, cores, OS and library versions, for the header of every result."""
+    """CPU model, cores, OS, library versions and the device MLX runs on (as aim_mlx/devices.py chose it),
+    for the header of every result."""
     cpu = platform.processor() or platform.machine()
     if sys.platform == "darwin":  # the chip's name, e.g. "Apple M2 Pro"
         done = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
@@ -103,11 +104,16 @@ def machine() -> dict:
                 cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         except (OSError, StopIteration):
             pass
-    import mlx.core as mx
-
-    from .. import __version__
+    from .. import __version__, devices
     from ..backends import blas as _blas
 
+    devices.apply()  # MLX's default device as load() sets it in the processes that run the engines
+    import mlx.core as mx
+
+    on_gpu = mx.default_device() == mx.gpu
+    cuda = getattr(mx, "cuda", None)  # (mx.cuda and mx.device_info: MLX 0.30 on)
+    gpu = ("cuda" if cuda is not None and cuda.is_available() else "metal") if on_gpu else None
+    device_info = getattr(mx, "device_info", None)
     blas = _blas.status()
     return {
         "cpu": cpu,
@@ -118,12 +124,40 @@ def machine() -> dict:
         "numpy": np.__version__,
         "aim_mlx": __version__,
         "mlx_device": str(mx.default_device()),
+        "gpu": gpu,
+        "device_name": device_name(gpu, device_info(mx.default_device()) if device_info else {}, cpu),
         "mlx_blas": blas["path"] or ("Accelerate" if sys.platform == "darwin" else "MLX's own"),
         "mlx_blas_kernel": blas["kernel"],
         "numpy_blas_kernel": _numpy_blas_kernel(),
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),  # when set, it forces both kernels
         "threads": int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1),
     }
+
+
+def device_name(gpu: str | None, mlx_info: dict, cpu: str, nvidia_smi=None) -> str:
+    """What MLX runs on, by name: the GPU's (MLX's device_info; on CUDA, nvidia-smi's where MLX gives none)
+    or the CPU model `cpu`. `gpu` is "cuda", "metal" or None (the CPU)."""
+    if gpu is None:
+        return cpu
+    name = str(mlx_info.get("device_name") or "")
+    if not name and gpu == "cuda":
+        name = (nvidia_smi or _nvidia_smi_name)() or ""
+    return name or ("an NVIDIA GPU" if gpu == "cuda" else "an Apple GPU")
+
+
+def _nvidia_smi_name() -> str | None:
+    """The first GPU's name as nvidia-smi gives it (under CUDA_VISIBLE_DEVICES it may not be MLX's)."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = done.stdout.strip().splitlines() if done.returncode == 0 else []
+    return lines[0].strip() if lines else None
 
 
 def header(info: dict) -> str:
@@ -134,7 +168,7 @@ def header(info: dict) -> str:
     )
     lines = [
         f"# {info['cpu']}, {info['cores']} cores, {info['os']}",
-        f"# mlx {info['mlx']} on {info['mlx_device']}, BLAS {blas}, {info['threads']} threads; "
+        f"# mlx {info['mlx']} on {_device(info)}, BLAS {blas}, {info['threads']} threads; "
         f"aim-mlx {info['aim_mlx']}, numpy {numpy}",
     ]
     if info["openblas_coretype"]:
@@ -142,6 +176,15 @@ def header(info: dict) -> str:
             f"# OPENBLAS_CORETYPE={info['openblas_coretype']} is set: it picks every OpenBLAS's kernels"
         )
     return "\n".join(lines)
+
+
+def _device(info: dict) -> str:
+    """e.g. "NVIDIA H200 (CUDA)", "Apple M2 Pro (Metal)", "AMD EPYC (CPU)"; results written before the device
+    was named say MLX's Device(...)."""
+    if "device_name" not in info:
+        return info["mlx_device"]
+    kind = {"cuda": "CUDA", "metal": "Metal"}.get(info.get("gpu"), "CPU")
+    return f"{info['device_name']} ({kind})"
 
 
 def _numpy_blas_kernel() -> str | None:

@@ -28,7 +28,7 @@ def bench(
         list[DType] | None,
         typer.Option(
             metavar=choices(DType),
-            help="Repeat for several. Default: float32 on a CPU, float16 on an Apple GPU.",
+            help="Repeat for several. Default: float32 on a CPU, float16 on a GPU (Apple's or NVIDIA's).",
         ),
     ] = None,
     quantize: Annotated[
@@ -63,15 +63,20 @@ def bench(
 ):
     """Measure throughput, latency, memory and load time.
 
-    One row per configuration, under a header that describes the machine. Each configuration runs in a
-    fresh process, so its load time and peak memory are its own. With --compare-torch the processes of one
-    model and batch size stay alive side by side and their calls are timed in turns, so that a busy
-    machine's drift hits every engine alike.
+    One row per configuration, under a header that describes the machine and names the device MLX runs on
+    (the GPU's name, or the CPU model; AIM_MLX_DEVICE=cpu|gpu chooses where both are). Each configuration
+    runs in a fresh process, so its load time and peak memory are its own. With --compare-torch the
+    processes of one model and batch size stay alive side by side and their calls are timed in turns, so
+    that a busy machine's drift hits every engine alike.
     """
     import json as json_module
 
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
+    from .. import devices
+
+    # A bad AIM_MLX_DEVICE, or MLX's CUDA build without the NVIDIA driver, is one line before anything runs.
+    devices.apply()
     from ..benchmark import harness, report, timing
 
     sizes = harness.parse_batch_sizes(batch_sizes)
