@@ -193,6 +193,16 @@ def test_a_gpu_asked_for_here_is_a_one_line_cli_error(tmp_path, monkeypatch):
     assert result.output.strip().splitlines()[-1].startswith("error: AIM_MLX_DEVICE=gpu, but ")
 
 
+def test_every_command_checks_the_device_setting_first(monkeypatch):
+    """Before a command imports mlx.core (which raises an ImportError with MLX's CUDA build and no driver):
+    one line, even from commands that load no model."""
+    monkeypatch.setattr(devices, "probe", lambda: CUDA._replace(cuda_driver=False, cuda_gpus=0))
+    for args in (["models"], ["embed", "photo.jpg"], ["search", "a cat"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1, args
+        assert result.output.strip().splitlines()[-1].startswith("error: MLX's CUDA build"), result.output
+
+
 def _import_aim_mlx(env: dict, extra_path: str | None = None) -> subprocess.CompletedProcess:
     script = (
         "import aim_mlx, json; from aim_mlx.backends import blas; from aim_mlx import devices\n"

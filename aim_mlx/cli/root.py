@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from .. import __version__
+from .. import __version__, devices
 from ..errors import AimMlxError, ModelNotFoundError
 from . import (
     bench,
@@ -85,6 +85,8 @@ class AimGroup(TyperGroup):
     def invoke(self, ctx):
         with library_warnings():
             try:
+                devices.current()  # a mistyped AIM_MLX_DEVICE, MLX's CUDA build with no driver: one line
+                # here, before a command imports mlx.core (which would raise an ImportError)
                 return super().invoke(ctx)
             except AimMlxError as exc:
                 if debugging():
