@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import threading
+import zlib
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -110,6 +111,7 @@ def embeddings(
     per path, in input order; the other ranks pass None, embed their shares and receive nothing. Raises
     RankLost when another rank goes away."""
     shape = _row_shape(model, pool)
+    _check_same_model(group, model, shape)
     chunk_size = group.size() * batch_size * CHUNK_BATCHES
     paths = iter(paths) if paths is not None else None
     while True:
@@ -118,6 +120,21 @@ def embeddings(
         if not chunk:
             return
         yield from _embed_chunk(group, model, processor, chunk, batch_size, pool, shape)
+
+
+def _check_same_model(group, model, shape: tuple[int, ...]) -> None:
+    """Every rank must compute the same thing: the same family, widths and dtype (a Mac's GPU picks float16
+    where a Linux CPU picks float32), hence the same row shape. Checked on all ranks at once, so all stop."""
+    info = model.info
+    mine = json.dumps([info.family, info.dims, info.dtype, info.quantization, shape], sort_keys=True)
+    fingerprint = mx.array([zlib.crc32(mine.encode()) & 0x7FFFFFFF], mx.int32)
+    every = np.asarray(_collective(mx.distributed.all_gather, fingerprint, group)).tolist()
+    odd = [rank for rank, value in enumerate(every) if value != every[0]]
+    if odd:
+        raise ConfigError(
+            f"rank {odd[0]} loaded a different model from rank 0 ({where(group)}: {info.family}, "
+            f"{info.dtype}); give every rank the same model and the same --dtype"
+        )
 
 
 def _chunk(paths: Iterator[Path], size: int) -> list[tuple[str, int]]:

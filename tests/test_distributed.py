@@ -104,6 +104,17 @@ def test_index_on_two_ranks_equals_one_process(model, photos, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if "sqlite" not in p.name) == []
 
 
+def test_ranks_that_would_compute_differently_stop_with_one_line(model, photos, tmp_path):
+    """Rank 1 in float16 (what a Mac's GPU picks) beside rank 0 in float32: refused before any work."""
+    per_rank = '[ "$MLX_RANK" = 1 ] && export AIM_MLX_DTYPE=float16; exec "$@"'
+    out = tmp_path / "e.npz"
+    cmd = [LAUNCH, "-n", 2, "--backend", "ring", "--starting-port", _free_ports(2), "--", "sh", "-c"]
+    cmd += [per_rank, "sh", sys.executable, "-m", "aim_mlx", "embed", photos, "-m", model, "-o", out]
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300)
+    assert "error: rank 1 loaded a different model from rank 0" in done.stderr, done.stderr
+    assert "the same --dtype" in done.stderr and not out.exists()
+
+
 def _content(db: Path) -> dict:
     with sqlite3.connect(db) as conn:
         return {
