@@ -11,9 +11,10 @@ import numpy as np
 from .embed import iter_embeddings
 from .errors import ConfigError
 from .registry import FAMILIES
-from .zeroshot import Prediction, imagenet_classes, top_k_softmax
+from .zeroshot import Prediction, imagenet_classes, imagenet_wnids, top_k_softmax
 
 LABEL_SETS = {"imagenet-1k": imagenet_classes}
+LABEL_IDS = {"imagenet-1k": imagenet_wnids}  # each label set's class ids, in the same order
 
 
 def has_head(model) -> bool:
@@ -33,6 +34,15 @@ def head_labels(model) -> list[str]:
             f"the head scores {model.dims['num_classes']} classes, but its label set {name} has {len(labels)}"
         )
     return labels
+
+
+def distinct_head_labels(model) -> list[str]:
+    """`head_labels` with every name distinct, for a label -> probability table (a Core ML classifier): a
+    name that repeats (CLIP's ImageNet names hold 'missile' and 'sunglasses' twice) carries its class id in
+    each place, e.g. 'missile (n03773504)'."""
+    labels, ids = head_labels(model), LABEL_IDS[FAMILIES[model.family].classes]()
+    repeated = {label for label in labels if labels.count(label) > 1}
+    return [f"{label} ({i})" if label in repeated else label for label, i in zip(labels, ids, strict=True)]
 
 
 def classify(model, pixels: mx.array, top_k: int = 5) -> list[Prediction]:
