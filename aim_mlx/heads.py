@@ -53,17 +53,22 @@ def classify(model, pixels: mx.array, top_k: int = 5) -> list[Prediction]:
 
 
 def classify_files(
-    model, processor, paths, top_k: int = 5, batch_size: int = 8
+    model, processor, paths, top_k: int = 5, batch_size: int = 8, progress=None
 ) -> tuple[list[tuple[Path, Prediction]], list[tuple[Path, str]]]:
     """`classify` over image files, each unreadable image skipped:
-    ([(path, prediction)], [(path, reason)])."""
+    ([(path, prediction)], [(path, reason)]). `progress(images done, images in all)` is called after each
+    image, a failed one too."""
     labels = head_labels(model)
+    paths = list(paths)
     done, failures = [], []
-    for item in iter_embeddings(model, processor, paths, batch_size):  # encode_image: the head's features
+    items = iter_embeddings(model, processor, paths, batch_size)  # encode_image: the head's features
+    for count, item in enumerate(items, start=1):
         if item.error is None:
             done.append(item)
         else:
             failures.append((item.path, item.error))
+        if progress is not None:
+            progress(count, len(paths))
     if not done:
         return [], failures
     features = mx.array(np.stack([item.embedding for item in done]))  # (B, D)

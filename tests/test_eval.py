@@ -10,6 +10,7 @@ from aimv1_checkpoints import TINY, make_reference, write_checkpoint
 from checkpoints import make_reference as make_aimv2
 from checkpoints import write_checkpoint as write_aimv2
 from checkpoints import write_processor
+from fake_bars import Bars
 from lit_checkpoints import make_lit_reference, write_lit_checkpoint
 from PIL import Image
 from typer.testing import CliRunner
@@ -153,6 +154,48 @@ def test_lit_zero_shot_accuracy_follows_its_own_ranking_among_the_class_names(
     report = json.loads(result.stdout)
     assert (report["top1"], report["top5"], report["method"]) == (top1, top5, "zero-shot")
     assert report["classes"] == classes and report["images"] == 4
+
+
+@pytest.mark.parametrize("templates, updates", [(None, [10]), ("imagenet", [256, 400])])
+def test_the_class_prompts_show_a_progress_bar_unless_cached(
+    lit_folder, tmp_path, monkeypatch, templates, updates
+):
+    """A bar over the prompts while they are encoded (a batch is 256): classes x templates in all; none when
+    the class embeddings come from the cache."""
+    from aim_mlx.cli import eval as eval_cli
+
+    names = zeroshot.imagenet_classes()[: 10 if templates is None else 5]  # x 80 templates: 400 prompts
+    monkeypatch.setattr(evaluate, "imagenet_classes", lambda: names)
+    photo_files(tmp_path / "val" / "n01440764")
+    args = ["--data", tmp_path / "val", "-m", lit_folder, "--json"]
+    args += [] if templates is None else ["--templates", templates]
+    for cached in (False, True):
+        bars = Bars()
+        monkeypatch.setattr(eval_cli, "progress", bars)
+        result = eval_imagenet(*args)
+        assert result.exit_code == 0, result.output
+        prompts, images = bars.made
+        assert prompts.tasks[0]["visible"] is False  # hidden until encoding starts
+        if cached:
+            assert prompts.updates == []
+            continue
+        assert [u["completed"] for u in prompts.updates] == updates
+        assert {u["total"] for u in prompts.updates} == {updates[-1]}
+        assert all(u["visible"] for u in prompts.updates)
+        times = "" if templates is None else " x 80"
+        assert prompts.updates[-1]["description"] == f"encoding {len(names)}{times} class prompts"
+        assert images.tasks[0]["total"] == 4
+
+
+def test_an_aimv1_head_shows_no_prompt_bar(aimv1, monkeypatch):
+    from aim_mlx.cli import eval as eval_cli
+
+    folder, data, _, _ = aimv1
+    bars = Bars()
+    monkeypatch.setattr(eval_cli, "progress", bars)
+    assert eval_imagenet("--data", data, "-m", folder).exit_code == 0
+    prompts, images = bars.made
+    assert prompts.updates == [] and [u["completed"] for u in images.updates] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(
