@@ -274,6 +274,17 @@ def test_the_summary_prints_the_published_figure_beside_ours():
     assert "subset" not in text
 
 
+def test_a_subset_labels_the_published_figure_as_the_full_sets():
+    """On a subset the published figure is not comparable: it is labelled as the 1000-class figure."""
+    from aim_mlx.cli.eval import summary
+
+    report = evaluate.Report("apple/AIM-600M", "main", "head", 500, 10, 90.0, 99.0, 0, 1.0, 500.0, True, 79.4)
+    text = summary(report)
+    assert "(published: 79.4)" not in text and "subset of 10 classes" in text
+    line = next(line for line in text.splitlines() if line.startswith("top-1"))
+    assert line == "top-1 90.00% (published 79.4 is on all 1000 classes: not comparable with this subset)"
+
+
 def test_templates_are_refused_for_a_head(aimv1):
     folder, data, _, _ = aimv1
     result = eval_imagenet("--data", data, "-m", folder, "--templates", "imagenet")

@@ -73,8 +73,8 @@ def imagenet(
 
     An AIMv1 model scores with its trained head; a LiT model classifies zero-shot among the 1000 class names.
     A folder with fewer than 1000 classes is evaluated as a subset (predictions still over all 1000) and
-    says so. The published figure of a known checkpoint is shown beside ours. Unreadable images are named
-    on stderr and skipped (exit code 3).
+    says so. The published figure of a known checkpoint is shown beside ours (for a subset, marked as the
+    full set's, not comparable). Unreadable images are named on stderr and skipped (exit code 3).
     """
     from .. import evaluate as ev
     from .. import zeroshot
@@ -149,7 +149,16 @@ def _run(net, processor, paths, labels, score, batch_size):
 
 
 def summary(report) -> str:
-    published = f" (published: {report.published_top1:.1f})" if report.published_top1 is not None else ""
+    from ..evaluate import CLASSES
+
+    published = ""
+    if report.published_top1 is not None:  # measured on all 1000 classes: a subset's top-1 is another number
+        published = (
+            f" (published {report.published_top1:.1f} is on all {CLASSES} classes: not comparable with "
+            "this subset)"
+            if report.subset
+            else f" (published: {report.published_top1:.1f})"
+        )
     scope = f"subset of {report.classes} classes" if report.subset else f"{report.classes} classes"
     return "\n".join(
         [
