@@ -1,11 +1,13 @@
-"""`aim-mlx eval imagenet`: accuracy on a tiny ImageFolder set against the torch AIMv1 reference and LiT's own
-zero-shot ranking, the JSON report, and one line for each bad folder."""
+"""`aim-mlx eval imagenet`: accuracy on a tiny ImageFolder set against torch references (AIMv1 written from
+the architecture; transformers' Aimv2Model for LiT), the JSON report, the published figure, the progress
+bar over the class prompts, and one line for each bad folder."""
 
 import json
 
 import numpy as np
 import pytest
 import skimage.data
+import torch
 from aimv1_checkpoints import TINY, make_reference, write_checkpoint
 from checkpoints import make_reference as make_aimv2
 from checkpoints import write_checkpoint as write_aimv2
@@ -13,6 +15,7 @@ from checkpoints import write_processor
 from fake_bars import Bars
 from lit_checkpoints import make_lit_reference, write_lit_checkpoint
 from PIL import Image
+from transformers import CLIPImageProcessorPil, CLIPTokenizer
 from typer.testing import CliRunner
 
 from aim_mlx import evaluate, load, zeroshot
@@ -133,21 +136,36 @@ def test_the_text_summary_says_subset_and_a_bad_image_is_skipped_counted_and_exi
 
 
 @pytest.fixture(scope="module")
-def lit_folder(tmp_path_factory):
-    return write_processor(write_lit_checkpoint(make_lit_reference(seed=5), tmp_path_factory.mktemp("lit")))
+def lit_reference():
+    return make_lit_reference(seed=5)
 
 
-def test_lit_zero_shot_accuracy_follows_its_own_ranking_among_the_class_names(
-    lit_folder, tmp_path, monkeypatch
+@pytest.fixture(scope="module")
+def lit_folder(lit_reference, tmp_path_factory):
+    return write_processor(write_lit_checkpoint(lit_reference, tmp_path_factory.mktemp("lit")))
+
+
+def transformers_ranking(model, folder, photos, names) -> dict[str, list[int]]:
+    """Per photo, the class indices best first by transformers' Aimv2Model zero-shot logits: its own image
+    processor and CLIP tokenizer on the folder's files, the prompt 'a photo of a {}.', causal text (mask)."""
+    processor = CLIPImageProcessorPil(**json.loads((folder / "preprocessor_config.json").read_text()))
+    images = [Image.open(photos[name]).convert("RGB") for name in PHOTOS]
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    text = CLIPTokenizer.from_pretrained(str(folder))(
+        [f"a photo of a {name}." for name in names], padding="max_length", max_length=77, return_tensors="pt"
+    )
+    with torch.no_grad():
+        logits = model(**text, pixel_values=pixels).logits_per_image.numpy()  # (4, classes)
+    return {name: np.argsort(-row).tolist() for name, row in zip(PHOTOS, logits, strict=True)}
+
+
+def test_lit_zero_shot_accuracy_follows_the_transformers_ranking_among_the_class_names(
+    lit_reference, lit_folder, tmp_path, monkeypatch
 ):
     names = zeroshot.imagenet_classes()[:10]  # 10 classes: the 1000 names x a template is slow on a CPU
     monkeypatch.setattr(evaluate, "imagenet_classes", lambda: names)
     photos = photo_files(tmp_path / "photos")
-    model, processor = load(str(lit_folder))
-    preds = zeroshot.zero_shot(
-        model, processor, [photos[name] for name in PHOTOS], names, top_k=10, cache=False
-    )
-    ranked = {name: [names.index(label) for label in p.labels] for name, p in zip(PHOTOS, preds, strict=True)}
+    ranked = transformers_ranking(lit_reference, lit_folder, photos, names)
     data, classes, top1, top5 = image_folder(tmp_path / "val", photos, ranked)
     result = eval_imagenet("--data", data, "-m", lit_folder, "--json")
     assert result.exit_code == 0, result.output
