@@ -15,6 +15,7 @@ from aim_mlx.convert import coreml_check
 from aim_mlx.convert.coreml import export_coreml, model_name
 from aim_mlx.convert.coreml_check import (
     check_head_classifier,
+    classifier_classes,
     classifier_logits,
     load_program,
     run_program,
@@ -96,8 +97,7 @@ def test_package_is_a_classifier_over_the_heads_labels(packages):
     _, program = load_program(packages["float32", "none", "image"])
     ops = [op.op_type for op in program.functions["main"].operations]
     assert ops.count("gelu") == 5  # blocks 0-4: the three after the last probed one are not built
-    (classify,) = [op for op in program.functions["main"].operations if op.op_type == "classify"]
-    labels = [c.item() if isinstance(c, np.generic) else c for c in classify.inputs["classes"].val]
+    labels = classifier_classes(program)
     names = imagenet_classes()
     assert len(labels) == len(set(labels)) == 1000
     # CLIP's ImageNet names repeat two; those carry their WordNet id, the others are as the head's labels
@@ -149,6 +149,18 @@ def test_check_catches_a_wrong_model(packages, tmp_path, photos):
     assert not report["passed"] and report["max_rel_error"] > 1e-2, report["summary"]
 
 
+def test_check_catches_labels_out_of_order(packages, model, photos, monkeypatch):
+    from aim_mlx import heads
+
+    real = heads.distinct_head_labels
+    monkeypatch.setattr(heads, "distinct_head_labels", lambda m: real(m)[::-1])
+    report = check_head_classifier(packages["float32", "none", "image"], model, photos[:1])
+    assert (
+        not report["passed"]
+        and report["summary"] == "the package's labels are not the head's classes, in order"
+    )
+
+
 def test_float16_probed_mean_cannot_overflow(tmp_path, photos):
     """A channel of ~2e4 in every block's output fits float16, but the sum over the probed blocks passes
     65504 (and its square in a LayerNorm passes it in every block): the package computes the mean as a sum
@@ -174,7 +186,11 @@ def test_check_option_and_default_name(checkpoint, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     name = f"{model_name(str(checkpoint))}Classifier.mlpackage"
     assert [p.name for p in tmp_path.iterdir()] == [name]
-    assert "check:" in result.output and "top-5 on 4" in result.output and f"wrote {name}" in result.output
+    assert (
+        "check:" in result.output
+        and "top-5 in order on 4" in result.output
+        and f"wrote {name}" in result.output
+    )
 
 
 @pytest.mark.parametrize(
