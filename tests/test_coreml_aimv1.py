@@ -223,3 +223,19 @@ def test_not_an_aimv1_model_is_refused():
 
     with pytest.raises(ConfigError, match="takes an AIMv1 model"):
         aimv1_weights(object())
+
+
+def test_a_quantized_mlx_folder_exports_dequantized(tmp_path, photos):
+    """`aim-mlx convert -q` quantizes the trunk's and the head's Linear layers; the package holds them
+    dequantized (Core ML compression is --compress's job) and matches the quantized MLX model."""
+    reference = make_reference(seed=4, num_blocks=3, probe_layers=(1, 2), **TINY["1B"])  # 4-bit groups of 64
+    source = write_checkpoint(reference, tmp_path / "src")
+    result = CliRunner().invoke(
+        app, ["convert", "--hf-path", str(source), "--mlx-path", str(tmp_path / "q"), "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    model = aim_mlx.load(str(tmp_path / "q"), dtype="float32")[0]
+    assert model.head.linear.__class__.__name__ == "QuantizedLinear"
+    path = export_coreml(str(tmp_path / "q"), tmp_path / "Q.mlpackage", precision="float32").path
+    report = check_head_classifier(path, model, photos[:2])
+    assert report["passed"] and report["max_rel_error"] <= 1e-4, report["summary"]
