@@ -62,14 +62,22 @@ def photos():
 def packages(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("aimv1-packages")
     made = {}
-    for precision, compress, kind in CASES:
-        path = out / f"AIMv1_{precision}_{compress}_{kind}.mlpackage"
-        export_coreml(str(checkpoint), path, precision=precision, compress=compress, input_kind=kind)
-        made[precision, compress, kind] = path
+    for case in CASES:
+        precision, compress, kind, target = case
+        path = out / f"AIMv1_{'_'.join(case)}.mlpackage"
+        export_coreml(
+            str(checkpoint), path, precision=precision, compress=compress, input_kind=kind, target=target
+        )
+        made[case] = path
     return made
 
 
-CASES = [("float32", "none", "image"), ("float16", "none", "image"), ("float16", "int8", "tensor")]
+CASES = [  # (precision, compression, input, target): iOS18 has the fused attention op
+    ("float32", "none", "image", "iOS17"),
+    ("float16", "none", "image", "iOS17"),
+    ("float16", "int8", "tensor", "iOS17"),
+    ("float16", "none", "image", "iOS18"),
+]
 
 
 def _ml_aim_inputs(photos):
@@ -80,7 +88,7 @@ def _ml_aim_inputs(photos):
 
 
 def test_package_is_a_classifier_over_the_heads_labels(packages):
-    spec = ct.utils.load_spec(str(packages["float32", "none", "image"]))
+    spec = ct.utils.load_spec(str(packages[CASES[0]]))
     assert spec.WhichOneof("Type") == "mlProgram"
     assert spec.description.predictedFeatureName == "classLabel"
     assert spec.description.predictedProbabilitiesName == "classLabel_probs"
@@ -94,7 +102,7 @@ def test_package_is_a_classifier_over_the_heads_labels(packages):
     assert user["labels"] == "1000" and user["model_family"] == "AIMv1" and user["probe_layers"] == "1,3,4"
     assert user["resize_shortest_edge"] == "256" and user["image_size"] == "224"
     assert "shortest side to 256" in spec.description.input[0].shortDescription
-    _, program = load_program(packages["float32", "none", "image"])
+    _, program = load_program(packages[CASES[0]])
     ops = [op.op_type for op in program.functions["main"].operations]
     assert ops.count("gelu") == 5  # blocks 0-4: the three after the last probed one are not built
     labels = classifier_classes(program)
@@ -144,7 +152,7 @@ def test_check_catches_a_wrong_model(packages, tmp_path, photos):
     """The check can fail: another AIMv1 model's logits are far from this package's."""
     other = write_checkpoint(make_reference(seed=9, probe_layers=(1, 3, 4), **TINY["600M"]), tmp_path)
     report = check_head_classifier(
-        packages["float32", "none", "image"], aim_mlx.load(str(other), dtype="float32")[0], photos[:2]
+        packages[CASES[0]], aim_mlx.load(str(other), dtype="float32")[0], photos[:2]
     )
     assert not report["passed"] and report["max_rel_error"] > 1e-2, report["summary"]
 
@@ -154,7 +162,7 @@ def test_check_catches_labels_out_of_order(packages, model, photos, monkeypatch)
 
     real = heads.distinct_head_labels
     monkeypatch.setattr(heads, "distinct_head_labels", lambda m: real(m)[::-1])
-    report = check_head_classifier(packages["float32", "none", "image"], model, photos[:1])
+    report = check_head_classifier(packages[CASES[0]], model, photos[:1])
     assert (
         not report["passed"]
         and report["summary"] == "the package's labels are not the head's classes, in order"
