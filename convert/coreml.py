@@ -2,8 +2,9 @@
 
 No torch: the weights come from `aim_mlx.load` (any published layout, strictly loaded) as numpy arrays and
 the graph is written op by op. The modules depend one way: this entry point -> the programs
-(coreml_vision.py, coreml_lit.py) -> their layers (mil.py); --compress is coreml_compress.py and --check is
-coreml_check.py, which reads packages back from disk and imports none of the others.
+(coreml_vision.py, coreml_lit.py, coreml_aimv1.py) -> their layers (mil.py); --compress is
+coreml_compress.py and --check is coreml_check.py, which reads packages back from disk and imports none of
+the others.
 
 A vision checkpoint becomes one `.mlpackage`; an AIMv1 checkpoint one classifier package,
 NAMEClassifier.mlpackage (image -> `classLabel`, `classLabel_probs` over ImageNet-1k: its head's softmax,
