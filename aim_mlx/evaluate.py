@@ -21,7 +21,7 @@ from .registry import FAMILIES
 from .variants import AIMV1_TOP1, aimv1_probe_layers, aimv1_size, find_variant
 from .zeroshot import imagenet_classes, imagenet_wnids, text_classifier
 
-Progress = Callable[[int, int], None]  # (images done, images in all)
+Progress = Callable[[int, int], None]  # (items done, items in all)
 CLASSES = 1000
 
 
@@ -118,11 +118,14 @@ def published_top1(model) -> float | None:
     return variant.published_top1 if variant is not None and variant.lit else None
 
 
-def scorer(model, processor, templates: Sequence[str]):
-    """A function from image embeddings (B, D) to logits over all classes (B, classes)."""
+def scorer(model, processor, templates: Sequence[str], progress: Progress | None = None):
+    """A function from image embeddings (B, D) to logits over all classes (B, classes). LiT: the classes'
+    prompts are encoded first (or read from the cache), `progress(prompts done, prompts in all)` called
+    after each batch of them; a head needs nothing, and `progress` is not called."""
     if method(model) == "head":
         return lambda emb: np.asarray(model.logits(mx.array(emb)).astype(mx.float32))  # (B, classes)
-    classifier = text_classifier(model, processor, imagenet_classes(), templates)  # (L, P)
+    classes = imagenet_classes()
+    classifier = text_classifier(model, processor, classes, templates, progress=progress)  # (L, P)
     scale = float(model.logit_scale)
     return lambda emb: scale * emb @ classifier.T  # (B, L)
 

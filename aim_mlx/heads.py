@@ -11,9 +11,10 @@ import numpy as np
 from .embed import iter_embeddings
 from .errors import ConfigError
 from .registry import FAMILIES
-from .zeroshot import Prediction, imagenet_classes, top_k_softmax
+from .zeroshot import Prediction, imagenet_classes, imagenet_wnids, top_k_softmax
 
 LABEL_SETS = {"imagenet-1k": imagenet_classes}
+LABEL_IDS = {"imagenet-1k": imagenet_wnids}  # each label set's class ids, in the same order
 
 
 def has_head(model) -> bool:
@@ -35,6 +36,15 @@ def head_labels(model) -> list[str]:
     return labels
 
 
+def distinct_head_labels(model) -> list[str]:
+    """`head_labels` with every name distinct, for a label -> probability table (a Core ML classifier): a
+    name that repeats (CLIP's ImageNet names hold 'missile' and 'sunglasses' twice) carries its class id in
+    each place, e.g. 'missile (n03773504)'."""
+    labels, ids = head_labels(model), LABEL_IDS[FAMILIES[model.family].classes]()
+    repeated = {label for label in labels if labels.count(label) > 1}
+    return [f"{label} ({i})" if label in repeated else label for label, i in zip(labels, ids, strict=True)]
+
+
 def classify(model, pixels: mx.array, top_k: int = 5) -> list[Prediction]:
     """Top-k labels with softmax probabilities for a batch of preprocessed (B, H, W, 3) pixels."""
     labels = head_labels(model)
@@ -43,17 +53,22 @@ def classify(model, pixels: mx.array, top_k: int = 5) -> list[Prediction]:
 
 
 def classify_files(
-    model, processor, paths, top_k: int = 5, batch_size: int = 8
+    model, processor, paths, top_k: int = 5, batch_size: int = 8, progress=None
 ) -> tuple[list[tuple[Path, Prediction]], list[tuple[Path, str]]]:
     """`classify` over image files, each unreadable image skipped:
-    ([(path, prediction)], [(path, reason)])."""
+    ([(path, prediction)], [(path, reason)]). `progress(images done, images in all)` is called after each
+    image, a failed one too."""
     labels = head_labels(model)
+    paths = list(paths)
     done, failures = [], []
-    for item in iter_embeddings(model, processor, paths, batch_size):  # encode_image: the head's features
+    items = iter_embeddings(model, processor, paths, batch_size)  # encode_image: the head's features
+    for count, item in enumerate(items, start=1):
         if item.error is None:
             done.append(item)
         else:
             failures.append((item.path, item.error))
+        if progress is not None:
+            progress(count, len(paths))
     if not done:
         return [], failures
     features = mx.array(np.stack([item.embedding for item in done]))  # (B, D)

@@ -227,14 +227,25 @@ def top_k_softmax(logits: np.ndarray, labels, top_k: int) -> list[Prediction]:
 
 
 def classify_files(
-    model, processor, paths, labels, classifier: np.ndarray, top_k: int = 5, batch_size: int = 8
+    model,
+    processor,
+    paths,
+    labels,
+    classifier: np.ndarray,
+    top_k: int = 5,
+    batch_size: int = 8,
+    progress: Progress | None = None,
 ) -> tuple[list[tuple[Path, Prediction]], list[tuple[Path, str]]]:
     """`zero_shot` over image files against the labels' `text_classifier` (L, P), each unreadable image
-    skipped: ([(path, prediction)], [(path, reason)])."""
+    skipped: ([(path, prediction)], [(path, reason)]). `progress(images done, images in all)` is called
+    after each image, a failed one too."""
     require_text(model, "classify zero-shot")
+    paths = list(paths)
     done, failures = [], []
-    for item in iter_embeddings(model, processor, paths, batch_size):
+    for count, item in enumerate(iter_embeddings(model, processor, paths, batch_size), start=1):
         (done if item.error is None else failures).append(item)
+        if progress is not None:
+            progress(count, len(paths))
     failures = [(item.path, item.error) for item in failures]
     if not done:
         return [], failures

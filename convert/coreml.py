@@ -2,10 +2,13 @@
 
 No torch: the weights come from `aim_mlx.load` (any published layout, strictly loaded) as numpy arrays and
 the graph is written op by op. The modules depend one way: this entry point -> the programs
-(coreml_vision.py, coreml_lit.py) -> their layers (mil.py); --compress is coreml_compress.py and --check is
-coreml_check.py, which reads packages back from disk and imports none of the others.
+(coreml_vision.py, coreml_lit.py, coreml_aimv1.py) -> their layers (mil.py); --compress is
+coreml_compress.py and --check is coreml_check.py, which reads packages back from disk and imports none of
+the others.
 
-A vision checkpoint becomes one `.mlpackage`; the LiT checkpoint becomes a folder (NAME: see `model_name`):
+A vision checkpoint becomes one `.mlpackage`; an AIMv1 checkpoint one classifier package,
+NAMEClassifier.mlpackage (image -> `classLabel`, `classLabel_probs` over ImageNet-1k: its head's softmax,
+programs in coreml_aimv1.py); the LiT checkpoint becomes a folder (NAME: see `model_name`):
   NAMEImageEncoder.mlpackage  image -> `image_embeds` (1, P), L2-normalised, in the shared space
   NAMETextEncoder.mlpackage   `input_ids` int32 (1, 77) -> `text_embeds` (1, P), L2-normalised
   NAMEClassifier.mlpackage    with labels: image -> `classLabel` and `classLabel_probs` (a Core ML classifier)
@@ -31,14 +34,16 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, hub
+from ..config import AIMv1Config
 from ..errors import AimMlxError, ConfigError
 from ..files import TOKENIZER_FILES, atomic_folder, normal_mode
+from ..heads import distinct_head_labels
 from ..loading import load, read_config
 from ..preprocess import MAX_PATCHES, MIN_PATCHES
 from ..registry import family_of
 from ..variants import find_variant
-from . import coreml_lit, coreml_vision
-from .coreml_check import check_lit, check_package
+from . import coreml_aimv1, coreml_lit, coreml_vision
+from .coreml_check import check_head_classifier, check_lit, check_package
 from .coreml_compress import COMPRESSIONS, compress_model
 from .extras import require
 
@@ -151,8 +156,10 @@ def export_coreml(
     A vision checkpoint becomes one `.mlpackage`: one (1, 3, S, S) input, `image` (RGB, 0-255; resize and
     centre-crop to S first) or, with input_kind="tensor", normalised `pixel_values`; outputs `image_embeds`
     (1, D) float32, the mean of the final tokens, and with outputs="pooled,tokens" also `last_hidden_state`
-    (1, N, D). The LiT checkpoint becomes a folder with an image and a text package (see the module doc),
-    and with `labels` a classifier package and the labels' precomputed embeddings.
+    (1, N, D). An AIMv1 checkpoint becomes a Core ML classifier package over its head's ImageNet-1k labels
+    (same input; no --labels, --outputs pooled,tokens or other --image-size). The LiT checkpoint becomes a
+    folder with an image and a text package (see the module doc), and with `labels` a classifier package
+    and the labels' precomputed embeddings.
     `check` verifies the result against MLX (coreml_check.py) and writes nothing if it misses its bound.
     """
     output = None if output is None else Path(output).expanduser()
@@ -165,6 +172,9 @@ def export_coreml(
     folder = hub.resolve(model, revision)
     raw = read_config(folder)
     lit = family_of(raw).text
+    aimv1 = family_of(raw).name == "aimv1"
+    if aimv1:  # before the weights are read
+        _check_aimv1_options(model, AIMv1Config.from_dict(raw), image_size, outputs, labels)
     if output is not None and lit and output.suffix == ".mlpackage":
         raise ConfigError(
             f"{output}: the LiT checkpoint exports a folder (image and text packages, tokenizer, lit.json); "
@@ -176,12 +186,15 @@ def export_coreml(
         raise ConfigError(f"{model} has no text tower: label embeddings need the LiT (zero-shot) checkpoint")
     net, processor = load(model, revision=revision, dtype="float32")
     vision = net.config.vision if lit else net.config
-    size = _image_size(vision, image_size)
+    size = vision.image_size if aimv1 else _image_size(vision, image_size)
     # A folder written by `aim-mlx convert` records where it came from.
     source = raw.get("source_model") or model
     variant = None if Path(source).expanduser().is_dir() else find_variant(source)
     # The name needs the loaded config: a native folder in Apple's layout says so only by its weights.
-    name = model_name(variant.repo_id if variant else source, size if vision.is_native else None)
+    native = vision.is_native and not aimv1  # AIMv1's sin-cos positions, but one size: its head's
+    name = model_name(variant.repo_id if variant else source, size if native else None)
+    if aimv1:
+        name += "Classifier"
     if output is None:  # checked now, after loading, since the name comes from the checkpoint
         output = Path(name if lit else f"{name}.mlpackage")
         validate_options(output, precision, compress, target, input_kind, outputs, force)
@@ -204,6 +217,10 @@ def export_coreml(
         "input": input_kind,
         "aim_mlx_version": __version__,
     }
+    if aimv1:  # ml-aim's preprocessing resizes to 256 before the 224 crop
+        facts["model_family"] = "AIMv1"
+        facts["resize_shortest_edge"] = int(image_processor.size["shortest_edge"])
+        facts["probe_layers"] = [int(i) for i in vision.probe_layers]
 
     try:
         with atomic_folder(output, replace=force) as staging:
@@ -214,8 +231,12 @@ def export_coreml(
                 # coremltools saves only to a path named *.mlpackage: the package is saved inside the staging
                 # folder, checked there, then its contents move up so that the staging folder is the package.
                 package = staging / output.name
-                _save(_vision_model(net, image_processor, size, options, facts), package)
-                report = check_package(package, net) if check else None
+                if aimv1:
+                    _save(_aimv1_model(net, image_processor, options, facts), package)
+                    report = check_head_classifier(package, net) if check else None
+                else:
+                    _save(_vision_model(net, image_processor, size, options, facts), package)
+                    report = check_package(package, net) if check else None
                 for part in package.iterdir():
                     part.rename(staging / part.name)
                 package.rmdir()
@@ -244,6 +265,53 @@ def _vision_model(net, image_processor, size: int, options: dict, facts: dict):
     mlmodel = convert_program(program, options, size)
     tokens = ((size // net.config.patch_size) ** 2, net.config.hidden_size)
     describe(mlmodel, facts, options["input_kind"], size, net.config.hidden_size, tokens)
+    return mlmodel
+
+
+def _check_aimv1_options(model: str, config, image_size, outputs: str, labels) -> None:
+    """Refuse the options that do not apply to an AIMv1 classifier, before anything is loaded."""
+    if labels is not None:
+        raise ConfigError(
+            f"{model} is an AIMv1 classifier: its labels are its head's ImageNet-1k classes; drop --labels "
+            "(--labels takes the LiT checkpoint)"
+        )
+    if outputs != "pooled":
+        raise ConfigError(
+            f"{model} exports as a classifier (labels and probabilities); drop --outputs {outputs}"
+        )
+    if image_size not in (None, config.image_size):
+        raise ConfigError(
+            f"--image-size {image_size}: the AIMv1 head was trained on {config.image_size}x"
+            f"{config.image_size} crops; drop --image-size"
+        )
+
+
+def _aimv1_model(net, image_processor, options: dict, facts: dict):
+    """The AIMv1 checkpoint's Core ML classifier: its head's softmax over the ImageNet-1k labels."""
+    config, size = net.config, net.config.image_size
+    w = coreml_aimv1.aimv1_weights(net)
+    pool = coreml_aimv1.head_probabilities(w, config.num_attention_heads, net.head.bn.eps)
+    program = coreml_vision.build_program(
+        w,
+        config,
+        size,
+        image_processor.image_mean,
+        image_processor.image_std,
+        image_processor.rescale_factor,
+        options["input_kind"],
+        False,
+        _opset(options),
+        pool=pool,
+        probe_layers=tuple(config.probe_layers),
+    )
+    # Core ML's probabilities are a label -> probability dictionary: the labels must be distinct
+    labels = distinct_head_labels(net)
+    mlmodel = classifier_model(program, labels, options, size, facts)
+    blocks = ", ".join(str(i) for i in config.probe_layers)
+    mlmodel.short_description = (
+        f"AIMv1 ImageNet-1k classifier ({facts['source_model']}): a {size}x{size} image to one of "
+        f"{len(labels)} classes (attention probe over the mean of blocks {blocks}, 0-based)."
+    )
     return mlmodel
 
 
@@ -421,7 +489,7 @@ def describe(
     `embedding_size`: image_embeds' width (None: no image_embeds output); `tokens`: last_hidden_state's
     (N, D), when the package has that output."""
     meta = _strings(facts)
-    mlmodel.author = "Apple (AIMv2 weights); Core ML package by aim-mlx"
+    mlmodel.author = f"Apple ({meta.get('model_family', 'AIMv2')} weights); Core ML package by aim-mlx"
     mlmodel.license = LICENSE_TEXT.get(meta["license"], meta["license"])
     mlmodel.version = f"{meta['source_revision'][:12]}-aim-mlx{__version__}"
     mlmodel.short_description = (
@@ -430,9 +498,10 @@ def describe(
     )
     mlmodel.user_defined_metadata.update(meta)
     if input_kind == "image":
+        resize = facts.get("resize_shortest_edge", size)
         mlmodel.input_description["image"] = (
-            f"RGB image, exactly {size}x{size}, values 0-255: resize the shortest side to {size} (bicubic) "
-            f"and centre-crop; the model normalises with mean {meta['image_mean']} "
+            f"RGB image, exactly {size}x{size}, values 0-255: resize the shortest side to {resize} (bicubic) "
+            f"and centre-crop {size}x{size}; the model normalises with mean {meta['image_mean']} "
             f"and std {meta['image_std']}"
         )
     else:

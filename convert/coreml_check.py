@@ -10,6 +10,7 @@ Neural Engine do). It checks the program as written, not Core ML's compiler or k
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -141,6 +142,18 @@ def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, 
     return x[tuple(index)]
 
 
+_ERF = np.frompyfunc(math.erf, 1, 1)  # exact, in float64; numpy has no erf
+
+
+def _gelu(x, mode="EXACT"):
+    """MIL gelu: EXACT is x · Φ(x) (erf); the tanh and sigmoid approximations as MIL defines them."""
+    if mode == "EXACT":
+        return 0.5 * x * (1 + _ERF(x.astype(np.float64) / math.sqrt(2)).astype(np.float64))
+    if mode == "TANH_APPROXIMATION":
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    return x / (1 + np.exp(-1.702 * x))  # SIGMOID_APPROXIMATION
+
+
 def _sdpa(query, key, value, attn_mask=None):
     """iOS18 scaled_dot_product_attention: softmax(q·kᵀ / sqrt(E) + mask)·v; a bool mask marks the
     positions that take part (the others get -inf), a float mask is added to the scores."""
@@ -164,6 +177,7 @@ OPS = {
     "sqrt": lambda x: np.sqrt(x),
     "rsqrt": lambda x, epsilon=1e-12: 1 / np.sqrt(x + epsilon),
     "silu": lambda x: x / (1 + np.exp(-x)),
+    "gelu": _gelu,
     "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
     "softmax": _softmax,
     "layer_norm": _layer_norm,
@@ -234,8 +248,9 @@ def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     return values.reshape(shape)
 
 
-def run_program(program, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Execute the program's main function on `feeds` (input name -> array); returns its outputs."""
+def run_program(program, feeds: dict[str, np.ndarray], extra=()) -> dict[str, np.ndarray]:
+    """Execute the program's main function on `feeds` (input name -> array); returns its outputs, and the
+    values of the variables named in `extra`."""
     main = program.functions["main"]
     env = {}
     for name, var in main.inputs.items():
@@ -266,7 +281,32 @@ def run_program(program, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if len(op.outputs) != 1:
             raise AimMlxError(f"the evaluator expects one output from {op.op_type!r} ({op.name})")
         env[out.name] = np.asarray(result).astype(_np_dtype(out))
-    return {var.name: env[var.name] for var in main.outputs}
+    return {**{name: env[name] for name in extra}, **{var.name: env[var.name] for var in main.outputs}}
+
+
+def _classify_op(program):
+    ops = [op for op in program.functions["main"].operations if op.op_type == "classify"]
+    if len(ops) != 1:
+        raise AimMlxError("the program is not a classifier: it has no classify op")
+    return ops[0]
+
+
+def classifier_classes(program) -> list[str]:
+    """A classifier program's labels, in the order of its probabilities."""
+    classes = _classify_op(program).inputs["classes"].val
+    return [c.item() if isinstance(c, np.generic) else c for c in getattr(classes, "ls", classes)]
+
+
+def classifier_logits(program) -> str:
+    """The name of the variable a classifier program's softmax takes: its logits (a classifier outputs only
+    probabilities, and the logits are what the model's `classify` gives). Found by walking back from the
+    classify op through casts and identities, so it does not depend on how conversion named them."""
+    var = _classify_op(program).inputs["probabilities"]
+    while var.op is not None and var.op.op_type in ("cast", "identity"):
+        var = var.op.inputs["x"]
+    if var.op is None or var.op.op_type != "softmax":
+        raise AimMlxError("the classifier's probabilities do not come from a softmax; no logits to compare")
+    return var.op.inputs["x"].name
 
 
 def _classify(op, env: dict) -> dict:
@@ -605,6 +645,8 @@ def _photo_inputs(meta: dict, images) -> tuple[np.ndarray, np.ndarray]:
     from ..preprocess import ImageProcessor
 
     processor = ImageProcessor.clip(int(meta["image_size"]))
+    if "resize_shortest_edge" in meta:  # AIMv1: ml-aim resizes to 256 before the 224 crop
+        processor.size = {"shortest_edge": int(meta["resize_shortest_edge"])}
     processor.image_mean = tuple(float(v) for v in meta["image_mean"].split(","))
     processor.image_std = tuple(float(v) for v in meta["image_std"].split(","))
     raw = np.stack([processor.center_crop(np.asarray(processor.resize(im.convert("RGB")))) for im in images])
@@ -626,3 +668,85 @@ def _compare_classes(outputs: list[dict], reference: list, labels: list[str]) ->
         "max_prob_error": float(max(errors)),
         "labels": len(labels),
     }
+
+
+def check_head_classifier(package: str | Path, model, images=None) -> dict:
+    """A classifier package exported from a model with a trained head (AIMv1's ImageNet-1k probe) against
+    the MLX model's `classify` on real photos, through the numpy evaluator (on macOS also MLModel.predict):
+    the package's labels must be the head's (repeated names made distinct: heads.distinct_head_labels), its
+    logits (what its softmax takes) within the float32 bound or cosine of MLX's, its probabilities within
+    the classifier bound of the softmax of MLX's logits; top-1 and top-5 agreement are reported."""
+    import mlx.core as mx
+
+    from ..heads import distinct_head_labels
+
+    spec, program = load_program(package)
+    meta = dict(spec.description.metadata.userDefined)
+    images = photos() if images is None else images
+    raw, pixels = _photo_inputs(meta, images)
+    logits = np.array(model.classify(mx.array(pixels)).astype(mx.float32), np.float64)  # (B, classes)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    labels = distinct_head_labels(model)
+    main_input = next(iter(program.functions["main"].inputs))
+    feed = raw if main_input == "image" else pixels
+    name = classifier_logits(program)
+    got = [
+        run_program(program, {main_input: f.transpose(2, 0, 1)[None].astype(np.float32)}, extra=[name])
+        for f in feed
+    ]
+    precision, compression = meta.get("precision", "float16"), meta.get("compression", "none")
+    metric, bound = tolerance(precision, compression)
+    prob_bound = prob_tolerance(precision, compression)
+    figures = _compare_head(got, name, logits, probs, labels)
+    report = {**figures, "metric": metric, "bound": bound, "prob_bound": prob_bound, "images": len(images)}
+    report["passed"] = _head_passes(figures, metric, bound, prob_bound)
+    report["predict"] = "skipped: Core ML predicts only on macOS"
+    if sys.platform == "darwin":  # not run on this project's machines (Linux): no logits from predict
+        mlmodel, feeds = _mac_feeds(package, main_input, raw, pixels)
+        predicted = _compare_head([mlmodel.predict(f) for f in feeds], None, logits, probs, labels)
+        report["predict"] = predicted
+        report["passed"] = report["passed"] and _head_passes(predicted, None, bound, prob_bound)
+    report["summary"] = (
+        f"logits {metric} {figures[metric]:.3g} ({'<=' if metric == 'max_rel_error' else '>='} {bound} "
+        f"needed), max |probability error| {figures['max_prob_error']:.3g} (<= {prob_bound}), top-1 as "
+        f"MLX's on {figures['top1_agrees']} of {len(images)} photos, top-5 in order on "
+        f"{figures['top5_agrees']}"
+    )
+    if classifier_classes(program) != labels:  # label i must name logit i
+        report.update(passed=False, summary="the package's labels are not the head's classes, in order")
+    logger.info("checked %s: %s", package, report["summary"])
+    return report
+
+
+def _compare_head(outputs, logits_name, logits, probs, labels) -> dict:
+    """A classifier package's outputs against a head's (B, classes) logits and probabilities. Without
+    `logits_name` (MLModel.predict gives no logits) only the probabilities and ranks are compared."""
+    got = np.array([[o["classLabel_probs"][label] for label in labels] for o in outputs])  # (B, classes)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    top5 = [[labels[i] for i in row[:5]] for row in order]
+    got_top5 = [
+        sorted(o["classLabel_probs"], key=o["classLabel_probs"].get, reverse=True)[:5] for o in outputs
+    ]
+    figures = {
+        "top_labels": [o["classLabel"] for o in outputs],
+        "reference_top_labels": [row[0] for row in top5],
+        "top1_agrees": sum(o["classLabel"] == row[0] for o, row in zip(outputs, top5, strict=True)),
+        "top5_agrees": sum(g == row for g, row in zip(got_top5, top5, strict=True)),
+        "max_prob_error": float(np.abs(got - probs).max()),
+    }
+    if logits_name is not None:
+        ours = np.concatenate([np.asarray(o[logits_name], np.float64).reshape(1, -1) for o in outputs])
+        figures["cosine"] = float(_cosines(ours, logits).min())
+        figures["max_rel_error"] = float(np.abs(ours - logits).max() / np.abs(logits).max())
+    return figures
+
+
+def _head_passes(figures: dict, metric: str | None, bound: float, prob_bound: float) -> bool:
+    """Probabilities within `prob_bound`; the logits (when there) within the float32 bound or the cosine."""
+    if figures["max_prob_error"] > prob_bound:
+        return False
+    if metric is None:
+        return True
+    value = figures[metric]
+    return bool(value <= bound if metric == "max_rel_error" else value >= bound)

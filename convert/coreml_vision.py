@@ -1,6 +1,7 @@
 """The AIMv2 vision encoder as a MIL program: (1, 3, S, S) pixels in, `image_embeds` (+ tokens) out.
 
-- The patch embedding is a strided conv; the blocks are mil.py's.
+- The patch embedding is a strided conv; the blocks are mil.py's, with the config's norm and MLP (AIMv1's
+  trunk too: LayerNorm, GELU; its probed blocks feed the pooling instead of the final norm).
 - Core ML's image preprocessing has one scale for all channels, so the per-channel mean/std sits in the graph.
 - The native-resolution checkpoint is built at one size per program, with its sin-cos table as a constant:
   fixed shapes are what the Neural Engine runs, while flexible and enumerated input shapes can send a model
@@ -11,7 +12,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..models.aimv2 import AIMv2VisionEncoder, sincos_2d
-from .mil import DEFAULT_NORM, fused_attention, numpy_params, rms_norm, transformer
+from .mil import DEFAULT_NORM, block_norm, fused_attention, numpy_params, transformer
 
 
 def vision_weights(model) -> dict[str, np.ndarray]:
@@ -41,14 +42,19 @@ def build_program(
     opset,
     pool=None,
     norm: str = DEFAULT_NORM,
+    probe_layers: tuple[int, ...] | None = None,
 ):
     """The encoder as a MIL program: (1, 3, S, S) pixels in, `image_embeds` (+ `last_hidden_state`) out.
 
     `pool(mb, tokens, fused)` makes the (1, D') embedding from the final (1, N, D) tokens; default: their
-    mean. `norm` is the RMSNorm formulation (mil.NORMS); the attention is fused where `opset` has the op."""
+    mean. `norm` is the norms' formulation (mil.NORMS); the attention is fused where `opset` has the op.
+    `probe_layers` (AIMv1's head): `pool` gets the mean of these blocks' outputs instead, no final norm,
+    and the blocks after the last of them are not built."""
     from coremltools.converters.mil import Builder as mb
 
-    d, p, eps = config.hidden_size, config.patch_size, config.rms_norm_eps
+    d, p = config.hidden_size, config.patch_size
+    eps = config.layer_norm_eps if config.norm_type == "layernorm" else config.rms_norm_eps
+    kind = {"norm_type": config.norm_type, "mlp_type": config.mlp_type}
     n = (image_size // p) ** 2
     fused = fused_attention(opset)
     # The native checkpoint's positions: the (N, D) sin-cos table MLX computes for this grid.
@@ -63,10 +69,18 @@ def build_program(
         conv = w["patch_embed.proj.weight"].transpose(0, 3, 1, 2)  # MLX (D, p, p, C) -> Core ML OIHW
         x = mb.conv(x=x, weight=conv, bias=w["patch_embed.proj.bias"], strides=[p, p], pad_type="valid")
         x = mb.transpose(x=mb.reshape(x=x, shape=[1, d, n]), perm=[0, 2, 1])  # (1, N, D), rows outer
-        x = mb.add(x=rms_norm(mb, x, w["patch_embed.norm.weight"], eps, norm), y=pos[None])
-        layers, heads = config.num_hidden_layers, config.num_attention_heads
-        x = transformer(mb, x, w, "blocks.", layers, heads, eps, fused, norm)
-        x = rms_norm(mb, x, w["post_trunk_norm.weight"], eps, norm)
+        x = mb.add(x=block_norm(mb, x, w, "patch_embed.norm", config.norm_type, eps, norm), y=pos[None])
+        heads = config.num_attention_heads
+        if probe_layers:
+            depth, keep = max(probe_layers) + 1, tuple(probe_layers)
+            _, kept = transformer(mb, x, w, "blocks.", depth, heads, eps, fused, norm, keep=keep, **kind)
+            # the mean as a sum of x / L: a float16 sum of the blocks passes 65504 long before their mean
+            x = mb.mul(x=kept[keep[0]], y=np.float32(1.0 / len(keep)))
+            for i in keep[1:]:
+                x = mb.add(x=x, y=mb.mul(x=kept[i], y=np.float32(1.0 / len(keep))))  # (1, N, D)
+            return mb.identity(x=pool(mb, x, fused), name="image_embeds")
+        x = transformer(mb, x, w, "blocks.", config.num_hidden_layers, heads, eps, fused, norm, **kind)
+        x = block_norm(mb, x, w, "post_trunk_norm", config.norm_type, eps, norm)
         if pool is None:
             # the mean as a sum of x / N: no partial sum can pass float16's range where every token is in it
             x_n = mb.mul(x=x, y=np.float32(1.0 / n))

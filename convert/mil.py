@@ -10,7 +10,8 @@ and Neural Engine:
   (tests/test_coreml_ops.py);
 - attention splits heads into 4-D (1, H, N, hd) tensors; from iOS18/macOS15 it is the fused
   `scaled_dot_product_attention` op, before that two batched matmuls around a softmax; SwiGLU is silu * up,
-  and nothing needs dynamic shapes.
+  and nothing needs dynamic shapes;
+- AIMv1's LayerNorm is RMSNorm of the centred row, so it takes the same overflow guard and formulations.
 """
 
 import mlx.core as mx
@@ -59,13 +60,36 @@ def rms_norm(mb, x, weight, eps: float, norm: str = DEFAULT_NORM):
     on the device). `reduce`: mean of squares and rsqrt."""
     if norm not in NORMS:
         raise ValueError(f"unknown RMSNorm formulation {norm!r}; one of {', '.join(NORMS)}")
-    m = mb.maximum(x=mb.reduce_max(x=mb.abs(x=x), axes=[-1], keep_dims=True), y=np.float32(1.0))
+    m = _row_scale(mb, x)
+    return _scaled_rms_norm(mb, mb.real_div(x=x, y=m), m, weight, eps, norm)
+
+
+def layer_norm(mb, x, weight, bias, eps: float, norm: str = DEFAULT_NORM):
+    """LayerNorm over the last axis (AIMv1), as safe from float16 overflow as `rms_norm`: LayerNorm(x) is
+    RMSNorm of the centred row, so with y = x / m the row y - mean(y) (|.| <= 2) goes through rms_norm's
+    formulation with the same eps / m², then `bias` is added. The mean is taken of y, not x: a float16 sum
+    of x's row can pass 65504 where every element fits."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown LayerNorm formulation {norm!r}; one of {', '.join(NORMS)}")
+    m = _row_scale(mb, x)
     y = mb.real_div(x=x, y=m)
+    centred = mb.sub(x=y, y=mb.reduce_mean(x=y, axes=[-1], keep_dims=True))
+    return mb.add(x=_scaled_rms_norm(mb, centred, m, weight, eps, norm), y=bias)
+
+
+def _row_scale(mb, x):
+    """m = max(max|x|, 1) per row (..., 1): dividing by it keeps every element and square within 1."""
+    return mb.maximum(x=mb.reduce_max(x=mb.abs(x=x), axes=[-1], keep_dims=True), y=np.float32(1.0))
+
+
+def _scaled_rms_norm(mb, y, m, weight, eps: float, norm: str):
+    """RMSNorm of x = y · m, given y (|y| <= 2) and m: y / sqrt(mean(y²) + eps / m²) · weight, in the
+    formulation `norm` (see rms_norm)."""
     if norm == "reduce":
         mean_sq = mb.reduce_mean(x=mb.mul(x=y, y=y), axes=[-1], keep_dims=True)
         mean_sq = mb.add(x=mean_sq, y=mb.real_div(x=np.float32(eps), y=mb.mul(x=m, y=m)))
         return mb.mul(x=mb.mul(x=y, y=mb.rsqrt(x=mean_sq)), y=weight)
-    d, rank = x.shape[-1], len(x.shape)
+    d, rank = y.shape[-1], len(y.shape)
     c = mb.real_div(x=np.float32(np.sqrt(d * eps)), y=m)  # (..., 1)
     z = mb.concat(values=[y, mb.mul(x=y, y=np.float32(-1)), c, mb.mul(x=c, y=np.float32(-1))], axis=-1)
     gamma = np.concatenate([weight * np.sqrt(d / (d + 1)), np.zeros(d + 2)]).astype(np.float32)  # (2D + 2,)
@@ -73,6 +97,14 @@ def rms_norm(mb, x, weight, eps: float, norm: str = DEFAULT_NORM):
     return mb.slice_by_index(
         x=out, begin=[0] * rank, end=[0] * (rank - 1) + [d], end_mask=[True] * (rank - 1) + [False]
     )
+
+
+def block_norm(mb, x, w: dict, name: str, norm_type: str, eps: float, norm: str = DEFAULT_NORM):
+    """The norm whose parameters are `name`.weight (and .bias): config.norm_type rmsnorm (AIMv2) or
+    layernorm (AIMv1)."""
+    if norm_type == "layernorm":
+        return layer_norm(mb, x, w[name + ".weight"], w[name + ".bias"], eps, norm)
+    return rms_norm(mb, x, w[name + ".weight"], eps, norm)
 
 
 def l2_normalize(mb, x):
@@ -94,39 +126,60 @@ def attention(mb, q, k, v, fused: bool, mask=None):
 
 
 def transformer(
-    mb, x, w: dict, prefix: str, layers: int, heads: int, eps: float, fused: bool, norm: str, mask=None
+    mb,
+    x,
+    w: dict,
+    prefix: str,
+    layers: int,
+    heads: int,
+    eps: float,
+    fused: bool,
+    norm: str,
+    mask=None,
+    norm_type: str = "rmsnorm",
+    mlp_type: str = "swiglu",
+    keep=(),
 ):
     """Pre-norm blocks on (1, N, D): `x + attn(norm_1(x))`, then `x + mlp(norm_2(x))`. `mask`, added to
-    the attention scores, makes it causal; `fused` and `norm` choose the formulations (see above)."""
+    the attention scores, makes it causal; `fused` and `norm` choose the formulations (see above);
+    `norm_type` and `mlp_type` are the config's (AIMv2: rmsnorm, swiglu; AIMv1: layernorm, gelu).
+    Returns the output, or with `keep` (block indices) (output, {i: block i's output})."""
     _, n, d = x.shape
     hd = d // heads
     scale = np.float32(1 if fused else hd**-0.5)
+    kept = {}
     for i in range(layers):
         b = f"{prefix}{i}."
-        h = rms_norm(mb, x, w[b + "norm_1.weight"], eps, norm)
+        h = block_norm(mb, x, w, b + "norm_1", norm_type, eps, norm)
         qkv = w[b + "attn.qkv.weight"]  # (3D, D), rows q, k, v
         q = split_heads(mb, mb.linear(x=h, weight=qkv[:d] * scale), heads)
         k = split_heads(mb, mb.linear(x=h, weight=qkv[d : 2 * d]), heads)
         v = split_heads(mb, mb.linear(x=h, weight=qkv[2 * d :]), heads)
         out = mb.transpose(x=attention(mb, q, k, v, fused, mask), perm=[0, 2, 1, 3])  # (1, N, H, hd)
         x = mb.add(x=x, y=mb.linear(x=mb.reshape(x=out, shape=[1, n, d]), weight=w[b + "attn.proj.weight"]))
-        h = rms_norm(mb, x, w[b + "norm_2.weight"], eps, norm)
-        gate = mb.linear(x=h, weight=w[b + "mlp.fc1.weight"])
-        up = mb.linear(x=h, weight=w[b + "mlp.fc3.weight"])
-        x = mb.add(x=x, y=mb.linear(x=mb.mul(x=mb.silu(x=gate), y=up), weight=w[b + "mlp.fc2.weight"]))
-    return x
+        h = block_norm(mb, x, w, b + "norm_2", norm_type, eps, norm)
+        if mlp_type == "gelu":  # AIMv1: fc2(gelu(fc1(h))), the exact (erf) GELU as torch's nn.GELU()
+            hidden = mb.gelu(x=mb.linear(x=h, weight=w[b + "mlp.fc1.weight"]), mode="EXACT")
+        else:
+            gate = mb.linear(x=h, weight=w[b + "mlp.fc1.weight"])
+            hidden = mb.mul(x=mb.silu(x=gate), y=mb.linear(x=h, weight=w[b + "mlp.fc3.weight"]))
+        x = mb.add(x=x, y=mb.linear(x=hidden, weight=w[b + "mlp.fc2.weight"]))
+        if i in keep:
+            kept[i] = x
+    return (x, kept) if keep else x
 
 
 def attention_pool(mb, x, w: dict, prefix: str, heads: int, fused: bool):
-    """Attention pooling, (1, N, D) tokens -> (1, D): the learned `cls_token` is the query (a constant, no
-    projection), `k` and `v` project the tokens, and `linear` (with bias) mixes the heads."""
+    """Attention pooling, (1, N, D) tokens -> (1, D'): the learned `cls_token` is the query (a constant, no
+    projection), `k` and `v` project the tokens, and `linear` (LiT: D -> D with bias; AIMv1: D -> classes,
+    no bias) mixes the heads."""
     _, _, d = x.shape
     hd = d // heads
     k = split_heads(mb, mb.linear(x=x, weight=w[prefix + "k.weight"], bias=w.get(prefix + "k.bias")), heads)
     v = split_heads(mb, mb.linear(x=x, weight=w[prefix + "v.weight"], bias=w.get(prefix + "v.bias")), heads)
     q = w[prefix + "cls_token"].reshape(1, heads, 1, hd) * np.float32(1 if fused else hd**-0.5)  # (1,H,1,hd)
     out = mb.reshape(x=attention(mb, q, k, v, fused), shape=[1, d])  # (1, D), head-major as in MLX
-    return mb.linear(x=out, weight=w[prefix + "linear.weight"], bias=w[prefix + "linear.bias"])
+    return mb.linear(x=out, weight=w[prefix + "linear.weight"], bias=w.get(prefix + "linear.bias"))
 
 
 def fused_attention(opset) -> bool:

@@ -1,10 +1,13 @@
-"""`aim-mlx classify`: failed images in --json and the exit codes, a BOM in --labels-file, a single label."""
+"""`aim-mlx classify`: failed images in --json and the exit codes, a BOM in --labels-file, a single label,
+the progress bars."""
 
 import json
 
 import pytest
 import skimage.data
+from aimv1_checkpoints import TINY, make_reference, write_checkpoint
 from checkpoints import write_processor
+from fake_bars import Bars
 from lit_checkpoints import make_lit_reference, write_lit_checkpoint
 from PIL import Image
 from typer.testing import CliRunner
@@ -94,3 +97,31 @@ def test_bad_labels_are_refused_before_the_warning_and_the_model(photos, monkeyp
     assert result.exit_code == 1
     [line] = result.stderr.splitlines()
     assert line.startswith("error: ") and "exactly one {}" in line
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    from aim_mlx.cli import classify as classify_cli
+
+    recorder = Bars()
+    monkeypatch.setattr(classify_cli, "progress", recorder)
+    return recorder
+
+
+def test_an_aimv1_head_shows_a_bar_per_image(bars, photos, tmp_path):
+    reference = make_reference(seed=2, num_blocks=2, probe_layers=(1,), **TINY["600M"])
+    folder = write_checkpoint(reference, tmp_path / "aimv1")
+    result = classify(photos, "-m", folder, "--batch-size", 1, "--json")
+    assert result.exit_code == 3, result.output  # b.jpg is not an image
+    [bar] = bars.made
+    assert bar.tasks == [{"description": "images", "total": 3}]
+    assert [u["completed"] for u in bar.updates] == [1, 2, 3]  # each image, the failed one too
+
+
+def test_zero_shot_shows_a_bar_per_image_after_the_prompts(bars, lit_folder, photos):
+    result = classify(photos, "--labels", "cat,dog", "-m", lit_folder, "--json")
+    assert result.exit_code == 3, result.output
+    prompts, images = bars.made
+    assert prompts.tasks[0]["total"] == 2
+    assert images.tasks == [{"description": "images", "total": 3}]
+    assert [u["completed"] for u in images.updates] == [1, 2, 3]

@@ -1,17 +1,21 @@
-"""`aim-mlx eval imagenet`: accuracy on a tiny ImageFolder set against the torch AIMv1 reference and LiT's own
-zero-shot ranking, the JSON report, and one line for each bad folder."""
+"""`aim-mlx eval imagenet`: accuracy on a tiny ImageFolder set against torch references (AIMv1 written from
+the architecture; transformers' Aimv2Model for LiT), the JSON report, the published figure, the progress
+bar over the class prompts, and one line for each bad folder."""
 
 import json
 
 import numpy as np
 import pytest
 import skimage.data
+import torch
 from aimv1_checkpoints import TINY, make_reference, write_checkpoint
 from checkpoints import make_reference as make_aimv2
 from checkpoints import write_checkpoint as write_aimv2
 from checkpoints import write_processor
+from fake_bars import Bars
 from lit_checkpoints import make_lit_reference, write_lit_checkpoint
 from PIL import Image
+from transformers import CLIPImageProcessorPil, CLIPTokenizer
 from typer.testing import CliRunner
 
 from aim_mlx import evaluate, load, zeroshot
@@ -132,27 +136,84 @@ def test_the_text_summary_says_subset_and_a_bad_image_is_skipped_counted_and_exi
 
 
 @pytest.fixture(scope="module")
-def lit_folder(tmp_path_factory):
-    return write_processor(write_lit_checkpoint(make_lit_reference(seed=5), tmp_path_factory.mktemp("lit")))
+def lit_reference():
+    return make_lit_reference(seed=5)
 
 
-def test_lit_zero_shot_accuracy_follows_its_own_ranking_among_the_class_names(
-    lit_folder, tmp_path, monkeypatch
+@pytest.fixture(scope="module")
+def lit_folder(lit_reference, tmp_path_factory):
+    return write_processor(write_lit_checkpoint(lit_reference, tmp_path_factory.mktemp("lit")))
+
+
+def transformers_ranking(model, folder, photos, names) -> dict[str, list[int]]:
+    """Per photo, the class indices best first by transformers' Aimv2Model zero-shot logits: its own image
+    processor and CLIP tokenizer on the folder's files, the prompt 'a photo of a {}.', causal text (mask)."""
+    processor = CLIPImageProcessorPil(**json.loads((folder / "preprocessor_config.json").read_text()))
+    images = [Image.open(photos[name]).convert("RGB") for name in PHOTOS]
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    text = CLIPTokenizer.from_pretrained(str(folder))(
+        [f"a photo of a {name}." for name in names], padding="max_length", max_length=77, return_tensors="pt"
+    )
+    with torch.no_grad():
+        logits = model(**text, pixel_values=pixels).logits_per_image.numpy()  # (4, classes)
+    return {name: np.argsort(-row).tolist() for name, row in zip(PHOTOS, logits, strict=True)}
+
+
+def test_lit_zero_shot_accuracy_follows_the_transformers_ranking_among_the_class_names(
+    lit_reference, lit_folder, tmp_path, monkeypatch
 ):
     names = zeroshot.imagenet_classes()[:10]  # 10 classes: the 1000 names x a template is slow on a CPU
     monkeypatch.setattr(evaluate, "imagenet_classes", lambda: names)
     photos = photo_files(tmp_path / "photos")
-    model, processor = load(str(lit_folder))
-    preds = zeroshot.zero_shot(
-        model, processor, [photos[name] for name in PHOTOS], names, top_k=10, cache=False
-    )
-    ranked = {name: [names.index(label) for label in p.labels] for name, p in zip(PHOTOS, preds, strict=True)}
+    ranked = transformers_ranking(lit_reference, lit_folder, photos, names)
     data, classes, top1, top5 = image_folder(tmp_path / "val", photos, ranked)
     result = eval_imagenet("--data", data, "-m", lit_folder, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert (report["top1"], report["top5"], report["method"]) == (top1, top5, "zero-shot")
     assert report["classes"] == classes and report["images"] == 4
+
+
+@pytest.mark.parametrize("templates, updates", [(None, [10]), ("imagenet", [256, 400])])
+def test_the_class_prompts_show_a_progress_bar_unless_cached(
+    lit_folder, tmp_path, monkeypatch, templates, updates
+):
+    """A bar over the prompts while they are encoded (a batch is 256): classes x templates in all; none when
+    the class embeddings come from the cache."""
+    from aim_mlx.cli import eval as eval_cli
+
+    names = zeroshot.imagenet_classes()[: 10 if templates is None else 5]  # x 80 templates: 400 prompts
+    monkeypatch.setattr(evaluate, "imagenet_classes", lambda: names)
+    photo_files(tmp_path / "val" / "n01440764")
+    args = ["--data", tmp_path / "val", "-m", lit_folder, "--json"]
+    args += [] if templates is None else ["--templates", templates]
+    for cached in (False, True):
+        bars = Bars()
+        monkeypatch.setattr(eval_cli, "progress", bars)
+        result = eval_imagenet(*args)
+        assert result.exit_code == 0, result.output
+        prompts, images = bars.made
+        assert prompts.tasks[0]["visible"] is False  # hidden until encoding starts
+        if cached:
+            assert prompts.updates == []
+            continue
+        assert [u["completed"] for u in prompts.updates] == updates
+        assert {u["total"] for u in prompts.updates} == {updates[-1]}
+        assert all(u["visible"] for u in prompts.updates)
+        times = "" if templates is None else " x 80"
+        assert prompts.updates[-1]["description"] == f"encoding {len(names)}{times} class prompts"
+        assert images.tasks[0]["total"] == 4
+
+
+def test_an_aimv1_head_shows_no_prompt_bar(aimv1, monkeypatch):
+    from aim_mlx.cli import eval as eval_cli
+
+    folder, data, _, _ = aimv1
+    bars = Bars()
+    monkeypatch.setattr(eval_cli, "progress", bars)
+    assert eval_imagenet("--data", data, "-m", folder).exit_code == 0
+    prompts, images = bars.made
+    assert prompts.updates == [] and [u["completed"] for u in images.updates] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(
@@ -229,6 +290,17 @@ def test_the_summary_prints_the_published_figure_beside_ours():
     text = summary(report)
     assert "top-1 79.41% (published: 79.4)" in text and "50000 images, 1000 classes, head" in text
     assert "subset" not in text
+
+
+def test_a_subset_labels_the_published_figure_as_the_full_sets():
+    """On a subset the published figure is not comparable: it is labelled as the 1000-class figure."""
+    from aim_mlx.cli.eval import summary
+
+    report = evaluate.Report("apple/AIM-600M", "main", "head", 500, 10, 90.0, 99.0, 0, 1.0, 500.0, True, 79.4)
+    text = summary(report)
+    assert "(published: 79.4)" not in text and "subset of 10 classes" in text
+    line = next(line for line in text.splitlines() if line.startswith("top-1"))
+    assert line == "top-1 90.00% (published 79.4 is on all 1000 classes: not comparable with this subset)"
 
 
 def test_templates_are_refused_for_a_head(aimv1):

@@ -1,5 +1,6 @@
 """`aim-mlx classify`: labels per image, over aim_mlx.heads (a trained head) or aim_mlx.zeroshot (LiT)."""
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -21,8 +22,8 @@ from .common import (
     model_option,
     partial,
     progress,
+    rate_column,
     say,
-    spinner,
     value,
     warn,
 )
@@ -100,8 +101,8 @@ def classify(
             raise ConfigError(HEAD_AND_LABELS.format(model=model))
         from ..heads import classify_files
 
-        with spinner(f"classifying {len(paths)} images with the model's head"):
-            predictions, failures = classify_files(net, processor, paths, top_k, batch_size)
+        with _image_bar(len(paths)) as advance:
+            predictions, failures = classify_files(net, processor, paths, top_k, batch_size, advance)
     else:
         names, prompts = asked or _labels(*label_options)
         predictions, failures = _zero_shot(net, processor, paths, names, prompts, top_k, batch_size)
@@ -172,5 +173,18 @@ def _zero_shot(net, processor, paths, names, prompts, top_k, batch_size):
             bar.update(task, completed=done, visible=total > 256)  # more than one batch
 
         classifier = zeroshot.text_classifier(net, processor, names, prompts, progress=advance)
-    with spinner(f"classifying {len(paths)} images among {len(names)} labels"):
-        return zeroshot.classify_files(net, processor, paths, names, classifier, top_k, batch_size)
+    with _image_bar(len(paths)) as advance:
+        return zeroshot.classify_files(
+            net, processor, paths, names, classifier, top_k, batch_size, progress=advance
+        )
+
+
+@contextmanager
+def _image_bar(total: int):
+    """A per-image progress bar (images done / in all, rate, time left); yields its `progress` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("classifying"), BarColumn(), MofNCompleteColumn(), rate_column("images"))
+    with progress(*columns, TimeRemainingColumn()) as bar:
+        task = bar.add_task("images", total=total)
+        yield lambda done, _: bar.update(task, completed=done)

@@ -25,7 +25,6 @@ from .common import (
     progress,
     rate_column,
     say,
-    spinner,
     value,
 )
 
@@ -74,8 +73,8 @@ def imagenet(
 
     An AIMv1 model scores with its trained head; a LiT model classifies zero-shot among the 1000 class names.
     A folder with fewer than 1000 classes is evaluated as a subset (predictions still over all 1000) and
-    says so. The published figure of a known checkpoint is shown beside ours. Unreadable images are named
-    on stderr and skipped (exit code 3).
+    says so. The published figure of a known checkpoint is shown beside ours (for a subset, marked as the
+    full set's, not comparable). Unreadable images are named on stderr and skipped (exit code 3).
     """
     from .. import evaluate as ev
     from .. import zeroshot
@@ -91,8 +90,7 @@ def imagenet(
     net, processor = load(model, revision, dtype, probe)
     if ev.method(net) == "head" and templates is not None:
         raise ConfigError(f"{model} scores with its trained head; --templates is for zero-shot (LiT) models")
-    with spinner("encoding the class prompts"):  # a head needs nothing; LiT its (cached) class embeddings
-        score = ev.scorer(net, processor, prompts)
+    score = _scorer(net, processor, prompts)
     report = _run(net, processor, paths, labels, score, batch_size)
     for _, reason in report.failures:  # the reason names the file, as in classify
         say(f"skipped {reason}")
@@ -108,6 +106,27 @@ def imagenet(
         typer.echo(summary(report))
     if report.failed:
         raise partial(report.failed, len(paths))
+
+
+def _scorer(net, processor, prompts):
+    """evaluate.scorer with a progress bar while the classes' prompts are encoded (LiT, not cached); a head,
+    or cached class embeddings, show none."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from .. import evaluate as ev
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), rate_column("prompts"))
+    with progress(*columns, TimeRemainingColumn()) as bar:
+        task = bar.add_task("", total=None, visible=False)  # shown once encoding starts
+
+        def advance(done: int, total: int) -> None:
+            # Prompts are encoded in batches of similar length, across classes: the bar counts prompts
+            # (with one template, the default, one per class).
+            times = "" if len(prompts) == 1 else f" x {len(prompts)}"
+            what = f"encoding {total // len(prompts)}{times} class prompts"
+            bar.update(task, completed=done, total=total, visible=True, description=what)
+
+        return ev.scorer(net, processor, prompts, progress=advance)
 
 
 def _run(net, processor, paths, labels, score, batch_size):
@@ -130,7 +149,16 @@ def _run(net, processor, paths, labels, score, batch_size):
 
 
 def summary(report) -> str:
-    published = f" (published: {report.published_top1:.1f})" if report.published_top1 is not None else ""
+    from ..evaluate import CLASSES
+
+    published = ""
+    if report.published_top1 is not None:  # measured on all 1000 classes: a subset's top-1 is another number
+        published = (
+            f" (published {report.published_top1:.1f} is on all {CLASSES} classes: not comparable with "
+            "this subset)"
+            if report.subset
+            else f" (published: {report.published_top1:.1f})"
+        )
     scope = f"subset of {report.classes} classes" if report.subset else f"{report.classes} classes"
     return "\n".join(
         [

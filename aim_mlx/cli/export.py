@@ -24,6 +24,7 @@ from .common import (
 EXAMPLES = [
     "aim-mlx export coreml --check  # writes AIMv2LargePatch14_224.mlpackage",
     "aim-mlx export coreml -m apple/aimv2-large-patch14-224-lit --labels cat,dog",
+    "aim-mlx export coreml -m ./aim-600M  # AIMv1: an ImageNet-1k classifier",
     "aim-mlx export coreml -m aimv2-large-patch14-native --image-size 336 \\",
     "    -o native336.mlpackage",
     "aim-mlx export coreml -o l8.mlpackage --compress int8 \\",
@@ -78,7 +79,9 @@ def coreml(
     The package is an ML program made from aim-mlx's weights, named after the model (Xcode names its Swift
     class after the file). The LiT checkpoint gives a folder: NAMEImageEncoder.mlpackage,
     NAMETextEncoder.mlpackage (input_ids (1, 77) -> text_embeds), with --labels NAMEClassifier.mlpackage,
-    tokenizer/ and lit.json (package names, logit scale, token ids), for zero-shot in an app.
+    tokenizer/ and lit.json (package names, logit scale, token ids), for zero-shot in an app. An AIMv1
+    model (an MLX folder from `aim-mlx convert`) gives NAMEClassifier.mlpackage: a Core ML classifier over
+    its head's ImageNet-1k labels.
     """
     if output is not None:
         output = check_output(output, force, "-o", folder=True)
