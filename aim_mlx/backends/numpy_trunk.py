@@ -1,25 +1,25 @@
 """The numpy backend: AIMv2's and AIMv1's blocks in numpy with direct BLAS calls, for float32 on a CPU.
 
-Why: MLX's CPU backend runs everything but its BLAS calls on one thread, and its `exp` and `erf` are scalar
-(about 8x slower than numpy's SIMD `exp`). With the fast BLAS of blas.py loaded, this backend runs a stack
-of aimv2.Block with the same results as the MLX blocks up to float rounding, 2-3x faster on 2 cores
-(benchmarks/RESULTS.md). As in the MLX models, the block is one runner and the families' differences are
-its parameters: the norm (AIMv2's RMSNorm, or AIMv1's LayerNorm with bias) and the MLP (AIMv2's SwiGLU, or
-AIMv1's fc2(gelu(fc1 x)) with the exact, erf GELU). numpy has no erf, so the GELU uses Abramowitz and Stegun
-7.1.26 (|error| <= 1.5e-7, float32's rounding at 1; tests/test_aimv1_numpy.py holds it to torch's exact
-GELU); computing it in MLX instead (mx.erf, after a copy) took 52 ms on a (256, 6144) array against 8-12 ms
-for this.
+Why: MLX's CPU backend runs everything but its BLAS calls on one thread, and its `exp` is scalar (about 8x
+slower than numpy's SIMD one). With the fast BLAS of blas.py loaded, this backend runs a stack of
+aimv2.Block with the same results as the MLX blocks up to float rounding, 2-3x faster on 2 cores for AIMv2
+(benchmarks/RESULTS.md):
 - one image, and the LiT text tower's batch of prompts, run as one trunk: the residual stream is one buffer,
   every projection one BLAS call on all the cores that also adds the residual (the GEMM's beta = 1), the
   other activations buffers reused by every block, the norms and the MLP's activation on the calling
-  thread, and
-  attention (scores, softmax, weighted values, a group of heads at a time with batched BLAS calls on views
-  of the packed qkv) split over one thread per core while the BLAS runs single-threaded.
+  thread, and attention (scores, softmax, weighted values, a group of heads at a time with batched BLAS
+  calls on views of the packed qkv) split over one thread per core while the BLAS runs single-threaded.
 - a batch of two or more images runs in batch shares, one worker thread per core, each running that trunk on
   its share with a single-threaded BLAS and its own MLX stream (aim-mlx's quantized layers are unpacked by
   an MLX op just before their GEMM, as their MLX path does). Splitting one image's tokens instead was
   slower: an MLX op on one stream that reads another stream's array waits on that stream.
 AIM_MLX_CPU_WORKERS=N sets the number of threads or shares (1: all of it on the calling thread).
+
+As in the MLX models, the block is one runner and the families' differences are its parameters: the norm
+(AIMv2's RMSNorm, or AIMv1's LayerNorm with bias) and the MLP (AIMv2's SwiGLU, or AIMv1's fc2(gelu(fc1 x))
+with the exact, erf GELU). numpy has no erf, so the GELU uses Abramowitz and Stegun 7.1.26 (|error| <=
+1.5e-7, float32's rounding near 1; tests/test_aimv1_numpy.py holds it to torch's exact GELU): 8-12 ms on a
+(256, 6144) array, where MLX's GELU (mx.erf) after a copy took 52 ms.
 
 The weights are read once, when load() installs the backend (`NumpyTrunk(blocks)`): numpy views of MLX's
 buffers, no copies. If the blocks' arrays are replaced later (set_dtype, a new weight load), the views are
