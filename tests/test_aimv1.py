@@ -1,6 +1,7 @@
 """AIMv1 against a torch model written from the architecture (aimv1_checkpoints.py): every block, the probed
-mean, the head's features and the logits; probe sets; stop_early; loading from a hub cache; preprocessing;
-`aim-mlx classify` and `embed` end to end; bad inputs."""
+mean, the head's features and the logits, on both backends (the MLX blocks; the numpy backend, float32 on a
+CPU); probe sets; stop_early; loading from a hub cache; preprocessing; `aim-mlx classify` and `embed` end to
+end; bad inputs. The numpy backend's AIMv1 parts alone: test_aimv1_numpy.py."""
 
 import json
 
@@ -16,6 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from aim_mlx import backends, weights
+from aim_mlx.backends import blas, numpy_trunk
 from aim_mlx.cli import app
 from aim_mlx.cli import common as cli
 from aim_mlx.errors import ConfigError, ModelNotFoundError, WeightsError
@@ -46,10 +48,11 @@ def tiny(tmp_path):
 
 @pytest.mark.parametrize("size", list(TINY))
 @pytest.mark.parametrize("probe", [(2, 3, 4, 5, 6, 7), (1, 3, 4)])
-def test_every_block_features_and_logits_match_the_reference(tmp_path, size, probe):
+def test_every_block_features_and_logits_match_the_reference(tmp_path, size, probe, backend, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "2")  # numpy: a batch of 2 runs in two shares, 1 in one trunk
     ref = make_reference(seed=len(size), probe_layers=probe, **TINY[size])
     model, _ = load(str(write_checkpoint(ref, tmp_path)))
-    assert model.family == "aimv1" and model.info.backend == "mlx"
+    assert model.family == "aimv1" and model.info.backend == backend
     tol = tolerance(model, 1e-4)  # loaded in the default dtype: float16 where the GPU is the default device
     for shape in [(2, 28, 42, 3), (1, 56, 28, 3)]:  # non-square grids: rows and columns must not swap
         x = pixels(shape, seed=len(size))
@@ -88,12 +91,16 @@ def test_the_probed_mean_does_not_overflow_in_float16(tmp_path):
     assert probed.dtype == mx.float16 and rel_err(probed, expected["probed"]) < tolerance("float16", 0)
 
 
-def test_only_the_blocks_up_to_the_highest_probed_one_run(tmp_path, monkeypatch):
+def test_only_the_blocks_up_to_the_highest_probed_one_run(tmp_path, monkeypatch, backend):
+    """Counted on the blocks that run: the MLX blocks' calls, or the numpy backend's GELUs (one per block
+    for one image)."""
     ref = make_reference(seed=5, probe_layers=(1, 3), **TINY["600M"])
     model, _ = load(str(write_checkpoint(ref, tmp_path)))
+    assert model.info.backend == backend
     calls = []
-    real = aimv2.Block.__call__
+    real, real_gelu = aimv2.Block.__call__, numpy_trunk._gelu
     monkeypatch.setattr(aimv2.Block, "__call__", lambda self, x: calls.append(1) or real(self, x))
+    monkeypatch.setattr(numpy_trunk, "_gelu", lambda *args: calls.append(1) or real_gelu(*args))
     x = mx.array(pixels((1, 28, 28, 3)))
     mx.eval(model.classify(x))
     assert len(calls) == 4  # blocks 0-3 of 8
@@ -221,13 +228,29 @@ def test_a_head_that_does_not_fit_the_backbone_is_named(tiny):
         load(str(folder))
 
 
-def test_the_numpy_backend_leaves_aimv1_on_mlx_and_says_why(tiny, monkeypatch):
+@pytest.mark.skipif(not blas.loaded(), reason="the numpy backend needs the fast BLAS (Linux)")
+def test_the_backends_agree_on_aimv1_and_half_precision_stays_on_mlx(tiny, monkeypatch):
+    """float32 on the CPU takes the numpy backend by default; both backends give every block and the logits
+    to float rounding on the same model; float16 runs the MLX blocks, and AIM_MLX_BACKEND=numpy says why."""
     folder, _ = tiny
-    model, _ = load(str(folder))
-    assert model.info.backend == "mlx"
+    monkeypatch.delenv("AIM_MLX_BACKEND", raising=False)
+    model, _ = load(str(folder), dtype="float32")
+    assert model.info.backend == "numpy"
+    x = mx.array(pixels((2, 28, 28, 3), seed=1))
+    on_numpy = [*model.forward_intermediates(x), model.classify(x)]
+    monkeypatch.setenv("AIM_MLX_BACKEND", "mlx")
+    assert backends.install(model) == "mlx"
+    on_mlx = [*model.forward_intermediates(x), model.classify(x)]
+    for i, (a, b) in enumerate(zip(on_mlx, on_numpy, strict=True)):
+        assert rel_err(a, np.asarray(b)) < 1e-5, f"output {i}"
+    half, _ = load(str(folder), dtype="float16")
+    assert half.info.backend == "mlx"
     monkeypatch.setenv("AIM_MLX_BACKEND", "numpy")
-    with pytest.raises(ConfigError, match="AIM_MLX_BACKEND=numpy cannot run this model: "):
-        backends.install(model)
+    with pytest.raises(ConfigError) as error:
+        backends.install(half)
+    assert str(error.value).startswith(
+        "AIM_MLX_BACKEND=numpy cannot run this model: block 0's norms are not float32 RMSNorms or LayerNorms"
+    )
 
 
 # Preprocessing: ml-aim's val_transforms. torchvision is not a test dependency; when it is installed the

@@ -1,11 +1,11 @@
 """Backends: faster implementations of a model's blocks, which load() installs only where they support them.
 
 - `mlx`: no backend; the MLX blocks of aim_mlx/models run. That is what GPUs (Apple's; NVIDIA's with MLX's
-  CUDA build), half precision and any block a backend does not know (AIMv1's LayerNorm/GELU blocks, MLX's
-  own quantized layers) run.
-- `numpy` (numpy_trunk.py): AIMv2's RMSNorm/SwiGLU blocks in numpy with direct BLAS calls, for float32 on a
-  CPU with the fast BLAS of blas.py (Linux): about 2-3x faster there than MLX's CPU backend. Never on a GPU:
-  the device is MLX's default one, which aim_mlx/devices.py chooses (AIM_MLX_DEVICE=cpu forces the CPU).
+  CUDA build), half precision and any block a backend does not know (MLX's own quantized layers) run.
+- `numpy` (numpy_trunk.py): the blocks of AIMv2 (RMSNorm, SwiGLU), its LiT text tower and AIMv1 (LayerNorm
+  with bias, exact GELU) in numpy with direct BLAS calls, for float32 on a CPU with the fast BLAS of blas.py
+  (Linux): about 2-3x faster there than MLX's CPU backend. Never on a GPU: the device is MLX's default one,
+  which aim_mlx/devices.py chooses (AIM_MLX_DEVICE=cpu forces the CPU).
 
 A backend must give the MLX blocks' results up to float rounding (the tests run both against transformers at
 every hidden state), so removing one changes speed, never results. AIM_MLX_BACKEND=mlx|numpy chooses; by

@@ -1,19 +1,25 @@
-"""The numpy backend: AIMv2's blocks in numpy with direct BLAS calls, for float32 on a CPU.
+"""The numpy backend: AIMv2's and AIMv1's blocks in numpy with direct BLAS calls, for float32 on a CPU.
 
 Why: MLX's CPU backend runs everything but its BLAS calls on one thread, and its `exp` is scalar (about 8x
 slower than numpy's SIMD one). With the fast BLAS of blas.py loaded, this backend runs a stack of
-aimv2.Block (RMSNorm, fused-qkv attention, SwiGLU) with the same results as the MLX blocks up to float
-rounding, 2-3x faster on 2 cores (benchmarks/RESULTS.md):
+aimv2.Block with the same results as the MLX blocks up to float rounding, 2-3x faster on 2 cores for AIMv2
+(benchmarks/RESULTS.md):
 - one image, and the LiT text tower's batch of prompts, run as one trunk: the residual stream is one buffer,
   every projection one BLAS call on all the cores that also adds the residual (the GEMM's beta = 1), the
-  other activations buffers reused by every block, the norms and SiLU·up on the calling thread, and
-  attention (scores, softmax, weighted values, a group of heads at a time with batched BLAS calls on views
-  of the packed qkv) split over one thread per core while the BLAS runs single-threaded.
+  other activations buffers reused by every block, the norms and the MLP's activation on the calling
+  thread, and attention (scores, softmax, weighted values, a group of heads at a time with batched BLAS
+  calls on views of the packed qkv) split over one thread per core while the BLAS runs single-threaded.
 - a batch of two or more images runs in batch shares, one worker thread per core, each running that trunk on
   its share with a single-threaded BLAS and its own MLX stream (aim-mlx's quantized layers are unpacked by
   an MLX op just before their GEMM, as their MLX path does). Splitting one image's tokens instead was
   slower: an MLX op on one stream that reads another stream's array waits on that stream.
 AIM_MLX_CPU_WORKERS=N sets the number of threads or shares (1: all of it on the calling thread).
+
+As in the MLX models, the block is one runner and the families' differences are its parameters: the norm
+(AIMv2's RMSNorm, or AIMv1's LayerNorm with bias) and the MLP (AIMv2's SwiGLU, or AIMv1's fc2(gelu(fc1 x))
+with the exact, erf GELU). numpy has no erf, so the GELU uses Abramowitz and Stegun 7.1.26 (|error| <=
+1.5e-7, float32's rounding near 1; tests/test_aimv1_numpy.py holds it to torch's exact GELU): 8-12 ms on a
+(256, 6144) array, where MLX's GELU (mx.erf) after a copy took 52 ms.
 
 The weights are read once, when load() installs the backend (`NumpyTrunk(blocks)`): numpy views of MLX's
 buffers, no copies. If the blocks' arrays are replaced later (set_dtype, a new weight load), the views are
@@ -37,7 +43,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import ConfigError
-from ..models.aimv2 import Attention, Block, SwiGLU
+from ..models.aimv2 import MLP, Attention, Block, SwiGLU
 from ..quantized import QuantizedLinear
 from . import blas
 
@@ -45,7 +51,7 @@ _lock = threading.Lock()  # one call on the cores at a time
 _pools: list["_Worker"] = []  # one thread per worker, so each share has its own thread
 _local = threading.local()  # a worker thread's MLX stream
 SCORES_BYTES = 4 << 20  # attention scores a thread holds at once: the heads it takes per group
-SILU_ROWS = 64  # rows of silu(gate) * up computed at once, a cache-sized slab
+ACT_ROWS = 64  # rows of the MLP's activation computed at once, a cache-sized slab
 
 
 def cores() -> int:
@@ -179,27 +185,80 @@ def _attention(packed: np.ndarray, num_heads: int, scale: float, causal: bool, o
 
 
 def _silu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray, lo: int = 0, hi: int | None = None) -> None:
-    """out = silu(g) * u for (rows, width) arrays, slabs lo..hi-1 of SILU_ROWS rows, a cache-sized slab at
+    """out = silu(g) * u for (rows, width) arrays, slabs lo..hi-1 of ACT_ROWS rows, a cache-sized slab at
     a time. `out` must not overlap `g` or `u`."""
-    stop = len(g) if hi is None else min(hi * SILU_ROWS, len(g))
-    for i in range(lo * SILU_ROWS, stop, SILU_ROWS):
-        o, gi = out[i : i + SILU_ROWS], g[i : i + SILU_ROWS]
+    stop = len(g) if hi is None else min(hi * ACT_ROWS, len(g))
+    for i in range(lo * ACT_ROWS, stop, ACT_ROWS):
+        o, gi = out[i : i + ACT_ROWS], g[i : i + ACT_ROWS]
         np.negative(gi, out=o)
         np.exp(o, out=o)
         o += 1
         np.divide(gi, o, out=o)  # g * sigmoid(g)
-        o *= u[i : i + SILU_ROWS]
+        o *= u[i : i + ACT_ROWS]
 
 
-def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
-    """RMSNorm of the rows of `x` into `out`."""
-    rms = np.einsum("ij,ij->i", x, x)  # sums of squares, one pass
-    rms /= x.shape[1]
-    rms += eps
-    np.sqrt(rms, out=rms)
-    np.divide(x, rms[:, None], out=out)
-    out *= weight
-    return out
+# Abramowitz and Stegun 7.1.26: erfc(z) = t (a1 + a2 t + ... + a5 t^4) exp(-z^2), t = 1 / (1 + p z), z >= 0.
+_AS_P = 0.3275911
+_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+_T_SCALE = np.float32(_AS_P / np.sqrt(2))  # for z = |x| / sqrt(2)
+_HALF_A = tuple(np.float32(-0.5 * a) for a in _AS_A)  # the -1/2 of gelu's erfc term, folded in
+
+
+def _gelu(x: np.ndarray, out: np.ndarray, lo: int = 0, hi: int | None = None) -> None:
+    """out = gelu(x) = x (1 + erf(x / sqrt 2)) / 2 for (rows, width) arrays, exact GELU to float32 rounding,
+    slabs lo..hi-1 of ACT_ROWS rows. Written as max(x, 0) - |x| erfc(|x| / sqrt 2) / 2 (the same for either
+    sign), so erfc is needed at z >= 0 only, where A-S's form is. `out` must not overlap `x`."""
+    stop = len(x) if hi is None else min(hi * ACT_ROWS, len(x))
+    scratch = np.empty((min(ACT_ROWS, len(x)), x.shape[1]), np.float32)
+    for i in range(lo * ACT_ROWS, stop, ACT_ROWS):
+        xi, o = x[i : i + ACT_ROWS], out[i : i + ACT_ROWS]
+        t = scratch[: len(xi)]
+        np.abs(xi, out=t)
+        t *= _T_SCALE
+        t += 1
+        np.reciprocal(t, out=t)  # A-S's t
+        np.multiply(t, _HALF_A[4], out=o)
+        for a in _HALF_A[3::-1]:  # Horner
+            o += a
+            o *= t
+        np.multiply(xi, xi, out=t)
+        t *= np.float32(-0.5)
+        np.exp(t, out=t)
+        o *= t  # -erfc(|x| / sqrt 2) / 2
+        np.abs(xi, out=t)
+        o *= t
+        np.maximum(xi, 0, out=t)
+        o += t
+
+
+@dataclass
+class _Norm:
+    """One norm of a block, read once: RMSNorm (AIMv2: weight), or LayerNorm (AIMv1: the mean taken out
+    first, then weight and bias)."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    eps: float
+    centred: bool  # LayerNorm
+
+    @classmethod
+    def read(cls, norm: nn.Module) -> "_Norm":
+        bias = np.asarray(norm.bias) if "bias" in norm else None
+        return cls(np.asarray(norm.weight), bias, norm.eps, type(norm) is nn.LayerNorm)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The norm of the rows of `x` into `out`."""
+        if self.centred:
+            x = np.subtract(x, x.mean(axis=1, keepdims=True), out=out)
+        ms = np.einsum("ij,ij->i", x, x)  # sums of squares, one pass
+        ms /= x.shape[1]
+        ms += self.eps
+        np.sqrt(ms, out=ms)
+        np.divide(x, ms[:, None], out=out)
+        out *= self.weight
+        if self.bias is not None:
+            out += self.bias
+        return out
 
 
 @dataclass
@@ -233,29 +292,61 @@ class _Projection:
 
 
 @dataclass
-class _BlockWeights:
-    norm_1: np.ndarray
-    norm_2: np.ndarray
-    eps: tuple[float, float]
-    qkv: _Projection
-    proj: _Projection
+class _SwiGLUWeights:
+    """AIMv2's MLP: fc2(silu(fc1 x) * fc3 x)."""
+
     fc1: _Projection  # gate
     fc2: _Projection  # down
     fc3: _Projection  # up
-    mlp_width: int
+    width: int
+
+    def hidden(self, x: np.ndarray, buffer) -> np.ndarray:
+        """The activations fc2 takes, (rows, width), in the runner's buffers."""
+        gate = self.fc1(x, buffer("gate", self.width))
+        up = self.fc3(x, buffer("up", self.width))
+        _silu_mul(gate, up, act := buffer("act", self.width))
+        return act
+
+
+@dataclass
+class _GELUWeights:
+    """AIMv1's MLP: fc2(gelu(fc1 x)), GELU exact."""
+
+    fc1: _Projection
+    fc2: _Projection
+    width: int
+
+    def hidden(self, x: np.ndarray, buffer) -> np.ndarray:
+        """The activations fc2 takes, (rows, width), in the runner's buffers."""
+        _gelu(self.fc1(x, buffer("up", self.width)), act := buffer("act", self.width))
+        return act
+
+
+_MLPS = {SwiGLU: _SwiGLUWeights, MLP: _GELUWeights}  # the MLX MLP -> how this backend runs it
+_NORMS = (nn.RMSNorm, nn.LayerNorm)
+
+
+@dataclass
+class _BlockWeights:
+    norm_1: _Norm
+    norm_2: _Norm
+    qkv: _Projection
+    proj: _Projection
+    mlp: _SwiGLUWeights | _GELUWeights
     num_heads: int
     scale: float
     causal: bool
 
     @classmethod
     def read(cls, block: Block) -> "_BlockWeights":
-        attn = block.attn
+        attn, mlp = block.attn, block.mlp
+        projections = {name: _Projection.read(layer) for name, layer in _projections(block).items()}
         return cls(
-            norm_1=np.asarray(block.norm_1.weight),
-            norm_2=np.asarray(block.norm_2.weight),
-            eps=(block.norm_1.eps, block.norm_2.eps),
-            **{name: _Projection.read(layer) for name, layer in _projections(block).items()},
-            mlp_width=block.mlp.fc1.weight.shape[0],
+            norm_1=_Norm.read(block.norm_1),
+            norm_2=_Norm.read(block.norm_2),
+            qkv=projections.pop("qkv"),
+            proj=projections.pop("proj"),
+            mlp=_MLPS[type(mlp)](**projections, width=mlp.fc1.weight.shape[0]),
             num_heads=attn.num_heads,
             scale=attn.scale,
             causal=attn.causal,
@@ -263,16 +354,16 @@ class _BlockWeights:
 
 
 def _projections(block: Block) -> dict[str, nn.Module]:
+    """The block's Linear layers by name: attention's qkv and proj, the MLP's fc1, fc2 (and SwiGLU's fc3)."""
     attn, mlp = block.attn, block.mlp
-    return {"qkv": attn.qkv, "proj": attn.proj, "fc1": mlp.fc1, "fc2": mlp.fc2, "fc3": mlp.fc3}
+    return {"qkv": attn.qkv, "proj": attn.proj, **{k: mlp[k] for k in ("fc1", "fc2", "fc3") if k in mlp}}
 
 
 def _arrays(blocks) -> list[mx.array]:
     """Every array the backend reads, in a fixed order: how it sees that the blocks' weights were replaced."""
     out = []
     for block in blocks:
-        out += [block.norm_1.weight, block.norm_2.weight]
-        for layer in _projections(block).values():
+        for layer in (block.norm_1, block.norm_2, *_projections(block).values()):
             out += [v for _, v in sorted(layer.items()) if isinstance(v, mx.array)]
     return out
 
@@ -284,11 +375,18 @@ def unsupported(blocks) -> str | None:
     if mx.default_device() != mx.cpu:
         return "it runs on the CPU only"
     for i, block in enumerate(blocks):
-        if type(block) is not Block or type(block.attn) is not Attention or type(block.mlp) is not SwiGLU:
-            return f"block {i} is a {type(block).__name__}, not an AIMv2 block (RMSNorm, attention, SwiGLU)"
+        if type(block) is not Block or type(block.attn) is not Attention:
+            return f"block {i} is a {type(block).__name__}, not an AIMv2 block (AIMv1's are AIMv2 blocks too)"
+        if type(block.mlp) not in _MLPS:
+            return f"block {i}'s MLP is a {type(block.mlp).__name__}, not AIMv2's SwiGLU or AIMv1's GELU MLP"
         norms = (block.norm_1, block.norm_2)
-        if any(type(n) is not nn.RMSNorm or n.weight.dtype != mx.float32 for n in norms):
-            return f"block {i}'s norms are not float32 RMSNorms"
+        if any(
+            type(n) not in _NORMS
+            or "weight" not in n
+            or any(isinstance(v, mx.array) and v.dtype != mx.float32 for v in n.values())
+            for n in norms
+        ):
+            return f"block {i}'s norms are not float32 RMSNorms or LayerNorms with a weight"
         for name, layer in _projections(block).items():
             if not (
                 isinstance(layer, QuantizedLinear)
@@ -371,17 +469,13 @@ class NumpyTrunk:
         for i, w in enumerate(self._weights[:depth]):
             if cancel.is_set():
                 raise _Stopped
-            qkv = w.qkv(_rms_norm(h, w.norm_1, w.eps[0], buffer("normed", d)), buffer("qkv", 3 * d))
+            qkv = w.qkv(w.norm_1(h, buffer("normed", d)), buffer("qkv", 3 * d))
             heads = buffer("heads", d)
             _attention(
                 qkv.reshape(b, n, 3 * d), w.num_heads, w.scale, w.causal, heads.reshape(b, n, d), spread
             )
             w.proj(heads, h, accumulate=True)
-            normed = _rms_norm(h, w.norm_2, w.eps[1], buffer("normed", d))
-            gate = w.fc1(normed, buffer("gate", w.mlp_width))
-            up = w.fc3(normed, buffer("up", w.mlp_width))
-            _silu_mul(gate, up, act := buffer("act", w.mlp_width))
-            w.fc2(act, h, accumulate=True)
+            w.mlp.fc2(w.mlp.hidden(w.norm_2(h, buffer("normed", d)), buffer), h, accumulate=True)
             if i in keep:
                 kept[i] = mx.array(h.reshape(b, n, d))  # a copy
         return mx.array(h.reshape(b, n, d)), kept
