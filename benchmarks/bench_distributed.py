@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from subprocess import PIPE
 
 import numpy as np
 
@@ -53,32 +54,65 @@ if group.rank() == 0:
 """
 
 
-def run(cmd: list, env: dict) -> float:
+def run(commands: list[list], envs: list[dict]) -> float:
+    """Start `commands` together (the ranks of one job), wait for all; the wall time."""
     start = time.perf_counter()
-    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
+    procs = [
+        subprocess.Popen(
+            [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+        )
+        for cmd, env in zip(commands, envs, strict=True)
+    ]
+    outputs = [p.communicate() for p in procs]
     seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(map(str, cmd))}\n{done.stdout}\n{done.stderr}")
+    for p, cmd, (out, err) in zip(procs, commands, outputs, strict=True):
+        if p.returncode not in (0,):
+            raise SystemExit(f"failed: {' '.join(map(str, cmd))}\n{out}\n{err}")
     return seconds
 
 
-def command(setup: str, args: list) -> list:
+SETUPS = ("1 rank, 1 core", "2 ranks, 1 core each", "2 ranks under mlx.launch", "1 process, 2 cores")
+
+
+def commands(setup: str, args: list, tmp: Path) -> tuple[list[list], list[dict]]:
+    """The processes of `setup`, each pinned to its core where it has one, and their environments."""
     aim = [sys.executable, "-m", "aim_mlx", *map(str, args)]
+    env = dict(os.environ)
+    if "1 core" in setup or "mlx.launch" in setup:
+        env["OPENBLAS_NUM_THREADS"] = "1"
     if setup == "1 rank, 1 core":
-        return ["taskset", "-c", "0", *aim]
-    if setup == "2 ranks, 1 core each":
+        return [["taskset", "-c", "0", *aim]], [env]
+    if setup == "2 ranks, 1 core each":  # what mlx.launch does on one host, without its I/O loop
+        port = _free_port_pair()
+        hostfile = tmp / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+        envs = [{**env, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)} for r in range(2)]
+        return [["taskset", "-c", str(r), *aim] for r in range(2)], envs
+    if setup == "2 ranks under mlx.launch":  # the ranks pinned, the launcher not
         pinned = 'exec taskset -c "$MLX_RANK" "$@"'
-        return [LAUNCH, "-n", "2", "--backend", "ring", "--", "sh", "-c", pinned, "sh", *aim]
-    return aim  # 1 process, 2 cores
+        return [[LAUNCH, "-n", "2", "--backend", "ring", "--", "sh", "-c", pinned, "sh", *aim]], [env]
+    return [aim], [env]  # 1 process, 2 cores
+
+
+def _free_port_pair() -> int:
+    import socket
+
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
 
 
 def scaling(folder: Path, small: Path, large: Path, tmp: Path, sizes: tuple[int, int], rounds: int) -> list:
     rows = []
     for what in ("embed", "index"):
-        for setup in ("1 rank, 1 core", "2 ranks, 1 core each", "1 process, 2 cores"):
-            env = dict(os.environ)
-            if "1 core" in setup:
-                env["OPENBLAS_NUM_THREADS"] = "1"
+        for setup in SETUPS:
             times = {}
             for n, photos in zip(sizes, (small, large), strict=True):
                 best = float("inf")
@@ -89,21 +123,13 @@ def scaling(folder: Path, small: Path, large: Path, tmp: Path, sizes: tuple[int,
                     if what == "embed":
                         args = ["embed", photos, "-m", folder, "-o", out / "e.npz", "--batch-size", BATCH]
                     else:
-                        args = [
-                            "index",
-                            photos,
-                            "-m",
-                            folder,
-                            "--db",
-                            out / "l.sqlite",
-                            "--batch-size",
-                            BATCH,
-                        ]
-                    best = min(best, run(command(setup, args), env))
+                        db = out / "l.sqlite"
+                        args = ["index", photos, "-m", folder, "--db", db, "--batch-size", BATCH]
+                    best = min(best, run(*commands(setup, args, out)))
                 times[n] = best
             rate = (sizes[1] - sizes[0]) / (times[sizes[1]] - times[sizes[0]])
             rows.append({"command": what, "setup": setup, "images_per_s": rate, "wall_s": times})
-            print(f"{what:6s} {setup:22s} {rate:6.2f} images/s  (wall {times})", flush=True)
+            print(f"{what:6s} {setup:26s} {rate:6.2f} images/s  (wall {times})", flush=True)
     for what in ("embed", "index"):
         one, two = (
             next(r["images_per_s"] for r in rows if r["command"] == what and r["setup"] == s)
@@ -113,12 +139,37 @@ def scaling(folder: Path, small: Path, large: Path, tmp: Path, sizes: tuple[int,
     return rows
 
 
-def gather(dim: int, rounds: int) -> dict:
-    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, "-c", GATHER_SCRIPT, dim, rounds]
-    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+def gather(dim: int, rounds: int, tmp: Path) -> dict:
+    """The exchange alone: two ranks started directly (see `commands`), one core each."""
+    cmd = [sys.executable, "-c", GATHER_SCRIPT, dim, rounds]
+    procs, envs = commands("2 ranks, 1 core each", [], tmp)
+    procs = [[*p[:3], *cmd] for p in procs]  # taskset -c R, then the script
+    running = [
+        subprocess.Popen([str(c) for c in p], stdout=PIPE, text=True, env=e)
+        for p, e in zip(procs, envs, strict=True)
+    ]
+    out = running[0].communicate()[0]
+    running[1].wait()
+    result = json.loads(out.strip().splitlines()[-1])
     result["ms_per_image"] = result["ms_per_round"] / (2 * BATCH)
     print(f"gather: {result}")
+    return result
+
+
+def launcher_cost(seconds: float = 5.0) -> dict:
+    """CPU time mlx.launch itself uses while its two ranks do nothing (its I/O loop polls)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    idle = f"import time; time.sleep({seconds})"
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, "-c", idle]
+    start = time.perf_counter()
+    subprocess.run([str(c) for c in cmd], capture_output=True, check=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result = {"wall_s": wall, "cpu_s": cpu, "cores_busy": cpu / wall}
+    print(f"mlx.launch with two idle ranks: {result}")
     return result
 
 
@@ -176,7 +227,8 @@ def main() -> None:
                 os.link(p, target / p.name)
         result = {
             "scaling": scaling(folder, small, large, tmp, sizes, args.rounds),
-            "gather": gather(1024, 200),
+            "gather": gather(1024, 200, tmp),
+            "launcher": launcher_cost(),
             "rank0": rank0_costs(tmp, 768),
         }
     if args.json:
