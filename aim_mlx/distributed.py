@@ -211,17 +211,18 @@ def _gather(group, packed: np.ndarray, shape: tuple[int, ...]):
 
 
 def _row_shape(model, pool: str) -> tuple[int, ...]:
-    """One embedding's shape, from MLX's lazy shape inference (nothing is computed)."""
-    size = model.dims.get("image_size") or 224  # (native resolution: any size gives the pooled width)
-    x = mx.zeros((1, size, size, 3))
+    """One embedding's shape: `encode_image`'s width from the model's dims; for token grids, from MLX's
+    shape inference on a forward never evaluated (one image's forward where a backend runs eagerly)."""
     if pool == "mean":
-        return tuple(model.encode_image(x).shape[1:])
-    if model.dims.get("image_size") is None:
+        return (model.dims["embed_dim"],)
+    size = model.dims.get("image_size")
+    if size is None:
         raise ConfigError(
             "--pool none on the native-resolution checkpoint gives token grids of different sizes, which "
             "the ranks cannot exchange; use --pool mean, or run in one process"
         )
-    return tuple(model.forward_intermediates(x, indices=[-1], norm=True)[0].shape[1:])
+    grid = model.forward_intermediates(mx.zeros((1, size, size, 3)), indices=[-1], norm=True)[0]
+    return tuple(grid.shape[1:])
 
 
 def _collective(op, x, group):

@@ -92,6 +92,16 @@ def test_embed_on_two_ranks_equals_one_process(model, photos, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.npz", "two.npz"]  # no per-rank files
 
 
+def test_token_grids_on_two_ranks_equal_one_process(model, photos, tmp_path):
+    one, two = tmp_path / "one.npy", tmp_path / "two.npy"
+    aim("embed", photos, "-m", model, "--pool", "none", "-o", one, "--batch-size", BATCH)
+    both = launch("embed", photos, "-m", model, "--pool", "none", "-o", two, "--batch-size", BATCH)
+    assert "wrote 40 embeddings" in both.stderr, both.stderr
+    a, b = np.load(one), np.load(two)
+    assert a.shape[:2] == (40, 16) and a.shape == b.shape  # (images, (56 / 14) ** 2 tokens, width)
+    assert np.array_equal(a, b)
+
+
 def test_index_on_two_ranks_equals_one_process(model, photos, tmp_path):
     one, two = tmp_path / "one.sqlite", tmp_path / "two.sqlite"
     single = aim("index", photos, "--db", one, "-m", model, "--batch-size", BATCH)
