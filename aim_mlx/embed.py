@@ -126,6 +126,20 @@ def collect(items: Iterable[Embedded], on_done: Callable[[int], None] | None = N
     return result
 
 
+def counting(progress: Callable[[int, int], None] | None, total: int) -> Callable[[int], None] | None:
+    """`collect`'s `on_done` for a `progress(done so far, in all)` callback (None: None)."""
+    if progress is None:
+        return None
+    done = 0
+
+    def on_done(count: int) -> None:
+        nonlocal done
+        done += count
+        progress(done, total)
+
+    return on_done
+
+
 def _read_ahead(processor, paths: Iterable[Path], lookahead: int):
     """(path, pixels, None) or (path, None, error) in input order, decoding up to `lookahead` images ahead
     on worker threads (Pillow and numpy release the GIL) while the model runs on the current batch. When the

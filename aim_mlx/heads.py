@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .embed import iter_embeddings
+from .embed import collect, counting, iter_embeddings
 from .errors import ConfigError
 from .registry import FAMILIES
 from .zeroshot import Prediction, imagenet_classes, imagenet_wnids, top_k_softmax
@@ -60,18 +60,11 @@ def classify_files(
     image, a failed one too."""
     labels = head_labels(model)
     paths = list(paths)
-    done, failures = [], []
     items = iter_embeddings(model, processor, paths, batch_size)  # encode_image: the head's features
-    for count, item in enumerate(items, start=1):
-        if item.error is None:
-            done.append(item)
-        else:
-            failures.append((item.path, item.error))
-        if progress is not None:
-            progress(count, len(paths))
-    if not done:
-        return [], failures
-    features = mx.array(np.stack([item.embedding for item in done]))  # (B, D)
+    result = collect(items, counting(progress, len(paths)))
+    if not result.paths:
+        return [], result.failures
+    features = mx.array(np.stack(result.embeddings))  # (B, D)
     logits = np.asarray(model.logits(features).astype(mx.float32))  # (B, classes)
     preds = top_k_softmax(logits, labels, top_k)
-    return [(item.path, pred) for item, pred in zip(done, preds, strict=True)], failures
+    return list(zip(result.paths, preds, strict=True)), result.failures

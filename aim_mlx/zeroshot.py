@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .embed import iter_embeddings
+from .embed import collect, counting, iter_embeddings
 from .errors import ConfigError
 from .files import atomic_file, cache_dir
 from .registry import require_text
@@ -241,14 +241,9 @@ def classify_files(
     after each image, a failed one too."""
     require_text(model, "classify zero-shot")
     paths = list(paths)
-    done, failures = [], []
-    for count, item in enumerate(iter_embeddings(model, processor, paths, batch_size), start=1):
-        (done if item.error is None else failures).append(item)
-        if progress is not None:
-            progress(count, len(paths))
-    failures = [(item.path, item.error) for item in failures]
-    if not done:
-        return [], failures
-    image = np.stack([item.embedding for item in done])  # (B, P), normalised
+    result = collect(iter_embeddings(model, processor, paths, batch_size), counting(progress, len(paths)))
+    if not result.paths:
+        return [], result.failures
+    image = np.stack(result.embeddings)  # (B, P), normalised
     preds = predict(image, classifier, labels, float(model.logit_scale), top_k)
-    return [(item.path, pred) for item, pred in zip(done, preds, strict=True)], failures
+    return list(zip(result.paths, preds, strict=True)), result.failures
