@@ -14,16 +14,15 @@ the process, for the CPU on Linux only and unless AIM_MLX_BLAS=0 (see aim_mlx/ba
   (OPENBLAS_THREAD_TIMEOUT for that library alone; the process's environment is left as it was);
 - glibc's malloc keeps up to 512 MiB of freed memory instead of returning it at once (mallopt), unless the
   environment tunes malloc itself (MALLOC_*, GLIBC_TUNABLES); `load` hands back what a load freed.
-The numpy backend (aim_mlx/backends/numpy_trunk.py) keeps one worker thread per core once it has run, and
+The numpy backend (aim_mlx/backends/numpy_blocks.py) keeps one worker thread per core once it has run, and
 runs one call at a time: threads of a server share it safely, one after the other.
 """
 
 import logging
 import sys
 
-from . import devices
-from .backends import blas
 from .errors import ConfigError
+from .platform import blas, devices
 
 __version__ = "0.1.0"
 

@@ -5,8 +5,6 @@
 - `data_dir()`: aim-mlx's data (the photo library's database), `$AIM_MLX_DATA`, else the platform's place
   for application data: `~/Library/Application Support/aim-mlx` on macOS, `$XDG_DATA_HOME/aim-mlx` or
   `~/.local/share/aim-mlx` elsewhere.
-- The file names a checkpoint folder is made of (config, weights, tokenizer), for the hub, the weight reader,
-  conversion and export alike.
 - `atomic_file` and `atomic_folder`: a write that a reader never sees half done and that a failure (or an
   interrupt) leaves no trace of. What lands has the user's normal permissions (0666/0777 less the umask),
   not the private mode of a temporary file or folder.
@@ -21,23 +19,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-CONFIG_FILE = "config.json"
-PREPROCESSOR_FILE = "preprocessor_config.json"
-# Any one of these makes a folder loadable; the index lists shards named like SHARD_PATTERN.
-# (mlx_model.safetensors: Apple's MLX flavour, as a cache filled by ml-aim's MLX backend holds it.)
-SAFETENSORS_FILES = ("model.safetensors", "mlx_model.safetensors")
-INDEX_FILE = "model.safetensors.index.json"
-SHARD_PATTERN = "model-*-of-*.safetensors"
-# A text tower's tokenizer (LiT); absent from the vision-only checkpoints.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-)
-PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
 
 
 def cache_dir(*parts: str) -> Path:

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import backends, devices, hub, quantized, weights
-from .backends import blas
-from .config import VisionConfig
+from .checkpoints import hub, weights
+from .checkpoints.folder import CONFIG_FILE
+from .checkpoints.variants import find_variant
 from .errors import ConfigError
-from .files import CONFIG_FILE
+from .models import quantized
+from .models.config import VisionConfig
+from .platform import backends, blas, devices
 from .registry import ModelInfo, family_of
-from .variants import find_variant
 
 logger = logging.getLogger("aim_mlx")
 

@@ -19,16 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import weights
-from .config import AIMv1Config, VisionConfig
+from .checkpoints import weights
+from .checkpoints.variants import PROBES, VARIANTS, Variant, aimv1_probe_layers, aimv1_size
 from .errors import ConfigError
-from .lit import LiTProcessor
+from .inputs.preprocess import ImageProcessor, LiTProcessor
+from .inputs.tokenizer import ClipTokenizer
 from .models.aimv1 import AIMv1
 from .models.aimv2 import AIMv2VisionEncoder
-from .models.lit import AIMv2LiT, LiTConfig
-from .preprocess import ImageProcessor
-from .tokenizer import ClipTokenizer
-from .variants import PROBES, VARIANTS, Variant, aimv1_probe_layers, aimv1_size
+from .models.config import AIMv1Config, LiTConfig, VisionConfig
+from .models.lit import AIMv2LiT
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class Family:
     sanitize: Callable[[dict, int], dict]
     processor: Callable[[Path, object, Variant | None], object]  # (folder, config, variant) -> processor
     text: bool = False  # encode_text: a text tower sharing the image embeddings' space
-    # the label set a trained classification head scores (classify(pixels) -> logits; aim_mlx.heads reads
+    # the label set a trained classification head scores (classify(pixels) -> logits; tasks/heads.py reads
     # the labels), or None
     classes: str | None = None
     # (config.json, "best" | "last", variant): raises unless the checkpoint's head probes those blocks; None

@@ -52,7 +52,7 @@ def main() -> None:
     import torch
     from aimv1_checkpoints import make_reference, write_checkpoint
 
-    from aim_mlx.benchmark.timing import header, machine
+    from aim_mlx.tasks.bench.timing import header, machine
 
     torch.set_num_threads(os.cpu_count() or 1)
     print(header(machine()))

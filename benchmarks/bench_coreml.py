@@ -39,12 +39,12 @@ def main():
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.getLogger("coremltools").setLevel(logging.ERROR)
 
-    from aim_mlx.convert import coreml_check
-    from aim_mlx.convert.coreml import export_coreml
+    from aim_mlx.convert.coreml import check as coreml_check
+    from aim_mlx.convert.coreml.export import export_coreml
     from checkpoints import LARGE, make_reference, write_checkpoint
 
     import aim_mlx
-    from aim_mlx.benchmark.timing import header, machine
+    from aim_mlx.tasks.bench.timing import header, machine
 
     cases = CASES
     if args.cases:

@@ -36,8 +36,8 @@ BATCH = 8
 GATHER_SCRIPT = r"""
 import json, sys, time
 import numpy as np
-from aim_mlx import distributed
-from aim_mlx.embed import Embedded
+from aim_mlx.tasks import distributed
+from aim_mlx.tasks.embed import Embedded
 from pathlib import Path
 group = distributed.world()
 dim, rounds = int(sys.argv[1]), int(sys.argv[2])

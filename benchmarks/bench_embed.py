@@ -33,8 +33,8 @@ def main():
 
     from checkpoints import LARGE, make_reference, write_checkpoint
 
-    from aim_mlx.benchmark.harness import run_interleaved
-    from aim_mlx.benchmark.timing import header, machine, sgemm_gflops, summarize
+    from aim_mlx.tasks.bench.harness import run_interleaved
+    from aim_mlx.tasks.bench.timing import header, machine, sgemm_gflops, summarize
 
     info = machine()
     print(header(info))

@@ -34,8 +34,8 @@ def gemms_only(model, pixels):
 
     import mlx.core as mx
 
-    from aim_mlx.backends import blas as _blas
-    from aim_mlx.backends import numpy_trunk
+    from aim_mlx.platform import blas as _blas
+    from aim_mlx.platform import numpy_blocks
 
     x = model.embed(pixels)  # the patch embedding's GEMM (plus a norm and the positions: 0.1 % of the work)
     mx.eval(x)
@@ -59,7 +59,7 @@ def gemms_only(model, pixels):
             return out
 
         _blas.gemm(x, np.asarray(attn.qkv.weight).T, qkv)
-        numpy_trunk._split(products, h, threading.Event())
+        numpy_blocks._split(products, h, threading.Event())
         linear(heads, attn.proj)
         gate = linear(x, mlp.fc1)
         linear(x, mlp.fc3)
@@ -75,8 +75,8 @@ def main():
     from checkpoints import LARGE, make_reference, write_checkpoint
 
     import aim_mlx  # before mlx.core: it gives MLX its fast BLAS
-    from aim_mlx.backends import blas
-    from aim_mlx.benchmark.timing import flops_per_image, header, machine, sgemm_gflops
+    from aim_mlx.platform import blas
+    from aim_mlx.tasks.bench.timing import flops_per_image, header, machine, sgemm_gflops
 
     if not blas.loaded():  # macOS (Accelerate), or AIM_MLX_BLAS=0: there is no numpy trunk to bound
         raise SystemExit(

@@ -184,7 +184,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=2, help="index: rounds of (model, index) in turns")
     parser.add_argument("--sizes", default="10000,20000,50000,100000,1000000", help="search: vector counts")
     args = parser.parse_args()
-    from aim_mlx.benchmark.timing import header, machine
+    from aim_mlx.tasks.bench.timing import header, machine
 
     print(header(machine()))
     parts = args.parts.split(",")

@@ -46,7 +46,7 @@ CONFIGS = {  # name -> convert() options
 CONVERT_CHILD = """
 import json, sys
 import aim_mlx
-from aim_mlx.benchmark.timing import peak_rss_mb
+from aim_mlx.tasks.bench.timing import peak_rss_mb
 from aim_mlx.convert.convert import convert
 convert(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))
 print(peak_rss_mb())
@@ -58,7 +58,7 @@ def photos(size: int):
     import skimage.data
     from PIL import Image
 
-    from aim_mlx.preprocess import ImageProcessor
+    from aim_mlx.inputs.preprocess import ImageProcessor
 
     images = []
     for name in PHOTOS:
@@ -97,8 +97,8 @@ def main():
     import numpy as np
     from checkpoints import LARGE, make_reference, write_checkpoint
 
-    from aim_mlx.benchmark.harness import run_isolated
-    from aim_mlx.benchmark.timing import header, machine, summarize
+    from aim_mlx.tasks.bench.harness import run_isolated
+    from aim_mlx.tasks.bench.timing import header, machine, summarize
 
     info = machine()
     print(header(info))

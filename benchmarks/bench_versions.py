@@ -86,7 +86,7 @@ def main():
         return done.stdout.decode().strip() + ("+changes" if dirty.strip() else "")
 
     trees = {"this": ROOT, "baseline": args.baseline.resolve()}
-    from aim_mlx.benchmark.timing import header, machine  # this tree's: the machine is the same for both
+    from aim_mlx.tasks.bench.timing import header, machine  # this tree's: the machine is the same for both
 
     print(header(machine()))
     print(f"# this {commit(ROOT)} against baseline {commit(trees['baseline'])}, AIMv2-L/14-224 float32")

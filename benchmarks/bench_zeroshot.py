@@ -28,8 +28,9 @@ def write_full_size_lit(folder: Path) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from aim_mlx.models.lit import AIMv2LiT, LiTConfig
-    from aim_mlx.preprocess import ImageProcessor
+    from aim_mlx.inputs.preprocess import ImageProcessor
+    from aim_mlx.models.config import LiTConfig
+    from aim_mlx.models.lit import AIMv2LiT
 
     config = LiTConfig()  # the published sizes: vision AIMv2-L/224, text 768 x 12, projection 768
     model = AIMv2LiT(config)
@@ -63,8 +64,8 @@ def main():
     from PIL import Image
 
     import aim_mlx
-    from aim_mlx import zeroshot
-    from aim_mlx.benchmark.timing import header, machine, sgemm_gflops
+    from aim_mlx.tasks import zeroshot
+    from aim_mlx.tasks.bench.timing import header, machine, sgemm_gflops
 
     info = machine()
     print(header(info))

@@ -22,13 +22,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from aim_mlx import __version__, hub, quantized, weights
+from aim_mlx import __version__
+from aim_mlx.checkpoints import hub, weights
+from aim_mlx.checkpoints.folder import CONFIG_FILE, INDEX_FILE, PREPROCESSOR_FILE, TOKENIZER_FILES
+from aim_mlx.checkpoints.variants import find_variant
 from aim_mlx.errors import ConfigError
-from aim_mlx.files import CONFIG_FILE, INDEX_FILE, PREPROCESSOR_FILE, TOKENIZER_FILES, atomic_folder
+from aim_mlx.files import atomic_folder
 from aim_mlx.loading import DTYPES, load, read_config
-from aim_mlx.quantized import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODE
+from aim_mlx.models import quantized
+from aim_mlx.models.quantized import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODE
 from aim_mlx.registry import family_of as model_family
-from aim_mlx.variants import find_variant
 
 from . import pickles
 from .recipes import recipe
@@ -39,7 +42,7 @@ Q_BITS = (4, 8)
 DEFAULT_BITS = 4
 MAX_SHARD_BYTES = 5 << 30  # the hub's per-file comfort limit, and mlx-lm's
 WEIGHTS_FILE = "model.safetensors"  # the single-file name transformers and mlx-lm write
-SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"  # matches aim_mlx.files.SHARD_PATTERN
+SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"  # matches aim_mlx.checkpoints.folder.SHARD_PATTERN
 COPIED_FILES = (PREPROCESSOR_FILE, *TOKENIZER_FILES)
 
 

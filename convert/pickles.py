@@ -21,11 +21,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from aim_mlx import hub
-from aim_mlx.errors import ConfigError, WeightsError
-from aim_mlx.files import CONFIG_FILE
-from aim_mlx.registry import FAMILIES
-from aim_mlx.variants import (
+from aim_mlx.checkpoints import hub
+from aim_mlx.checkpoints.folder import CONFIG_FILE
+from aim_mlx.checkpoints.variants import (
     AIMV1_COMBINED_REPO,
     AIMV1_FILE_STEMS,
     AIMV1_NAMES,
@@ -36,8 +34,9 @@ from aim_mlx.variants import (
     aimv1_size,
     find_variant,
 )
-
-from .extras import require
+from aim_mlx.errors import ConfigError, WeightsError
+from aim_mlx.extras import require
+from aim_mlx.registry import FAMILIES
 
 logger = logging.getLogger("aim_mlx")
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import mlx.nn as nn
 
 from aim_mlx.errors import ConfigError
-from aim_mlx.quantized import Predicate
+from aim_mlx.models.quantized import Predicate
 
 _BLOCK = re.compile(r"^(.*?)blocks\.(\d+)\.")
 

@@ -129,7 +129,7 @@ def write_checkpoint(model: Aimv2VisionModel, folder: Path, layout: str = "hf") 
 
 def write_processor(folder: Path, size: int = 56) -> Path:
     """A CLIP-style preprocessor_config.json at `size`, as the hub's AIMv2 repos hold one."""
-    from aim_mlx.preprocess import ImageProcessor
+    from aim_mlx.inputs.preprocess import ImageProcessor
 
     (Path(folder) / "preprocessor_config.json").write_text(json.dumps(ImageProcessor.clip(size).to_dict()))
     return Path(folder)

@@ -23,7 +23,7 @@ import aim_mlx  # noqa: E402,F401  (first, so MLX gets the fast BLAS before anyt
 def backend(request, monkeypatch):
     """What runs the blocks of the models a test loads (AIM_MLX_BACKEND): the numpy backend (float32 on a CPU
     with the fast BLAS), or the MLX blocks themselves (what Apple GPUs and half precision run)."""
-    from aim_mlx.backends import blas
+    from aim_mlx.platform import blas
 
     if request.param == "numpy" and not blas.loaded():
         pytest.skip("the numpy backend needs the fast BLAS (Linux; not under AIM_MLX_EMULATE=apple)")

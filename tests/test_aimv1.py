@@ -16,16 +16,16 @@ from fakehub import add_folder
 from PIL import Image
 from typer.testing import CliRunner
 
-from aim_mlx import backends, weights
-from aim_mlx.backends import blas, numpy_trunk
+from aim_mlx.checkpoints import weights
+from aim_mlx.checkpoints.variants import AIMV1_SIZES, PROBES, VARIANTS, aimv1_probe_layers, find_variant
 from aim_mlx.cli import app
 from aim_mlx.cli import common as cli
 from aim_mlx.errors import ConfigError, ModelNotFoundError, WeightsError
+from aim_mlx.inputs.preprocess import ImageProcessor
 from aim_mlx.loading import default_dtype, load
 from aim_mlx.models import aimv2
-from aim_mlx.preprocess import ImageProcessor
-from aim_mlx.variants import AIMV1_SIZES, PROBES, VARIANTS, aimv1_probe_layers, find_variant
-from aim_mlx.zeroshot import imagenet_classes
+from aim_mlx.platform import backends, blas, numpy_blocks
+from aim_mlx.tasks.zeroshot import imagenet_classes
 
 runner = CliRunner()
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -98,9 +98,9 @@ def test_only_the_blocks_up_to_the_highest_probed_one_run(tmp_path, monkeypatch,
     model, _ = load(str(write_checkpoint(ref, tmp_path)))
     assert model.info.backend == backend
     calls = []
-    real, real_gelu = aimv2.Block.__call__, numpy_trunk._gelu
+    real, real_gelu = aimv2.Block.__call__, numpy_blocks._gelu
     monkeypatch.setattr(aimv2.Block, "__call__", lambda self, x: calls.append(1) or real(self, x))
-    monkeypatch.setattr(numpy_trunk, "_gelu", lambda *args: calls.append(1) or real_gelu(*args))
+    monkeypatch.setattr(numpy_blocks, "_gelu", lambda *args: calls.append(1) or real_gelu(*args))
     x = mx.array(pixels((1, 28, 28, 3)))
     mx.eval(model.classify(x))
     assert len(calls) == 4  # blocks 0-3 of 8

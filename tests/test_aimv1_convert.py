@@ -18,7 +18,7 @@ from aimv1_checkpoints import PTH_STEMS, TINY, make_reference, write_checkpoint,
 from fakehub import add_folder, add_snapshot
 from typer.testing import CliRunner
 
-from aim_mlx import variants
+from aim_mlx.checkpoints import variants
 from aim_mlx.cli import app
 from aim_mlx.loading import load
 

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from aim_mlx import quantized
-from aim_mlx.backends import blas, numpy_trunk
-from aim_mlx.config import AIMv1Config
-from aim_mlx.models import aimv2
+from aim_mlx.models import aimv2, quantized
+from aim_mlx.models.config import AIMv1Config
+from aim_mlx.platform import blas, numpy_blocks
 
 needs_blas = pytest.mark.skipif(not blas.loaded(), reason="the numpy backend needs the fast BLAS (Linux)")
 
@@ -27,12 +26,12 @@ def test_the_gelu_is_torchs_exact_gelu_to_float32_rounding():
     x = np.linspace(-10, 10, 400_000, dtype=np.float32).reshape(400, 1000)  # 6 slabs of 64 rows and a part
     exact = torch.nn.functional.gelu(torch.from_numpy(x).double()).numpy()
     ours = np.full_like(x, np.nan)
-    numpy_trunk._gelu(x, ours)
+    numpy_blocks._gelu(x, ours)
     assert (np.abs(ours - exact) / np.maximum(1, np.abs(x))).max() < 2.5e-7
     assert (ours[x < 0] <= 0).all() and (ours[x > 0] > 0).all()  # the tail keeps its sign, not only ~0
     part = np.full_like(x, np.nan)  # slabs lo..hi-1, as a caller splitting the rows would ask
-    rows = slice(numpy_trunk.ACT_ROWS, 3 * numpy_trunk.ACT_ROWS)
-    numpy_trunk._gelu(x, part, 1, 3)
+    rows = slice(numpy_blocks.ACT_ROWS, 3 * numpy_blocks.ACT_ROWS)
+    numpy_blocks._gelu(x, part, 1, 3)
     assert np.array_equal(part[rows], ours[rows])
     assert np.isnan(np.delete(part, np.arange(400)[rows], axis=0)).all()
 
@@ -64,8 +63,8 @@ def test_numpy_trunk_matches_aimv1s_mlx_blocks(quantize):
     expected = [x]
     for block in blocks:
         expected.append(block(expected[-1]))
-    assert numpy_trunk.unsupported(blocks) is None
-    trunk = numpy_trunk.NumpyTrunk(blocks)
+    assert numpy_blocks.unsupported(blocks) is None
+    trunk = numpy_blocks.NumpyBlocks(blocks)
     out, kept = trunk(x, 3, keep=range(3))
     assert sorted(kept) == [0, 1, 2] and rel_err(out, np.asarray(expected[-1])) < 1e-5
     for i in range(3):
@@ -76,19 +75,19 @@ def test_numpy_trunk_matches_aimv1s_mlx_blocks(quantize):
 
 @needs_blas
 def test_numpy_trunk_refuses_what_it_does_not_run():
-    assert numpy_trunk.unsupported(aimv1_blocks(2)) is None
+    assert numpy_blocks.unsupported(aimv1_blocks(2)) is None
     half = aimv1_blocks(1)
     half[0].set_dtype(mx.float16)
     assert (
-        numpy_trunk.unsupported(half)
+        numpy_blocks.unsupported(half)
         == "block 0's norms are not float32 RMSNorms or LayerNorms with a weight"
     )
     plain = aimv1_blocks(1)
     plain[0].norm_2 = nn.LayerNorm(96, affine=False)
-    assert "with a weight" in numpy_trunk.unsupported(plain)
+    assert "with a weight" in numpy_blocks.unsupported(plain)
     other = aimv1_blocks(2)
     other[1].mlp = nn.Sequential(nn.Linear(96, 384), nn.Linear(384, 96))
     assert (
-        numpy_trunk.unsupported(other)
+        numpy_blocks.unsupported(other)
         == "block 1's MLP is a Sequential, not AIMv2's SwiGLU or AIMv1's GELU MLP"
     )

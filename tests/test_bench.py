@@ -14,15 +14,15 @@ from lit_checkpoints import TINY_VISION, make_lit_reference, write_lit_checkpoin
 from typer.testing import CliRunner
 
 import aim_mlx
-from aim_mlx.benchmark.coreml_engine import coreml_row, run_coreml
-from aim_mlx.benchmark.harness import group_by, run_interleaved
-from aim_mlx.benchmark.report import check_plot_path, plot, table
-from aim_mlx.benchmark.timing import device_name, flops_per_image, header, machine
-from aim_mlx.benchmark.torch_engine import run_torch
 from aim_mlx.cli import app
-from aim_mlx.config import VisionConfig
 from aim_mlx.errors import AimMlxError
 from aim_mlx.loading import default_dtype
+from aim_mlx.models.config import VisionConfig
+from aim_mlx.tasks.bench.coreml_engine import coreml_row, run_coreml
+from aim_mlx.tasks.bench.harness import group_by, run_interleaved
+from aim_mlx.tasks.bench.report import check_plot_path, plot, table
+from aim_mlx.tasks.bench.timing import device_name, flops_per_image, header, machine
+from aim_mlx.tasks.bench.torch_engine import run_torch
 
 runner = CliRunner()
 ROW_KEYS = {
@@ -330,14 +330,14 @@ def test_torch_and_coreml_are_imported_only_by_the_benchmark_package():
         names = imports(path)
         assert not {n for n in names if n.split(".")[0] in OPTIONAL}, path
         if part != "cli":
-            assert not {n for n in names if n.startswith("aim_mlx.benchmark")}, path
+            assert not {n for n in names if n.startswith("aim_mlx.tasks.bench")}, path
 
 
 def test_importing_the_benchmark_imports_neither_torch_nor_coremltools():
     """Only a torch configuration loads torch (in its own child process); the rest of the package, and the
     CLI that imports it, load neither torch nor coremltools."""
     names = ("harness", "timing", "report", "mlx_engine", "coreml_engine", "__main__")
-    modules = ["aim_mlx.cli", *(f"aim_mlx.benchmark.{m}" for m in names)]
+    modules = ["aim_mlx.cli", *(f"aim_mlx.tasks.bench.{m}" for m in names)]
     code = f"import sys; {'; '.join(f'import {m}' for m in modules)}; print(sorted(sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert not [name for name in OPTIONAL if f"'{name}'" in loaded]

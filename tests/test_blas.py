@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from emulation import APPLE
 
-from aim_mlx.backends import blas as _blas
+from aim_mlx.platform import blas as _blas
 
 # Under AIM_MLX_EMULATE=apple (AIM_MLX_BLAS=0, as a Mac has no loader) every process here starts without it.
 linux = pytest.mark.skipif(
@@ -23,7 +23,7 @@ import ctypes, json, sys
 import aim_mlx
 import mlx.core as mx
 import numpy as np
-from aim_mlx.backends import blas as _blas
+from aim_mlx.platform import blas as _blas
 
 try:
     address = ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
@@ -75,7 +75,7 @@ avx2 = pytest.mark.skipif(
 def test_the_kernels_in_use_are_reported():
     """OPENBLAS_CORETYPE picks the kernels of every OpenBLAS in the process; benchmark headers say which ran,
     for aim-mlx's BLAS and for numpy's (the roofline's)."""
-    code = "import json, aim_mlx.benchmark.timing as b; "
+    code = "import json, aim_mlx.tasks.bench.timing as b; "
     code += "print(json.dumps(b.machine())); print(b.header(b.machine()))"
     env = {**os.environ, "OPENBLAS_CORETYPE": "Haswell"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
@@ -231,7 +231,7 @@ def test_freed_memory_is_kept_unless_the_user_tunes_malloc(env, kept):
 RELEASE = """
 import numpy as np
 import aim_mlx
-from aim_mlx.backends import blas as _blas
+from aim_mlx.platform import blas as _blas
 
 def resident_mb():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 import aim_mlx
 from aim_mlx import loading
+from aim_mlx.checkpoints.variants import DEFAULT_TEXT_MODEL, PINNED_REVISIONS
 from aim_mlx.cli import app
 from aim_mlx.cli.embed import NATIVE_TOKENS
-from aim_mlx.variants import DEFAULT_TEXT_MODEL, PINNED_REVISIONS
 
 runner = CliRunner()
 
@@ -230,7 +230,7 @@ def test_an_interrupt_says_how_far_it_got_and_writes_nothing(checkpoint, photos,
         on_done(2)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("aim_mlx.embed.collect", interrupted)
+    monkeypatch.setattr("aim_mlx.tasks.embed.collect", interrupted)
     result = embed(photos, "-m", checkpoint, "-o", tmp_path / "e.npy")
     assert result.exit_code == 130 and not (tmp_path / "e.npy").exists()
     assert one_line(result.stderr) == "interrupted after 2 of 3 images; nothing written"
@@ -322,7 +322,7 @@ def test_models_json_lists_every_variant(tmp_path, monkeypatch):
     result = runner.invoke(app, ["models", "--json"])
     assert result.exit_code == 0
     rows = json.loads(result.stdout)
-    from aim_mlx.variants import VARIANTS
+    from aim_mlx.checkpoints.variants import VARIANTS
 
     assert [r["id"] for r in rows] == [v.repo_id for v in VARIANTS.values()]
     assert all(r["cached"] is False for r in rows)

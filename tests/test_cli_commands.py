@@ -7,8 +7,8 @@ import pytest
 from aim_mlx.convert import convert as conversion
 from typer.testing import CliRunner
 
-from aim_mlx.benchmark import coreml_engine, harness
 from aim_mlx.cli import app
+from aim_mlx.tasks.bench import coreml_engine, harness
 
 runner = CliRunner()
 

@@ -6,9 +6,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from aim_mlx.checkpoints.variants import DEFAULT_MODEL, DEFAULT_TEXT_MODEL
 from aim_mlx.cli import app
 from aim_mlx.cli import common as cli
-from aim_mlx.variants import DEFAULT_MODEL, DEFAULT_TEXT_MODEL
 
 runner = CliRunner()
 COMMANDS = [
@@ -167,12 +167,13 @@ def test_every_choice_shows_its_values(command, flag, choice):
 def test_the_choices_are_the_librarys():
     """The Enums repeat the library's lists so that --help imports nothing heavy; this keeps them equal."""
     from aim_mlx.convert import convert as conversion
-    from aim_mlx.convert import coreml, recipes
+    from aim_mlx.convert import recipes
+    from aim_mlx.convert.coreml import export as coreml
 
-    from aim_mlx.embed import POOLS
     from aim_mlx.loading import DTYPES
-    from aim_mlx.quantized import GROUP_SIZES
-    from aim_mlx.zeroshot import template_set
+    from aim_mlx.models.quantized import GROUP_SIZES
+    from aim_mlx.tasks.embed import POOLS
+    from aim_mlx.tasks.zeroshot import template_set
 
     def values(enum):
         return [member.value for member in enum]

@@ -23,10 +23,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import aim_mlx
-from aim_mlx import files, quantized
+from aim_mlx.checkpoints import folder as names
 from aim_mlx.cli import app
 from aim_mlx.errors import ConfigError, ModelNotFoundError, WeightsError
-from aim_mlx.preprocess import ImageProcessor
+from aim_mlx.inputs.preprocess import ImageProcessor
+from aim_mlx.models import quantized
 
 SIZE = 56
 # The large family's head count and width ratio, with an MLP width every group size divides, and three
@@ -270,9 +271,9 @@ def test_converted_folder_has_normal_permissions(source, tmp_path):
 
 
 def test_written_names_are_the_checkpoint_names_aim_mlx_reads():
-    assert fnmatch.fnmatch(convert_module.SHARD_NAME.format(1, 2), files.SHARD_PATTERN)
-    assert convert_module.WEIGHTS_FILE in files.SAFETENSORS_FILES
-    assert set(convert_module.COPIED_FILES) == {files.PREPROCESSOR_FILE, *files.TOKENIZER_FILES}
+    assert fnmatch.fnmatch(convert_module.SHARD_NAME.format(1, 2), names.SHARD_PATTERN)
+    assert convert_module.WEIGHTS_FILE in names.SAFETENSORS_FILES
+    assert set(convert_module.COPIED_FILES) == {names.PREPROCESSOR_FILE, *names.TOKENIZER_FILES}
 
 
 def test_sharded_weights_with_an_index(source, float_model, pixels, tmp_path):

@@ -15,9 +15,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from aim_mlx.convert import coreml, coreml_check
-from aim_mlx.convert.coreml import export_coreml, model_name
-from aim_mlx.convert.coreml_check import (
+from aim_mlx.convert.coreml import check as coreml_check
+from aim_mlx.convert.coreml import export as coreml
+from aim_mlx.convert.coreml.check import (
     check_classifier,
     check_lit,
     check_package,
@@ -25,14 +25,15 @@ from aim_mlx.convert.coreml_check import (
     run_program,
     tolerance,
 )
-from aim_mlx.convert.coreml_compress import kmeans_1d
+from aim_mlx.convert.coreml.compress import kmeans_1d
+from aim_mlx.convert.coreml.export import export_coreml, model_name
 from checkpoints import TINY, make_reference, write_checkpoint, write_processor
 from typer.testing import CliRunner
 
 import aim_mlx
+from aim_mlx.checkpoints.variants import CLIP_MEAN, CLIP_STD
 from aim_mlx.cli import app
 from aim_mlx.errors import AimMlxError, ConfigError, ModelNotFoundError
-from aim_mlx.variants import CLIP_MEAN, CLIP_STD
 
 ct = pytest.importorskip("coremltools")
 logging.getLogger("coremltools").setLevel(logging.ERROR)
@@ -499,7 +500,7 @@ def test_lit_output_is_a_folder(lit, checkpoint, tmp_path):
 def test_hub_id_records_source_and_license(checkpoint, cache, tmp_path):
     from fakehub import add_folder
 
-    from aim_mlx.variants import VARIANTS
+    from aim_mlx.checkpoints.variants import VARIANTS
 
     variant = VARIANTS["apple/aimv2-large-patch14-224"]
     add_folder(cache, variant.repo_id, variant.revision, checkpoint)
@@ -610,7 +611,7 @@ def test_model_name(source, native_size, name):
 
 
 def test_every_published_checkpoint_has_its_own_swift_name():
-    from aim_mlx.variants import VARIANTS
+    from aim_mlx.checkpoints.variants import VARIANTS
 
     names = [model_name(repo_id) for repo_id in VARIANTS]
     assert len(set(names)) == len(names) == len(VARIANTS)
@@ -622,7 +623,7 @@ def test_default_names_come_from_the_checkpoint(checkpoint, cache, lit, tmp_path
     named after the model too, and lit.json says so."""
     from fakehub import add_folder
 
-    from aim_mlx.variants import VARIANTS
+    from aim_mlx.checkpoints.variants import VARIANTS
 
     variant = VARIANTS["apple/aimv2-large-patch14-224"]
     add_folder(cache, variant.repo_id, variant.revision, checkpoint)
@@ -662,7 +663,7 @@ def test_cli_output_is_optional(checkpoint, tmp_path, monkeypatch):
 
 def _classify_photos(package, photos):
     """The classifier package's outputs on each photo, through the numpy evaluator."""
-    from aim_mlx.preprocess import ImageProcessor
+    from aim_mlx.inputs.preprocess import ImageProcessor
 
     _, program = load_program(package)
     size = program.functions["main"].inputs["image"].shape[-1]
@@ -673,7 +674,7 @@ def _classify_photos(package, photos):
 
 def test_lit_classifier_package_matches_mlx_zero_shot(lit, tmp_path, photos):
     """With labels, a Core ML classifier whose top labels and probabilities on photos are MLX zero-shot's."""
-    from aim_mlx.zeroshot import DEFAULT_TEMPLATE, zero_shot
+    from aim_mlx.tasks.zeroshot import DEFAULT_TEMPLATE, zero_shot
 
     folder, model = lit
     labels = ["cat", "rocket", "cup of coffee", "astronaut"]
@@ -710,7 +711,7 @@ def test_check_lit_checks_the_classifier(lit, tmp_path, monkeypatch):
 
 
 def test_bench_finds_the_packages_a_lit_folder_names(tmp_path):
-    from aim_mlx.benchmark.coreml_engine import coreml_packages
+    from aim_mlx.tasks.bench.coreml_engine import coreml_packages
 
     folder = tmp_path / "lit"
     folder.mkdir()

@@ -11,24 +11,24 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from aim_mlx.convert import coreml_check
-from aim_mlx.convert.coreml import export_coreml, model_name
-from aim_mlx.convert.coreml_check import (
+from aim_mlx.convert.coreml import check as coreml_check
+from aim_mlx.convert.coreml.check import (
     check_head_classifier,
     classifier_classes,
     classifier_logits,
     load_program,
     run_program,
 )
+from aim_mlx.convert.coreml.export import export_coreml, model_name
 from aimv1_checkpoints import TINY, make_reference, write_checkpoint
 from typer.testing import CliRunner
 
 import aim_mlx
 from aim_mlx.cli import app
 from aim_mlx.errors import AimMlxError, ConfigError
-from aim_mlx.heads import distinct_head_labels
-from aim_mlx.preprocess import ImageProcessor
-from aim_mlx.zeroshot import imagenet_classes
+from aim_mlx.inputs.preprocess import ImageProcessor
+from aim_mlx.tasks.heads import distinct_head_labels
+from aim_mlx.tasks.zeroshot import imagenet_classes
 
 ct = pytest.importorskip("coremltools")
 logging.getLogger("coremltools").setLevel(logging.ERROR)
@@ -158,7 +158,7 @@ def test_check_catches_a_wrong_model(packages, tmp_path, photos):
 
 
 def test_check_catches_labels_out_of_order(packages, model, photos, monkeypatch):
-    from aim_mlx import heads
+    from aim_mlx.tasks import heads
 
     real = heads.distinct_head_labels
     monkeypatch.setattr(heads, "distinct_head_labels", lambda m: real(m)[::-1])
@@ -227,7 +227,7 @@ def test_failed_check_writes_nothing(checkpoint, tmp_path, monkeypatch):
 
 
 def test_not_an_aimv1_model_is_refused():
-    from aim_mlx.convert.coreml_aimv1 import aimv1_weights
+    from aim_mlx.convert.coreml.aimv1 import aimv1_weights
 
     with pytest.raises(ConfigError, match="takes an AIMv1 model"):
         aimv1_weights(object())

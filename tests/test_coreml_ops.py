@@ -14,10 +14,12 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from aim_mlx.convert import coreml_check, coreml_lit, coreml_vision
-from aim_mlx.convert.coreml import export_coreml
-from aim_mlx.convert.coreml_check import check_lit, check_package, load_program, run_program, tolerance
-from aim_mlx.convert.mil import rms_norm
+from aim_mlx.convert.coreml import check as coreml_check
+from aim_mlx.convert.coreml import lit as coreml_lit
+from aim_mlx.convert.coreml import vision as coreml_vision
+from aim_mlx.convert.coreml.check import check_lit, check_package, load_program, run_program, tolerance
+from aim_mlx.convert.coreml.export import export_coreml
+from aim_mlx.convert.coreml.layers import rms_norm
 from checkpoints import TINY, make_reference, write_checkpoint, write_processor
 
 import aim_mlx

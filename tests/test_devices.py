@@ -10,10 +10,10 @@ import pytest
 from emulation import APPLE
 from typer.testing import CliRunner
 
-from aim_mlx import devices
 from aim_mlx.cli import app
-from aim_mlx.devices import Facts, choose, visible_gpus
 from aim_mlx.errors import ConfigError
+from aim_mlx.platform import devices
+from aim_mlx.platform.devices import Facts, choose, visible_gpus
 
 CUDA = Facts(
     "linux", "x86_64", "cuda", "mlx-cuda-12", cuda_driver=True, cuda_gpus=1
@@ -205,7 +205,7 @@ def test_every_command_checks_the_device_setting_first(monkeypatch):
 
 def _import_aim_mlx(env: dict, extra_path: str | None = None) -> subprocess.CompletedProcess:
     script = (
-        "import aim_mlx, json; from aim_mlx.backends import blas; from aim_mlx import devices\n"
+        "import aim_mlx, json; from aim_mlx.platform import blas; from aim_mlx.platform import devices\n"
         "print(json.dumps([blas.loaded(), devices.probe().build, devices.probe().others]))"
     )
     env = {**os.environ, **env}

@@ -17,8 +17,8 @@ import skimage.data
 from checkpoints import make_reference, write_checkpoint, write_processor
 from PIL import Image
 
-from aim_mlx import distributed
-from aim_mlx.embed import Embedded
+from aim_mlx.tasks import distributed
+from aim_mlx.tasks.embed import Embedded
 
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
 BATCH = 3

@@ -10,8 +10,8 @@ from emulation import tolerance
 from PIL import Image
 
 import aim_mlx
-from aim_mlx.embed import EmbedResult, embed_images, iter_embeddings, save
 from aim_mlx.errors import ConfigError
+from aim_mlx.tasks.embed import EmbedResult, embed_images, iter_embeddings, save
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_model_info_is_the_identity(model, tmp_path):
 def test_processors_and_models_say_what_they_are(model):
     """repr of the processors; docstrings that help() shows for load and the public classes."""
     import aim_mlx.loading
-    from aim_mlx.lit import LiTProcessor
+    from aim_mlx.inputs.preprocess import LiTProcessor
     from aim_mlx.models.aimv2 import AIMv2VisionEncoder
     from aim_mlx.models.lit import AIMv2LiT
 

@@ -18,8 +18,9 @@ from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPTokenizer
 from typer.testing import CliRunner
 
-from aim_mlx import evaluate, load, zeroshot
+from aim_mlx import load
 from aim_mlx.cli import app
+from aim_mlx.tasks import evaluate, zeroshot
 
 runner = CliRunner()
 PHOTOS = {

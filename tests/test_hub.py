@@ -1,4 +1,4 @@
-"""aim_mlx.hub against a fake Hugging Face cache in huggingface_hub's on-disk layout, never the network."""
+"""checkpoints/hub.py against a fake Hugging Face cache in huggingface_hub's on-disk layout, offline."""
 
 import json
 import time
@@ -11,9 +11,9 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.numpy import save
 
-from aim_mlx import hub
+from aim_mlx.checkpoints import hub
+from aim_mlx.checkpoints.variants import PINNED_REVISIONS
 from aim_mlx.errors import ConfigError, ModelNotFoundError
-from aim_mlx.variants import PINNED_REVISIONS
 
 REPO = "apple/aimv2-large-patch14-224"
 PINNED = PINNED_REVISIONS["aimv2-large-patch14-224"]

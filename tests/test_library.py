@@ -357,8 +357,8 @@ def test_heic_photos_are_indexed_and_found_and_without_the_plugin_named_in_one_l
 ):
     """An iPhone-style HEIC file (written by pillow-heif) is indexed like any photo, and a search with it
     finds itself first; without pillow-heif the file is skipped with the extra to install."""
-    from aim_mlx import images
     from aim_mlx.errors import ImageError
+    from aim_mlx.inputs import images
 
     _, folder = lit
     assert images.heif_available()

@@ -16,11 +16,12 @@ from transformers import CLIPTokenizer
 from typer.testing import CliRunner
 
 import aim_mlx
-from aim_mlx import weights, zeroshot
+from aim_mlx.checkpoints import weights
 from aim_mlx.cli import app
-from aim_mlx.config import VisionConfig
 from aim_mlx.errors import ConfigError, WeightsError
 from aim_mlx.models.aimv2 import Attention
+from aim_mlx.models.config import VisionConfig
+from aim_mlx.tasks import zeroshot
 
 runner = CliRunner()
 LIT_ID = "apple/aimv2-large-patch14-224-lit"
@@ -92,7 +93,7 @@ def test_parity_with_transformers(reference, tmp_path, layout, backend):
 def test_lit_hub_id_loads_at_its_pinned_revision_offline(cache, reference, tmp_path):
     from fakehub import add_folder
 
-    from aim_mlx.variants import find_variant
+    from aim_mlx.checkpoints.variants import find_variant
 
     folder = write_lit_checkpoint(reference, tmp_path / "apple", "apple")
     write_processor(folder)

@@ -13,10 +13,10 @@ from PIL import Image
 from transformers import CLIPImageProcessorPil
 
 import aim_mlx
-from aim_mlx import hub
+from aim_mlx.checkpoints import hub
+from aim_mlx.checkpoints.variants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from aim_mlx.errors import ConfigError, ModelNotFoundError
 from aim_mlx.loading import DTYPES, default_dtype
-from aim_mlx.variants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
 DIMS = TINY["large"]
 SIZE = 56  # a 4x4 patch grid

@@ -11,12 +11,12 @@ import torch
 from checkpoints import LARGE, TINY, make_reference, reference_outputs, write_checkpoint
 from emulation import APPLE, HALF_PRECISION
 
-from aim_mlx import backends, quantized, weights
-from aim_mlx.backends import blas, numpy_trunk
-from aim_mlx.config import VisionConfig
+from aim_mlx.checkpoints import weights
 from aim_mlx.errors import ConfigError
-from aim_mlx.models import aimv2
+from aim_mlx.models import aimv2, quantized
 from aim_mlx.models.aimv2 import AIMv2VisionEncoder
+from aim_mlx.models.config import VisionConfig
+from aim_mlx.platform import backends, blas, numpy_blocks
 
 needs_blas = pytest.mark.skipif(not blas.loaded(), reason="the numpy backend needs the fast BLAS (Linux)")
 
@@ -56,7 +56,7 @@ def assert_parity(model, ref_model, pixels, tol):
 def count_parallel(monkeypatch):
     """Calls of the numpy backend: batch shares (their count) and whole trunks ("numpy")."""
     calls = []
-    real_shares, real_trunk = numpy_trunk.NumpyTrunk._shares, numpy_trunk.NumpyTrunk._trunk
+    real_shares, real_trunk = numpy_blocks.NumpyBlocks._shares, numpy_blocks.NumpyBlocks._trunk
 
     def shares(self, x, depth, keep, n):
         calls.append(n)
@@ -66,8 +66,8 @@ def count_parallel(monkeypatch):
         calls.append("numpy")
         return real_trunk(self, *args)
 
-    monkeypatch.setattr(numpy_trunk.NumpyTrunk, "_shares", shares)
-    monkeypatch.setattr(numpy_trunk.NumpyTrunk, "_trunk", trunk)
+    monkeypatch.setattr(numpy_blocks.NumpyBlocks, "_shares", shares)
+    monkeypatch.setattr(numpy_blocks.NumpyBlocks, "_trunk", trunk)
     return calls
 
 
@@ -147,9 +147,9 @@ def test_forward_intermediates_picks_blocks_like_timm(tmp_path, backend, stop_ea
         lambda b, h: ran.append([id(k) for k in model.blocks].index(id(b))) or block_call(b, h),
     )
     if backend == "numpy":
-        trunk_call = numpy_trunk.NumpyTrunk.__call__
+        trunk_call = numpy_blocks.NumpyBlocks.__call__
         monkeypatch.setattr(
-            numpy_trunk.NumpyTrunk,
+            numpy_blocks.NumpyBlocks,
             "__call__",
             lambda t, h, depth, keep=(): ran.append(depth) or trunk_call(t, h, depth, keep),
         )
@@ -199,7 +199,7 @@ def test_the_numpy_backend_rereads_replaced_weights(tmp_path):
 def test_cpu_workers_must_be_a_number(monkeypatch):
     monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "abc")
     with pytest.raises(ConfigError, match="AIM_MLX_CPU_WORKERS='abc'"):
-        numpy_trunk.cores()
+        numpy_blocks.cores()
 
 
 @needs_blas
@@ -211,7 +211,7 @@ def test_batch_shares_pass_errors_on_and_restore_blas_threads(tmp_path, monkeypa
     def boom(*args, **kwargs):
         raise RuntimeError("boom in a worker")
 
-    monkeypatch.setattr(numpy_trunk, "_silu_mul", boom)  # SiLU·up, in every share's trunk
+    monkeypatch.setattr(numpy_blocks, "_silu_mul", boom)  # SiLU·up, in every share's trunk
     with pytest.raises(RuntimeError, match="boom in a worker"):
         model(mx.zeros((2, 56, 56, 3)))
     assert count_parallel == [2, "numpy", "numpy"]  # both shares started
@@ -229,7 +229,7 @@ def test_an_interrupt_stops_the_workers_and_hands_the_cores_back(tmp_path, monke
     monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "2")
     model = build_ours(write_checkpoint(make_reference(seed=2, **TINY["large"]), tmp_path, "hf"))
     before, started = blas.threads(), threading.Event()
-    real = numpy_trunk._silu_mul
+    real = numpy_blocks._silu_mul
 
     def slow(*args):
         started.set()
@@ -238,16 +238,16 @@ def test_an_interrupt_stops_the_workers_and_hands_the_cores_back(tmp_path, monke
         time.sleep(0.2)
         return real(*args)
 
-    monkeypatch.setattr(numpy_trunk, "_silu_mul", slow)
+    monkeypatch.setattr(numpy_blocks, "_silu_mul", slow)
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         if shares == 2:  # the main thread only waits on the shares: interrupt the wait itself
-            monkeypatch.setattr(numpy_trunk, "wait", _interrupted_wait(numpy_trunk.wait, started))
+            monkeypatch.setattr(numpy_blocks, "wait", _interrupted_wait(numpy_blocks.wait, started))
         model(mx.zeros((shares, 56, 56, 3)))
     assert time.monotonic() - t0 < 2
-    assert blas.threads() == before and not numpy_trunk._lock.locked()
-    assert all(not worker.pending() for worker in numpy_trunk._pools)  # nothing left queued
-    monkeypatch.setattr(numpy_trunk, "_silu_mul", real)
+    assert blas.threads() == before and not numpy_blocks._lock.locked()
+    assert all(not worker.pending() for worker in numpy_blocks._pools)  # nothing left queued
+    monkeypatch.setattr(numpy_blocks, "_silu_mul", real)
     monkeypatch.undo()
     assert model(mx.zeros((2, 56, 56, 3))).last_hidden_state.shape == (2, 16, 128)  # usable afterwards
 
@@ -273,7 +273,7 @@ def test_cpu_attention_in_groups_of_heads(group, causal, monkeypatch):
     import threading
 
     b, n, heads, hd = 3, 11, 5, 4
-    monkeypatch.setattr(numpy_trunk, "SCORES_BYTES", group * 4 * n * n)
+    monkeypatch.setattr(numpy_blocks, "SCORES_BYTES", group * 4 * n * n)
     monkeypatch.setenv("AIM_MLX_CPU_WORKERS", "2")  # the two shares, on any machine
     qkv = np.random.default_rng(7).standard_normal((b, n, 3 * heads * hd)).astype(np.float32)
     q, k, v = qkv.reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
@@ -284,8 +284,8 @@ def test_cpu_attention_in_groups_of_heads(group, causal, monkeypatch):
     expected = ((w / w.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(b, n, heads * hd)
     ours = np.empty((b, n, heads * hd), np.float32)
     cancel = threading.Event()
-    numpy_trunk._attention(
-        qkv, heads, 0.5, causal, ours, lambda fn, count: numpy_trunk._split(fn, count, cancel)
+    numpy_blocks._attention(
+        qkv, heads, 0.5, causal, ours, lambda fn, count: numpy_blocks._split(fn, count, cancel)
     )
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
@@ -305,8 +305,8 @@ def test_numpy_trunk_matches_the_mlx_blocks(bias, causal):
     expected = [x]
     for block in blocks:
         expected.append(block(expected[-1]))
-    assert numpy_trunk.unsupported(blocks) is None
-    trunk = numpy_trunk.NumpyTrunk(blocks)
+    assert numpy_blocks.unsupported(blocks) is None
+    trunk = numpy_blocks.NumpyBlocks(blocks)
     out, kept = trunk(x, 3, keep=range(3))
     assert sorted(kept) == [0, 1, 2] and rel_err(out, np.asarray(expected[-1])) < 1e-5
     for i in range(3):
@@ -321,21 +321,21 @@ def test_numpy_trunk_matches_the_mlx_blocks(bias, causal):
 def test_numpy_trunk_takes_float32_aimv2_blocks_and_aim_mlx_quantized_layers_only():
     config = VisionConfig(**TINY["large"])
     blocks = [aimv2.Block(config) for _ in range(2)]
-    assert numpy_trunk.unsupported(blocks) is None
+    assert numpy_blocks.unsupported(blocks) is None
     quantized.quantize(blocks[0], {"group_size": 32, "bits": 4, "mode": quantized.MODE})
-    assert numpy_trunk.unsupported(blocks) is None
+    assert numpy_blocks.unsupported(blocks) is None
     nn.quantize(blocks[1], group_size=32, bits=4)  # MLX's own layer: its quantized matmul, in MLX's loop
-    assert "block 1's qkv is not a float32 Linear" in numpy_trunk.unsupported(blocks)
+    assert "block 1's qkv is not a float32 Linear" in numpy_blocks.unsupported(blocks)
     half = [aimv2.Block(config)]
     half[0].set_dtype(mx.float16)
-    assert "float32" in numpy_trunk.unsupported(half)
+    assert "float32" in numpy_blocks.unsupported(half)
 
     class LayerNormBlock(nn.Module):  # another family's block (AIMv1: LayerNorm + GELU): no AttributeError
         def __init__(self):
             super().__init__()
             self.norm_1 = nn.LayerNorm(8)
 
-    assert "not an AIMv2 block" in numpy_trunk.unsupported([LayerNormBlock()])
+    assert "not an AIMv2 block" in numpy_blocks.unsupported([LayerNormBlock()])
 
 
 @needs_blas
@@ -351,7 +351,7 @@ def test_numpy_trunk_unpacks_quantized_layers_as_the_mlx_loop_does():
     expected = x
     for block in blocks:
         expected = block(expected)
-    out, _ = numpy_trunk.NumpyTrunk(blocks)(x, 2)
+    out, _ = numpy_blocks.NumpyBlocks(blocks)(x, 2)
     assert rel_err(out, np.asarray(expected)) < 1e-5
 
 
@@ -453,4 +453,4 @@ def test_threads_of_a_server_share_the_numpy_backend(tmp_path, monkeypatch):
         together = list(server.map(request, inputs * 2))
     for ours, expected in zip(together, alone * 2, strict=True):
         np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
-    assert blas.threads() == before and not numpy_trunk._lock.locked()
+    assert blas.threads() == before and not numpy_blocks._lock.locked()

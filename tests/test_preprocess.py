@@ -9,10 +9,10 @@ import skimage.data
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
+from aim_mlx.checkpoints.variants import IMAGENET_MEAN, IMAGENET_STD, find_variant
 from aim_mlx.errors import ConfigError, ImageError
-from aim_mlx.images import find_images, load_image
-from aim_mlx.preprocess import ImageProcessor, native_size
-from aim_mlx.variants import IMAGENET_MEAN, IMAGENET_STD, find_variant
+from aim_mlx.inputs.images import find_images, load_image
+from aim_mlx.inputs.preprocess import ImageProcessor, native_size
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field"]  # camera is greyscale
 

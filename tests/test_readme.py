@@ -21,9 +21,9 @@ from lit_checkpoints import make_lit_reference, write_lit_checkpoint
 from PIL import Image
 from typer.testing import CliRunner
 
-from aim_mlx import zeroshot
+from aim_mlx.checkpoints.variants import DEFAULT_MODEL, DEFAULT_TEXT_MODEL, find_variant
 from aim_mlx.cli import app
-from aim_mlx.variants import DEFAULT_MODEL, DEFAULT_TEXT_MODEL, find_variant
+from aim_mlx.tasks import zeroshot
 
 README = Path(__file__).parents[1] / "README.md"
 runner = CliRunner()

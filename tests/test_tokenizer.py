@@ -8,7 +8,7 @@ from lit_checkpoints import write_clip_vocab
 from transformers import CLIPTokenizer
 
 from aim_mlx.errors import ConfigError
-from aim_mlx.tokenizer import ClipTokenizer
+from aim_mlx.inputs.tokenizer import ClipTokenizer
 
 TEXTS = [
     "a photo of a cat.",

@@ -14,10 +14,10 @@ from safetensors.numpy import load_file as st_load
 from safetensors.numpy import save_file
 
 import aim_mlx
-from aim_mlx import weights
-from aim_mlx.config import VisionConfig
+from aim_mlx.checkpoints import weights
 from aim_mlx.errors import AimMlxError, ModelNotFoundError, WeightsError
 from aim_mlx.models.aimv2 import AIMv2VisionEncoder
+from aim_mlx.models.config import VisionConfig
 
 DIMS = TINY["large"]
 FILE = {"hf": "model.safetensors", "apple": "model.safetensors", "mlx": "mlx_model.safetensors"}

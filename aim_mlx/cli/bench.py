@@ -1,12 +1,12 @@
-"""`aim-mlx bench`: throughput, latency and memory per configuration, over aim_mlx.benchmark."""
+"""`aim-mlx bench`: throughput, latency and memory per configuration, over aim_mlx.tasks.bench."""
 
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from ..checkpoints.variants import DEFAULT_MODEL
 from ..errors import ConfigError
-from ..variants import DEFAULT_MODEL
 from .common import DType, Json, QBits, check_output, choices, force_option, model_option, progress, say
 
 EXAMPLES = [
@@ -73,11 +73,11 @@ def bench(
 
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
-    from .. import devices
+    from ..platform import devices
 
     # A bad AIM_MLX_DEVICE, or MLX's CUDA build without the NVIDIA driver, is one line before anything runs.
     devices.apply()
-    from ..benchmark import harness, report, timing
+    from ..tasks.bench import harness, report, timing
 
     sizes = harness.parse_batch_sizes(batch_sizes)
     if q_bits is not None and not quantize:
@@ -87,7 +87,7 @@ def bench(
         plot = check_output(plot, force, "--plot")
         report.check_plot_path(plot)
     if coreml is not None:
-        from ..benchmark.coreml_engine import run_coreml
+        from ..tasks.bench.coreml_engine import run_coreml
 
         rows = run_coreml(coreml, trials=num_trials, warmup=warmup)
         specs = []

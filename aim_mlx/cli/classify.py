@@ -1,4 +1,4 @@
-"""`aim-mlx classify`: labels per image, over aim_mlx.heads (a trained head) or aim_mlx.zeroshot (LiT)."""
+"""`aim-mlx classify`: labels per image, over tasks.heads (a trained head) or tasks.zeroshot (LiT)."""
 
 from contextlib import contextmanager
 from pathlib import Path
@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
+from ..checkpoints.variants import DEFAULT_TEXT_MODEL
 from ..errors import ConfigError
-from ..variants import DEFAULT_TEXT_MODEL
 from .common import (
     BatchSize,
     DTypeOpt,
@@ -82,9 +82,9 @@ def classify(
     1000 ImageNet-1k classes of its attention-probe head and takes no labels. Unreadable images are named on
     stderr and skipped; the others are still classified (exit code 3), and --json lists them with their error.
     """
-    from ..heads import has_head
+    from ..checkpoints.variants import find_variant
     from ..registry import FAMILIES
-    from ..variants import find_variant
+    from ..tasks.heads import has_head
 
     label_options = (labels, labels_file, imagenet or None, template, templates)
     zero_shot = any(option is not None for option in label_options)
@@ -99,7 +99,7 @@ def classify(
     if has_head(net):
         if zero_shot:
             raise ConfigError(HEAD_AND_LABELS.format(model=model))
-        from ..heads import classify_files
+        from ..tasks.heads import classify_files
 
         with _image_bar(len(paths)) as advance:
             predictions, failures = classify_files(net, processor, paths, top_k, batch_size, advance)
@@ -149,7 +149,7 @@ HEAD_AND_LABELS = (
 
 def _labels(labels, labels_file, imagenet, template, templates) -> tuple[list[str], list[str]]:
     """The zero-shot label set and prompts, checked."""
-    from .. import zeroshot
+    from ..tasks import zeroshot
 
     names = zeroshot.label_set(labels, labels_file, bool(imagenet))
     prompts = zeroshot.template_set(template, value(templates))
@@ -161,8 +161,8 @@ def _labels(labels, labels_file, imagenet, template, templates) -> tuple[list[st
 def _zero_shot(net, processor, paths, names, prompts, top_k, batch_size):
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    from .. import zeroshot
     from ..registry import require_text
+    from ..tasks import zeroshot
 
     require_text(net, "classify zero-shot")
     columns = (TextColumn("encoding prompts"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -171,7 +171,7 @@ def load(model: str, revision: str | None, dtype: DType | None, probe: Probe | N
 
 
 def image_paths(images: list[Path] | None) -> list[Path]:
-    from ..images import find_images
+    from ..inputs.images import find_images
 
     if not images:
         raise ConfigError("no images given; pass image files or folders")

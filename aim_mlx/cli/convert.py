@@ -61,8 +61,8 @@ def convert(
     AIMv1's published pickles (.bin, .pth) are read here only, with torch's weights-only loader
     (pip install 'aim-mlx[pth]').
     """
-    from ..convert.convert import convert as run_convert
-    from ..convert.convert import describe_quantization
+    from aim_mlx.convert.convert import convert as run_convert
+    from aim_mlx.convert.convert import describe_quantization
 
     mlx_path = check_output(mlx_path, force, "--mlx-path", folder=True)
     with spinner(f"converting {hf_path}"):

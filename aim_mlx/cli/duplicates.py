@@ -28,9 +28,9 @@ def duplicates(
     Exact copies share their bytes; near copies (resized, re-encoded, lightly edited) have embeddings within
     the threshold of each other. Nothing is deleted.
     """
-    from ..apps.library.db import Library
-    from ..apps.library.duplicates import groups
-    from ..apps.library.search import choose_model
+    from aim_mlx.apps.library.db import Library
+    from aim_mlx.apps.library.duplicates import groups
+    from aim_mlx.apps.library.search import choose_model
 
     with Library.reader(library_path(db)) as library:
         found = groups(library, choose_model(library, model)["id"], threshold)

@@ -1,12 +1,12 @@
-"""`aim-mlx embed`: images (or texts) in, embeddings out; over aim_mlx.embed and lit.embed_texts."""
+"""`aim-mlx embed`: images (or texts) in, embeddings out; over aim_mlx.tasks.embed and lit.embed_texts."""
 
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from ..checkpoints.variants import DEFAULT_MODEL, DEFAULT_TEXT_MODEL, find_variant
 from ..errors import ConfigError
-from ..variants import DEFAULT_MODEL, DEFAULT_TEXT_MODEL, find_variant
 from .common import (
     BatchSize,
     DTypeOpt,
@@ -86,7 +86,7 @@ def embed(
     if group is not None and group.rank() != 0:  # under mlx.launch: rank 0 reads, writes and reports
         return _work(group, text, model or DEFAULT_MODEL, revision, dtype, probe)
     if output is not None:
-        from .. import embed as embedding
+        from ..tasks import embed as embedding
 
         output = check_output(output, force, "-o")
         embedding.check_output(output)  # a format it writes
@@ -104,15 +104,15 @@ def embed(
 
 
 def _world():
-    from ..distributed import world
+    from ..tasks.distributed import world
 
     return world()
 
 
 def _work(group, text, model, revision, dtype, probe) -> None:
     """A rank other than 0 of a distributed `embed`: embed the shares rank 0 sends (texts: rank 0 alone)."""
-    from ..distributed import work
     from ..loading import load as load_model
+    from ..tasks.distributed import work
 
     if not text:
         work(group, lambda: load_model(model, revision, value(dtype), value(probe)))
@@ -123,10 +123,10 @@ def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_a
     try:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-        from .. import embed as embedding
+        from ..tasks import embed as embedding
 
         if group is not None:
-            from ..distributed import start
+            from ..tasks.distributed import start
 
             start(group, {"batch_size": batch_size, "pool": pool.value})  # the other ranks load meanwhile
         net, processor = load(model, revision, dtype, probe)
@@ -145,7 +145,7 @@ def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_a
             if group is None:
                 items = embedding.iter_embeddings(net, processor, paths, batch_size, pool.value)
             else:
-                from ..distributed import embeddings
+                from ..tasks.distributed import embeddings
 
                 items = embeddings(group, net, processor, paths, batch_size, pool.value)
             result = embedding.collect(items, advance)
@@ -165,9 +165,9 @@ def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_a
 
 
 def _embed_texts(texts: list[str], model: str, revision, dtype, output: Path | None, probe) -> None:
-    from .. import embed as embedding
-    from ..lit import embed_texts
     from ..registry import require_text
+    from ..tasks import embed as embedding
+    from ..tasks.embed import embed_texts
 
     net, _ = load(model, revision, dtype, probe)
     require_text(net, "embed text")

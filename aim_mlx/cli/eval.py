@@ -1,4 +1,4 @@
-"""`aim-mlx eval imagenet`: top-1 / top-5 on an ImageNet-layout folder, over aim_mlx.evaluate."""
+"""`aim-mlx eval imagenet`: top-1 / top-5 on an ImageNet-layout folder, over aim_mlx.tasks.evaluate."""
 
 import json as json_module
 from pathlib import Path
@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
+from ..checkpoints.variants import DEFAULT_TEXT_MODEL
 from ..errors import ConfigError
 from ..files import atomic_file
-from ..variants import DEFAULT_TEXT_MODEL
 from .common import (
     BatchSize,
     DTypeOpt,
@@ -76,9 +76,9 @@ def imagenet(
     says so. The published figure of a known checkpoint is shown beside ours (for a subset, marked as the
     full set's, not comparable). Unreadable images are named on stderr and skipped (exit code 3).
     """
-    from .. import evaluate as ev
-    from .. import zeroshot
-    from ..variants import find_variant
+    from ..checkpoints.variants import find_variant
+    from ..tasks import evaluate as ev
+    from ..tasks import zeroshot
 
     if output is not None:
         output = check_output(output, force, "-o")
@@ -113,7 +113,7 @@ def _scorer(net, processor, prompts):
     or cached class embeddings, show none."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    from .. import evaluate as ev
+    from ..tasks import evaluate as ev
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), rate_column("prompts"))
     with progress(*columns, TimeRemainingColumn()) as bar:
@@ -132,7 +132,7 @@ def _scorer(net, processor, prompts):
 def _run(net, processor, paths, labels, score, batch_size):
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    from ..evaluate import evaluate
+    from ..tasks.evaluate import evaluate
 
     columns = (
         TextColumn("evaluating"),
@@ -149,7 +149,7 @@ def _run(net, processor, paths, labels, score, batch_size):
 
 
 def summary(report) -> str:
-    from ..evaluate import CLASSES
+    from ..tasks.evaluate import CLASSES
 
     published = ""
     if report.published_top1 is not None:  # measured on all 1000 classes: a subset's top-1 is another number

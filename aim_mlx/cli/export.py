@@ -1,4 +1,4 @@
-"""`aim-mlx export coreml`: a Core ML package, over aim_mlx.convert.coreml.export_coreml."""
+"""`aim-mlx export coreml`: a Core ML package, over aim_mlx.convert.coreml.export.export_coreml."""
 
 import logging
 import os
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..variants import DEFAULT_MODEL
+from ..checkpoints.variants import DEFAULT_MODEL
 from .common import (
     Compress,
     InputKind,
@@ -88,7 +88,7 @@ def coreml(
     if not os.environ.get("AIM_MLX_DEBUG"):  # coremltools' progress bars and platform notes
         os.environ.setdefault("TQDM_DISABLE", "1")
         logging.getLogger("coremltools").setLevel(logging.ERROR)
-    from ..convert.coreml import export_coreml
+    from aim_mlx.convert.coreml.export import export_coreml
 
     with spinner(f"exporting {model}"):
         done = export_coreml(

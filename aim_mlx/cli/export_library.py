@@ -22,8 +22,9 @@ def library(
     The file holds `embeddings` ((n, D) float32, L2-normalised), `paths` and `ids` in the same order, and
     the model that made them (`model`: its hub id or folder; `model_key`: its identity).
     """
-    from ..apps.library.db import Library
-    from ..apps.library.search import choose_model
+    from aim_mlx.apps.library.db import Library
+    from aim_mlx.apps.library.search import choose_model
+
     from ..errors import ConfigError
 
     if output.suffix.lower() != ".npz":

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
+from ..checkpoints.variants import DEFAULT_TEXT_MODEL
 from ..errors import ConfigError
-from ..variants import DEFAULT_TEXT_MODEL
 from .common import (
     BatchSize,
     DTypeOpt,
@@ -83,11 +83,12 @@ def index(
     several ranks (or machines), the ranks share the embedding and rank 0 alone writes the library; each
     host must see the files at the same path.
     """
-    from ..apps.library.db import Library
-    from ..apps.library.index import Summary, known_model, plan
-    from ..apps.library.index import index as run_index
-    from ..distributed import RankLost, world
+    from aim_mlx.apps.library.db import Library
+    from aim_mlx.apps.library.index import Summary, known_model, plan
+    from aim_mlx.apps.library.index import index as run_index
+
     from ..loading import default_dtype, origin
+    from ..tasks.distributed import RankLost, world
 
     group = world()
     if group is not None and group.rank() != 0:  # under mlx.launch: rank 0 reads and writes the library
@@ -106,7 +107,7 @@ def index(
         todo = plan(library, known, folders) if known is not None else None
     nothing = todo is not None and not (todo.todo or todo.gone or todo.missing)
     if group is not None:
-        from ..distributed import start
+        from ..tasks.distributed import start
 
         start(group, None if nothing else {"batch_size": batch_size, "pool": "mean"})
     if nothing:
@@ -147,8 +148,8 @@ def index(
 
 def _work(group, model: str, revision, dtype) -> None:
     """A rank other than 0 of a distributed `index`: embed the shares rank 0 sends, if it has work."""
-    from ..distributed import work
     from ..loading import load as load_model
+    from ..tasks.distributed import work
 
     work(group, lambda: load_model(model, revision, value(dtype)))
 
@@ -171,9 +172,9 @@ def _report(summary, path: Path, source: str, json: bool) -> None:
 def _dry_run(path: Path, model: str, folders: list[Path], json: bool) -> None:
     """What a run would do, without loading the model or creating the library: files are compared with the
     library's index for `model` (matched by hub id or folder), or all new when it has none."""
-    from ..apps.library.db import Library
-    from ..apps.library.index import Plan, plan
-    from ..apps.library.scan import walk
+    from aim_mlx.apps.library.db import Library
+    from aim_mlx.apps.library.index import Plan, plan
+    from aim_mlx.apps.library.scan import walk
 
     todo = None
     if path.exists():  # (matched by source alone: recognising the exact model could mean downloading it)

@@ -1,4 +1,4 @@
-"""`aim-mlx models`: the checkpoint table (aim_mlx.variants) with what is in the local cache."""
+"""`aim-mlx models`: the checkpoint table (aim_mlx.checkpoints.variants) with what is in the local cache."""
 
 import typer
 
@@ -10,8 +10,8 @@ def models(json: Json = False):
 
     Each with its size, resolution, published ImageNet accuracy and the revision it loads by default.
     """
-    from ..hub import is_cached
-    from ..variants import VARIANTS
+    from ..checkpoints.hub import is_cached
+    from ..checkpoints.variants import VARIANTS
 
     rows = [
         {

@@ -13,8 +13,9 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from .. import __version__, devices
+from .. import __version__
 from ..errors import AimMlxError, ModelNotFoundError
+from ..platform import devices
 from . import (
     bench,
     classify,

@@ -37,8 +37,9 @@ def search(
     Text needs a library indexed with the LiT checkpoint (the default of `aim-mlx index`), whose image
     embeddings share a space with text. Scores are cosine similarities; the best comes first.
     """
-    from ..apps.library.db import Library
-    from ..apps.library.search import Vectors, choose_model, image_query, text_query
+    from aim_mlx.apps.library.db import Library
+    from aim_mlx.apps.library.search import Vectors, choose_model, image_query, text_query
+
     from ..registry import FAMILIES, text_models
 
     given = [x for x in (query, image, like) if x is not None]
@@ -70,7 +71,8 @@ def search(
 
 
 def _load(entry: dict):
-    from ..apps.library.search import load_model
+    from aim_mlx.apps.library.search import load_model
+
     from .common import spinner
 
     with spinner(f"loading {entry['info']['source']}"):

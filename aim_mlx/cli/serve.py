@@ -49,7 +49,7 @@ def serve(
         require(module)
     import uvicorn
 
-    from ..apps.library.web import create_app
+    from aim_mlx.apps.library.web import create_app
 
     listener = listen(host, port)
     local = host in LOOPBACK

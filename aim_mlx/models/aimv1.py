@@ -10,8 +10,8 @@ gives the logits. Only the blocks up to the highest probed one run. Parameter na
 
 import mlx.core as mx
 
-from ..config import AIMv1Config
 from .aimv2 import AIMv2VisionEncoder, AttentionPoolingHead
+from .config import AIMv1Config
 
 
 class AIMv1(AIMv2VisionEncoder):

@@ -15,7 +15,7 @@ from functools import lru_cache, partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import VisionConfig
+from .config import VisionConfig
 
 
 @dataclass

@@ -6,71 +6,13 @@ layers are the vision encoder's: the text tower is the same pre-norm RMSNorm/Swi
 """
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import VisionConfig
-from ..errors import ConfigError
 from .aimv2 import AIMv2VisionEncoder, AttentionPoolingHead, Block, BlockStack, VisionOutput
-
-
-@dataclass
-class TextConfig:
-    vocab_size: int = 49408
-    hidden_size: int = 768
-    num_attention_heads: int = 6
-    intermediate_size: int = 2048
-    num_hidden_layers: int = 12
-    max_position_embeddings: int = 77  # Apple's configs call it max_context_length
-    eos_token_id: int = 49407
-    rms_norm_eps: float = 1e-5
-    qkv_bias: bool = False
-    mlp_bias: bool = False
-    # The shared Block's choices (models/aimv2.py): the text tower is AIMv2's RMSNorm/SwiGLU block.
-    norm_type: str = "rmsnorm"
-    mlp_type: str = "swiglu"
-    layer_norm_eps: float = 1e-6
-
-    @classmethod
-    def from_dict(cls, config: dict) -> "TextConfig":
-        config = dict(config)
-        config.setdefault("max_position_embeddings", config.get("max_context_length", 77))
-        config.setdefault("mlp_bias", config.get("use_bias", False))
-        known = {f.name for f in fields(cls)}
-        try:
-            self = cls(**{k: v for k, v in config.items() if k in known})
-        except TypeError as exc:
-            raise ConfigError(
-                f"config.json: text_config does not describe an AIMv2 text encoder: {exc}"
-            ) from exc
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"config.json: text hidden_size {self.hidden_size} is not divisible by "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
-        return self
-
-
-@dataclass
-class LiTConfig:
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    text: TextConfig = field(default_factory=TextConfig)
-    projection_dim: int = 768
-    max_logit_scale: float = 100.0
-
-    @classmethod
-    def from_dict(cls, config: dict) -> "LiTConfig":
-        """A LiT config.json (Apple's or transformers'): `vision_config` and `text_config` nested."""
-        if not isinstance(config.get("text_config"), dict):
-            raise ConfigError("config.json has no text_config; it is not a LiT (zero-shot) checkpoint")
-        return cls(
-            vision=VisionConfig.from_dict(config.get("vision_config") or {}),
-            text=TextConfig.from_dict(config["text_config"]),
-            projection_dim=int(config.get("projection_dim", 768)),
-            max_logit_scale=float(config.get("max_logit_scale", 100.0)),
-        )
+from .config import LiTConfig, TextConfig, VisionConfig
 
 
 class LiTVisionEncoder(AIMv2VisionEncoder):

@@ -4,7 +4,7 @@ A run walks the folders and compares each file with the database (path, size, mt
 - unchanged: not opened;
 - new or changed: hashed (and its header read) on worker threads; a hash the model has already embedded
   (a rename, a move, a copy, an edit undone) reuses that vector; any other is embedded through
-  aim_mlx.embed.iter_embeddings, which decodes ahead on its own threads while the model runs;
+  aim_mlx.tasks.embed.iter_embeddings, which decodes ahead on its own threads while the model runs;
 - gone (under a folder walked, but not found): removed, with vectors no file uses any more.
 Writes are committed a batch at a time, each file with its vector in one transaction: a run killed at any
 moment leaves a valid database holding every batch committed, and the next run does the rest.
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from aim_mlx import distributed
-from aim_mlx.embed import iter_embeddings
+from aim_mlx.tasks import distributed
+from aim_mlx.tasks.embed import iter_embeddings
 
 from .db import FileFacts, Library
 from .scan import facts, walk
@@ -116,7 +116,7 @@ def index(
     """Index `roots` with `model` (loaded by aim_mlx.load) into `library`. `on_file(kind)` is called once per
     file read: "embedded", "reused" or "failed" (unchanged files are not read). `todo`: a plan made already
     (see `plan`). `group`: an `mx.distributed` group whose other ranks embed shares of the images
-    (aim_mlx.distributed.work); this process (rank 0) alone reads the library, hashes and writes."""
+    (aim_mlx.tasks.distributed.work); this process (rank 0) alone reads the library, hashes and writes."""
     model_id = library.model_id(model.info)
     todo = todo or plan(library, model_id, roots)
     counts = todo.counts()

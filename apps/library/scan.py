@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from aim_mlx.images import image_suffixes
+from aim_mlx.inputs.images import image_suffixes
 
 from .db import FileFacts
 

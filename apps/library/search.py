@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from aim_mlx.checkpoints.variants import DEFAULT_TEXT_MODEL
 from aim_mlx.errors import ConfigError
 from aim_mlx.registry import require_text
-from aim_mlx.variants import DEFAULT_TEXT_MODEL
 
 from .db import Library, LibraryError
 

@@ -14,7 +14,7 @@ cannot show) are decoded on Starlette's thread pool.
 
 What is served: files only by their id in the index, never by a path from the request, and only while the
 file on disk is the one indexed (same size and mtime); uploads up to MAX_UPLOAD bytes, decoded by
-aim_mlx.images.load_image (Pillow's decompression-bomb limit). The page loads nothing from elsewhere, and its
+inputs.images.load_image (Pillow's decompression-bomb limit). The page loads nothing from elsewhere, and its
 Content-Security-Policy forbids it; requests naming another host are refused (DNS rebinding).
 """
 
@@ -40,7 +40,7 @@ from starlette.staticfiles import StaticFiles
 
 from aim_mlx.errors import AimMlxError, ImageError
 from aim_mlx.files import cache_dir
-from aim_mlx.images import load_image
+from aim_mlx.inputs.images import load_image
 
 from .db import Library
 from .duplicates import DEFAULT_THRESHOLD, groups
