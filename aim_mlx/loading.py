@@ -1,7 +1,6 @@
 """`load()`: a hub id or a local folder in, `(model, processor)` out, built through the family registry."""
 
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass
@@ -13,16 +12,14 @@ from .checkpoints import hub, weights
 from .checkpoints.folder import CONFIG_FILE
 from .checkpoints.variants import find_variant
 from .errors import ConfigError
+from .log import logger, warn_once
 from .models import quantized
 from .models.config import VisionConfig
 from .platform import backends, blas, devices
 from .registry import ModelInfo, family_of
 
-logger = logging.getLogger("aim_mlx")
-
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_warned: set[str] = set()
 
 
 def default_dtype() -> str:
@@ -78,12 +75,10 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None,
     slow = dtype != "float32" and mx.default_device() == mx.cpu
     # Not for AIM_MLX_DTYPE's choice (made once for the environment), however it arrives: as the default,
     # or passed on by a caller that read the default (bench, a photo library reloading its model).
-    if slow and dtype not in _warned and dtype != default_dtype():
-        _warned.add(dtype)
-        logger.warning(
-            "%s on a CPU runs 20-30x slower than float32 (MLX's CPU has no half-precision matmul kernels); "
-            "float32 is the fast dtype here",
-            dtype,
+    if slow and dtype != default_dtype():
+        warn_once(
+            f"{dtype} on a CPU runs 20-30x slower than float32 (MLX's CPU has no half-precision matmul "
+            "kernels); float32 is the fast dtype here"
         )
     found = origin(path_or_id, revision)
     folder, raw, variant, family = found.folder, found.raw, found.variant, found.family

@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import aim_mlx
-from aim_mlx import loading
+from aim_mlx import loading, log
 from aim_mlx.checkpoints.variants import DEFAULT_TEXT_MODEL, PINNED_REVISIONS
 from aim_mlx.cli import app
 from aim_mlx.cli.embed import NATIVE_TOKENS
@@ -292,7 +292,7 @@ def test_library_warnings_are_one_plain_line(checkpoint, photos, monkeypatch):
 
 @pytest.mark.skipif(mx.default_device() != mx.cpu, reason="half precision is slow only on a CPU")
 def test_half_precision_on_a_cpu_warns(checkpoint, photos, monkeypatch):
-    monkeypatch.setattr(loading, "_warned", set())  # the library warns once per process
+    monkeypatch.setattr(log, "_said", set())  # the library warns once per process
     monkeypatch.delenv("AIM_MLX_DTYPE", raising=False)  # and not about AIM_MLX_DTYPE's choice
     result = embed(photos / "a.jpg", "-m", checkpoint, "--dtype", "float16")
     assert result.exit_code == 0 and one_line(result.stderr).startswith("warning: ")

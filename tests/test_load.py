@@ -115,11 +115,11 @@ def test_low_precision_dtypes(folders, pixels, dtype, tol):
 
 
 def test_half_precision_on_a_cpu_warns_once(folders, monkeypatch, caplog):
-    from aim_mlx import loading
+    from aim_mlx import log
 
     if mx.default_device() != mx.cpu:
         pytest.skip("the warning is for CPUs")
-    monkeypatch.setattr(loading, "_warned", set())
+    monkeypatch.setattr(log, "_said", set())
     monkeypatch.delenv("AIM_MLX_DTYPE", raising=False)  # its choice is not warned about (see below)
     with caplog.at_level(logging.WARNING, logger="aim_mlx"):
         aim_mlx.load(str(folders["hf"]), dtype="float32")
@@ -168,9 +168,9 @@ def test_aim_mlx_dtype_sets_the_default(folders, monkeypatch, caplog, setting, d
     """The environment's choice, made once, is not warned about as half precision on a CPU, also when a
     caller passes it on (bench, a photo library reloading its model); another half dtype is. An explicit
     dtype wins."""
-    from aim_mlx import loading
+    from aim_mlx import log
 
-    monkeypatch.setattr(loading, "_warned", set())
+    monkeypatch.setattr(log, "_said", set())
     monkeypatch.setenv("AIM_MLX_DTYPE", setting)
     expected = dtype or ("float16" if mx.default_device() == mx.gpu else "float32")  # empty: as if unset
     with caplog.at_level(logging.WARNING, logger="aim_mlx"):

@@ -7,12 +7,12 @@ HF_HUB_OFFLINE=1 makes every call read that cache only.
 
 import difflib
 import json
-import logging
 import re
 import sys
 from pathlib import Path
 
 from ..errors import ConfigError, ModelNotFoundError
+from ..log import logger
 from .folder import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -22,8 +22,6 @@ from .folder import (
     TOKENIZER_FILES,
 )
 from .variants import DEFAULT_MODEL, VARIANTS, find_variant
-
-logger = logging.getLogger("aim_mlx")
 
 # The checkpoint and nothing else: config, weights (one file or shards), and a text tower's tokenizer (absent
 # from the vision-only repos, which costs nothing). At the pinned revisions Apple's repos hold the same

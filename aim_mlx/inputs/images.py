@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
+from ..extras import optional
 
 ImageLike = str | os.PathLike | Image.Image
 HEIF_SUFFIXES = {".heic", ".heics", ".heif", ".heifs", ".hif"}
@@ -22,13 +23,10 @@ _plugins: list[bool] = []  # [whether pillow-heif registered], once tried
 def heif_available() -> bool:
     """Register pillow-heif's HEIC/HEIF opener with Pillow (once); False when it is not installed."""
     if not _plugins:
-        try:
-            from pillow_heif import register_heif_opener
-        except ImportError:
-            _plugins.append(False)
-        else:
-            register_heif_opener()
-            _plugins.append(True)
+        heif = optional("pillow_heif")
+        if heif is not None:
+            heif.register_heif_opener()
+        _plugins.append(heif is not None)
     return _plugins[0]
 
 

@@ -6,7 +6,6 @@ The native checkpoint keeps each image's aspect ratio: see `native_size`. AIMv1:
 """
 
 import json
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,10 +17,9 @@ from PIL import Image
 
 from ..checkpoints.variants import CLIP_PREPROCESSOR, IMAGENET_MEAN, IMAGENET_STD, Variant
 from ..errors import ConfigError
+from ..log import logger
 from .images import ImageLike, load_image
 from .tokenizer import ClipTokenizer
-
-logger = logging.getLogger("aim_mlx")
 
 PATCH = 14
 MIN_PATCHES = 112

@@ -6,14 +6,12 @@ end-of-text token is kept (the text encoder pools at it), with a warning.
 """
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError
-
-logger = logging.getLogger("aim_mlx")
+from ..log import logger
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 CONTEXT_LENGTH = 77

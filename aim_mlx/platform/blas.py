@@ -16,7 +16,6 @@ way), so with AIM_MLX_DEVICE=cpu there the swap should act alike: not yet verifi
 """
 
 import ctypes
-import logging
 import os
 import shutil
 import struct
@@ -26,8 +25,7 @@ import tempfile
 from pathlib import Path
 
 from ..files import atomic_file, cache_dir
-
-logger = logging.getLogger("aim_mlx")
+from ..log import logger
 
 _state: dict = {"path": None, "error": None, "kernel": None}
 _lib: list[ctypes.CDLL] = []  # the loaded library, once enable() succeeded

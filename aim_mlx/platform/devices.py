@@ -28,7 +28,6 @@ raises a one-line error before MLX is imported (MLX itself raises an ImportError
 
 import ctypes
 import functools
-import logging
 import os
 import platform
 import sys
@@ -36,8 +35,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import ConfigError
-
-logger = logging.getLogger("aim_mlx")
+from ..log import warn_once
 
 DEVICES = ("cpu", "gpu")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -255,16 +253,11 @@ def probe() -> Facts:
     )
 
 
-_logged: set[str] = set()
-
-
 def current() -> Choice:
     """The choice for this process now (the environment is read on every call); its notes are logged once."""
     choice = choose(probe())
     for note in choice.notes:
-        if note not in _logged:
-            _logged.add(note)
-            logger.warning("aim-mlx: %s", note)
+        warn_once(f"aim-mlx: {note}")
     return choice
 
 

@@ -2,7 +2,6 @@
 wraps this; photo indexes build on `iter_embeddings`."""
 
 import json
-import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -16,8 +15,7 @@ import numpy as np
 
 from ..errors import AimMlxError, ConfigError
 from ..files import atomic_file
-
-logger = logging.getLogger("aim_mlx")
+from ..log import logger
 
 OUTPUT_FORMATS = (".npy", ".npz", ".jsonl")
 POOLS = ("mean", "none")

@@ -8,7 +8,6 @@ quantization), the labels and the templates, so a repeated label set costs one i
 
 import hashlib
 import json
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -20,10 +19,9 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..files import atomic_file, cache_dir
+from ..log import logger
 from ..registry import require_text
 from .embed import collect, counting, iter_embeddings
-
-logger = logging.getLogger("aim_mlx")
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 Progress = Callable[[int, int], None]  # (prompts done, prompts in all)

@@ -12,7 +12,6 @@ There is no graph index to build or keep in step with the library: HNSW builds t
 vectors on a 2-core machine, which every re-index would pay.
 """
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +19,12 @@ import numpy as np
 
 from aim_mlx.checkpoints.variants import DEFAULT_TEXT_MODEL
 from aim_mlx.errors import ConfigError
+from aim_mlx.extras import missing, optional
+from aim_mlx.log import warn_once
 from aim_mlx.registry import require_text
 
 from .db import Library, LibraryError
 
-logger = logging.getLogger("aim_mlx")
 APPROX_FROM = 20_000  # vectors; see benchmarks/bench_library.py for where exact search gets slow
 CANDIDATES = 100  # at least this many (and 10 per result asked for) go on to exact re-ranking
 
@@ -100,17 +100,10 @@ def _int8(rows: np.ndarray) -> np.ndarray:
 
 def _usearch():
     """usearch.index, or None (with a warning once) when the `library` extra is not installed."""
-    try:
-        import usearch.index
-    except ImportError:
-        if not _warned:
-            _warned.append(True)
-            logger.warning("usearch is not installed: exact search only; pip install 'aim-mlx[library]'")
-        return None
-    return usearch.index
-
-
-_warned: list[bool] = []
+    index = optional("usearch.index")
+    if index is None:
+        warn_once(f"exact search only: {missing('usearch')}")
+    return index
 
 
 def choose_model(library: Library, wanted: str | None = None) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import AimMlxError, ConfigError
-from .harness import require
+from ...extras import require
 from .timing import peak_rss_mb, summarize, time_calls
 
 COREML_UNITS = ("ALL", "CPU_AND_GPU", "CPU_AND_NE", "CPU_ONLY")
@@ -43,7 +43,7 @@ def run_coreml(package: Path, trials: int = 5, warmup: int = 1) -> list[dict]:
     if sys.platform != "darwin":
         raise AimMlxError(f"--coreml needs macOS: Core ML cannot run predictions on {sys.platform}")
     packages = coreml_packages(package)
-    ct = require("coremltools", "coreml")
+    ct = require("coremltools")
     return [row for path in packages for row in _run_package(ct, path, trials, warmup)]
 
 

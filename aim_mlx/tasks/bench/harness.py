@@ -7,7 +7,6 @@ Both halves of that exchange (the parent's "go", the child's "ready") are here; 
 `measure` in the child.
 """
 
-import importlib
 import json
 import os
 import subprocess
@@ -16,21 +15,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from types import ModuleType
 
 import numpy as np
 
 from ...errors import AimMlxError, ConfigError
 from ...models.config import VisionConfig
 from .timing import flops_per_image, peak_rss_mb, reset_peak_rss, summarize, time_calls
-
-
-def require(module: str, extra: str) -> ModuleType:
-    """Import an optional dependency, or raise a one-line error naming the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise AimMlxError(f"{module} is not installed; pip install 'aim-mlx[{extra}]'") from None
 
 
 def pixels(batch: int, image_size: int) -> np.ndarray:

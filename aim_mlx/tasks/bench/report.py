@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from ...errors import ConfigError
+from ...extras import require
 from ...files import atomic_file
-from .harness import require
 
 
 def torch_ratios(rows: list[dict]) -> list[dict]:
@@ -65,7 +65,7 @@ def check_plot_path(path: Path) -> None:
     benchmark runs, rather than after minutes of measuring."""
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"--plot {path}: use a .png, .svg or .pdf file name")
-    require("matplotlib", "plot")
+    require("matplotlib")
 
 
 def plot(rows: list[dict], path: Path) -> None:

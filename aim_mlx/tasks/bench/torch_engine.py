@@ -11,8 +11,9 @@ from mlx.utils import tree_flatten
 
 from ...checkpoints import weights
 from ...errors import ConfigError
+from ...extras import require
 from ...loading import load
-from .harness import measure, require
+from .harness import measure
 
 
 def run_torch(spec: dict) -> dict:
