@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoints import weights
+from .checkpoints import layouts
 from .checkpoints.variants import PROBES, VARIANTS, Variant, aimv1_probe_layers, aimv1_size
 from .errors import ConfigError
 from .inputs.preprocess import ImageProcessor, LiTProcessor
@@ -92,12 +92,12 @@ def _aimv1_probe(raw: dict, probe: str, variant: Variant | None) -> None:
 
 
 FAMILIES = {
-    "aimv2": Family("aimv2", _vision_config, AIMv2VisionEncoder, weights.sanitize, _vision_processor),
+    "aimv2": Family("aimv2", _vision_config, AIMv2VisionEncoder, layouts.sanitize, _vision_processor),
     "aimv1": Family(
         "aimv1",
         lambda raw, state, variant: AIMv1Config.from_dict(raw),
         AIMv1,
-        weights.sanitize_aimv1,
+        layouts.sanitize_aimv1,
         lambda folder, config, variant: ImageProcessor.aimv1(config.image_size),
         classes="imagenet-1k",
         probe=_aimv1_probe,
@@ -106,7 +106,7 @@ FAMILIES = {
         "aimv2-lit",
         lambda raw, state, variant: LiTConfig.from_dict(raw),
         AIMv2LiT,
-        weights.sanitize_lit,
+        layouts.sanitize_lit,
         _lit_processor,
         text=True,
     ),

@@ -16,7 +16,7 @@ from fakehub import add_folder
 from PIL import Image
 from typer.testing import CliRunner
 
-from aim_mlx.checkpoints import weights
+from aim_mlx.checkpoints import layouts, weights
 from aim_mlx.checkpoints.variants import AIMV1_SIZES, PROBES, VARIANTS, aimv1_probe_layers, find_variant
 from aim_mlx.cli import app
 from aim_mlx.cli import common as cli
@@ -189,14 +189,14 @@ def test_sanitize_is_safe_twice_and_takes_the_mlx_conv_layout(tiny):
     folder, ref = tiny
     state = weights.read_folder(folder)
     assert "head.bn.num_batches_tracked" in state
-    once = weights.sanitize_aimv1(state)
+    once = layouts.sanitize_aimv1(state)
     assert "head.bn.num_batches_tracked" not in once and once["patch_embed.proj.weight"].shape == (
         96,
         14,
         14,
         3,
     )
-    twice = weights.sanitize_aimv1(once)
+    twice = layouts.sanitize_aimv1(once)
     assert twice.keys() == once.keys()
     assert all(mx.array_equal(once[k], twice[k]) for k in once)
     ohwi = dict(state)  # ml-aim's torch_weights_to_mlx: conv OHWI, no step counter
@@ -205,7 +205,7 @@ def test_sanitize_is_safe_twice_and_takes_the_mlx_conv_layout(tiny):
     )
     del ohwi["head.bn.num_batches_tracked"]
     assert mx.array_equal(
-        weights.sanitize_aimv1(ohwi)["patch_embed.proj.weight"], once["patch_embed.proj.weight"]
+        layouts.sanitize_aimv1(ohwi)["patch_embed.proj.weight"], once["patch_embed.proj.weight"]
     )
 
 

@@ -16,7 +16,7 @@ from transformers import CLIPTokenizer
 from typer.testing import CliRunner
 
 import aim_mlx
-from aim_mlx.checkpoints import weights
+from aim_mlx.checkpoints import layouts, weights
 from aim_mlx.cli import app
 from aim_mlx.errors import ConfigError, WeightsError
 from aim_mlx.models.aimv2 import Attention
@@ -107,8 +107,8 @@ def test_lit_hub_id_loads_at_its_pinned_revision_offline(cache, reference, tmp_p
 
 def test_sanitize_lit_is_idempotent_and_strict(reference, tmp_path):
     folder = write_lit_checkpoint(reference, tmp_path, "apple", tokenizer=False)
-    once = weights.load_lit_folder(folder)
-    twice = weights.sanitize_lit(once)
+    once = layouts.sanitize_lit(weights.read_folder(folder))
+    twice = layouts.sanitize_lit(once)
     assert once.keys() == twice.keys()
     assert all(np.array_equal(once[k], twice[k]) for k in once)
     model, _ = aim_mlx.load(str(write_lit_checkpoint(reference, tmp_path / "full", "hf")))

@@ -11,7 +11,7 @@ import torch
 from checkpoints import LARGE, TINY, make_reference, reference_outputs, write_checkpoint
 from emulation import APPLE, HALF_PRECISION
 
-from aim_mlx.checkpoints import weights
+from aim_mlx.checkpoints import layouts, weights
 from aim_mlx.errors import ConfigError
 from aim_mlx.models import aimv2, quantized
 from aim_mlx.models.aimv2 import AIMv2VisionEncoder
@@ -30,7 +30,7 @@ def build_ours(folder, native: bool | None = None) -> AIMv2VisionEncoder:
 
     raw = json.loads((folder / "config.json").read_text())
     config = VisionConfig.from_dict(raw)
-    state = weights.load_folder(folder)
+    state = layouts.sanitize(weights.read_folder(folder))
     config.is_native = "pos_embed" not in state if native is None else native
     model = AIMv2VisionEncoder(config)
     weights.load_into(model, state)
@@ -386,8 +386,8 @@ def test_three_layouts_identical(tmp_path, backend):
 def test_sanitize_is_idempotent(tmp_path):
     ref = make_reference(seed=6, **TINY["large"])
     for layout in ("hf", "apple", "mlx"):
-        once = weights.load_folder(write_checkpoint(ref, tmp_path / layout, layout))
-        twice = weights.sanitize(once)
+        once = layouts.sanitize(weights.read_folder(write_checkpoint(ref, tmp_path / layout, layout)))
+        twice = layouts.sanitize(once)
         assert once.keys() == twice.keys()
         assert all(mx.array_equal(once[k], twice[k]) for k in once)
 

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file as st_load
 from safetensors.numpy import save_file
 
 import aim_mlx
-from aim_mlx.checkpoints import weights
+from aim_mlx.checkpoints import layouts, weights
 from aim_mlx.errors import AimMlxError, ModelNotFoundError, WeightsError
 from aim_mlx.models.aimv2 import AIMv2VisionEncoder
 from aim_mlx.models.config import VisionConfig
@@ -95,11 +95,11 @@ CUTS = {
 def test_truncated_file(ref, tmp_path, layout, cut):
     folder = write_checkpoint(ref, tmp_path, layout)
     path = folder / FILE[layout]
-    weights.load_folder(folder)  # intact, it loads
+    layouts.sanitize(weights.read_folder(folder))  # intact, it loads
     data = path.read_bytes()
     path.write_bytes(data[: CUTS[cut](data)])
     with pytest.raises(WeightsError) as info:
-        weights.load_folder(folder)
+        layouts.sanitize(weights.read_folder(folder))
     message = str(info.value)
     assert str(path) in message
     assert "download it again" in message
@@ -291,7 +291,7 @@ def test_pickle_only_folder_is_refused(ref, tmp_path, unpickled, name):
     (folder / "config.json").write_text(json.dumps(ref.config.to_dict()))
     (folder / name).write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(WeightsError) as info:
-        weights.load_folder(folder)
+        layouts.sanitize(weights.read_folder(folder))
     assert f"only pickled weights ({name})" in str(info.value)
     assert "never unpickles" in str(info.value)
     with pytest.raises(AimMlxError, match="safetensors"):
@@ -353,7 +353,7 @@ def test_sharded_checkpoint_loads_like_the_single_file(ref, tmp_path, layout):
     if layout == "hf":  # q, k and v of one layer live in different shards
         assert len({weight_map[f"encoder.layers.0.attention.{x}_proj.weight"] for x in "qkv"}) == 2
     assert weights.weight_files(sharded) == [sharded / s for s in SHARDS]
-    a, b = weights.load_folder(single), weights.load_folder(sharded)
+    a, b = layouts.sanitize(weights.read_folder(single)), layouts.sanitize(weights.read_folder(sharded))
     assert a.keys() == b.keys()
     assert all(mx.array_equal(a[k], b[k]) for k in a)
     pixels = mx.array(np.random.default_rng(2).standard_normal((1, 56, 56, 3)).astype(np.float32))
@@ -367,7 +367,7 @@ def test_missing_shard(ref, tmp_path):
     shard(folder, "hf")
     (folder / SHARDS[1]).unlink()
     with pytest.raises(WeightsError) as info:
-        weights.load_folder(folder)
+        layouts.sanitize(weights.read_folder(folder))
     assert str(folder / SHARDS[1]) in str(info.value)
     assert "listed in model.safetensors.index.json but missing" in str(info.value)
     # Through load(), the hub layer checks the folder first and names the missing shard too.
@@ -416,16 +416,16 @@ def test_malformed_index_with_non_string_shard_names_through_load(ref, tmp_path)
 def test_detect_layout(ref, tmp_path):
     for layout, expected in (("hf", "hf"), ("apple", "apple"), ("mlx", "apple")):
         folder = write_checkpoint(ref, tmp_path / layout, layout)
-        assert weights.detect_layout(st_load(str(folder / FILE[layout]))) == expected
+        assert layouts.detect_layout(st_load(str(folder / FILE[layout]))) == expected
     hf = st_load(str(tmp_path / "hf" / "model.safetensors"))
-    assert weights.detect_layout({f"vision_model.{k}" for k in hf}) == "hf"
-    assert weights.detect_layout(our_keys()) == "aim-mlx"
+    assert layouts.detect_layout({f"vision_model.{k}" for k in hf}) == "hf"
+    assert layouts.detect_layout(our_keys()) == "aim-mlx"
 
 
 def test_unknown_key_naming(tmp_path):
     keys = {"visual.conv1.weight", "visual.transformer.resblocks.0.attn.in_proj_weight", "head.fc.bias"}
     with pytest.raises(WeightsError, match="unrecognised checkpoint layout") as info:
-        weights.detect_layout(keys)
+        layouts.detect_layout(keys)
     assert str(sorted(keys)[:3]) in str(info.value)
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -446,11 +446,11 @@ def test_sanitize_maps_every_layout_onto_the_model_and_is_idempotent(ref, tmp_pa
     expected = our_keys()
     sanitized = {}
     for layout in ("hf", "apple", "mlx"):
-        once = weights.load_folder(write_checkpoint(ref, tmp_path / layout, layout))
+        once = layouts.sanitize(weights.read_folder(write_checkpoint(ref, tmp_path / layout, layout)))
         assert once.keys() == expected
         assert once["patch_embed.proj.weight"].shape == (DIMS["hidden_size"], 14, 14, 3)  # OHWI
         assert once["pos_embed"].shape == ((56 // 14) ** 2, DIMS["hidden_size"])
-        twice = weights.sanitize(once)
+        twice = layouts.sanitize(once)
         assert twice.keys() == once.keys()
         assert all(mx.array_equal(once[k], twice[k]) for k in once)
         sanitized[layout] = once
@@ -461,28 +461,28 @@ def test_sanitize_maps_every_layout_onto_the_model_and_is_idempotent(ref, tmp_pa
 def test_sanitize_of_a_models_own_parameters_is_a_no_op():
     config = VisionConfig.from_dict({"image_size": 56, "num_hidden_layers": 2, **DIMS})
     params = dict(tree_flatten(AIMv2VisionEncoder(config).parameters()))
-    out = weights.sanitize(params)
+    out = layouts.sanitize(params)
     assert out.keys() == params.keys()
     assert all(out[k] is params[k] for k in params)
 
 
 def test_hf_keys_with_vision_model_prefix(ref, tmp_path):
     folder = write_checkpoint(ref, tmp_path, "hf")
-    plain = weights.load_folder(folder)
+    plain = layouts.sanitize(weights.read_folder(folder))
     path = folder / "model.safetensors"
     rewrite(path, {f"vision_model.{k}": v for k, v in st_load(str(path)).items()})
-    prefixed = weights.load_folder(folder)
+    prefixed = layouts.sanitize(weights.read_folder(folder))
     assert prefixed.keys() == plain.keys()
     assert all(mx.array_equal(plain[k], prefixed[k]) for k in plain)
 
 
 @pytest.mark.parametrize("layout", ["apple", "mlx", "hf"])
 def test_to_transformers_gives_back_the_reference_state_dict(ref, tmp_path, layout):
-    ours = weights.load_folder(write_checkpoint(ref, tmp_path, layout))
+    ours = layouts.sanitize(weights.read_folder(write_checkpoint(ref, tmp_path, layout)))
     theirs = {k: v.numpy() for k, v in ref.state_dict().items()}
-    back = weights.to_transformers(ours)
+    back = layouts.to_transformers(ours)
     assert back.keys() == theirs.keys()
     for key, value in theirs.items():
         np.testing.assert_array_equal(np.asarray(back[key]), value, err_msg=key)
-    again = weights.sanitize(back)
+    again = layouts.sanitize(back)
     assert again.keys() == ours.keys() and all(mx.array_equal(again[k], ours[k]) for k in ours)

@@ -5,7 +5,7 @@ The trunk is `AIMv2VisionEncoder` built from an `AIMv1Config` (its norm and MLP 
 classifier reads the outputs of the probed blocks, not the final norm: their mean goes through a BatchNorm
 with running statistics, one learned query attends over it with the model's heads, and a Linear D -> 1000
 gives the logits. Only the blocks up to the highest probed one run. Parameter names follow ml-aim's
-(weights.sanitize_aimv1 strips its `preprocessor.`/`trunk.` prefixes).
+(layouts.sanitize_aimv1 strips its `preprocessor.`/`trunk.` prefixes).
 """
 
 import mlx.core as mx

@@ -2,7 +2,7 @@
 
 This is the model: what runs on Apple GPUs, in half precision and wherever no faster backend is installed,
 and what a faster backend (aim_mlx/backends) must reproduce. Parameter names follow Apple's checkpoints
-(weights.py maps the other layouts onto them). Inputs are NHWC.
+(checkpoints/layouts.py maps the other layouts onto them). Inputs are NHWC.
 
 The layers are shared with AIMv1 (models/aimv1.py), whose blocks differ only in the norm (LayerNorm with
 bias) and the MLP (GELU, 4 D): `config.norm_type` and `config.mlp_type` choose them. The attention-pooling

@@ -1,7 +1,7 @@
 """AIMv2 LiT in MLX: the AIMv2 vision encoder with an attention-pooling head, a causal text encoder pooled at
 the first end-of-text token, projections into a shared space and a learned logit scale.
 
-Parameter names follow Apple's checkpoint (weights.sanitize_lit maps transformers' names onto them). The
+Parameter names follow Apple's checkpoint (layouts.sanitize_lit maps transformers' names onto them). The
 layers are the vision encoder's: the text tower is the same pre-norm RMSNorm/SwiGLU block, made causal.
 """
 

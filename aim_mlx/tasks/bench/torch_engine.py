@@ -9,7 +9,7 @@ import os
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ...checkpoints import weights
+from ...checkpoints import layouts
 from ...errors import ConfigError
 from ...extras import require
 from ...loading import load
@@ -32,7 +32,7 @@ def run_torch(spec: dict) -> dict:
         hf = transformers.Aimv2VisionConfig(**{**model.config.to_dict(), "use_head": False})
         hf._attn_implementation = "sdpa"
         net = transformers.Aimv2VisionModel(hf).eval()
-        state = weights.to_transformers(dict(tree_flatten(model.parameters())))
+        state = layouts.to_transformers(dict(tree_flatten(model.parameters())))
         net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
         return net, model.config
 
