@@ -47,7 +47,10 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None,
 
     `model.encode_image(processor(paths))` gives (B, D) embeddings; `model.info` says what was loaded. See
     aim_mlx.loading.load for the arguments."""
-    devices.apply()  # before mlx.core loads: MLX's CUDA build without the NVIDIA driver is one line here
-    from .loading import load as _load
+    try:
+        from .loading import load as _load  # imports mlx.core
+    except ImportError:
+        devices.current()  # MLX's CUDA build without the NVIDIA driver: one line that says so and what to do
+        raise
 
     return _load(path_or_id, revision=revision, dtype=dtype, probe=probe)

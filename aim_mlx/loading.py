@@ -14,19 +14,23 @@ from .checkpoints.variants import find_variant
 from .errors import ConfigError
 from .log import logger, warn_once
 from .models import quantized
-from .models.config import VisionConfig
 from .platform import backends, blas, devices
 from .registry import ModelInfo, family_of
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DTYPES = {name: getattr(mx, name) for name in devices.DTYPES}  # the one list of names, as MLX dtypes
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def default_dtype() -> str:
     """AIM_MLX_DTYPE if set; otherwise float16 on a GPU (Apple's, or NVIDIA's with MLX's CUDA build), float32
-    on a CPU (MLX's CPU float16 matmul has no BLAS path). Puts aim_mlx/devices.py's device choice in place
+    on a CPU (MLX's CPU float16 matmul has no BLAS path). Puts platform/devices.py's device choice in place
     first; the dtype then follows MLX's default device, also where a caller set it."""
     devices.apply()  # a mistyped AIM_MLX_DEVICE, or a GPU asked for where there is none, fails here
+    return _device_dtype()
+
+
+def _device_dtype() -> str:
+    """The default dtype on MLX's default device as it is now."""
     device = "gpu" if mx.default_device() == mx.gpu else "cpu"
     return devices.dtype_for(device, os.environ.get("AIM_MLX_DTYPE", ""))
 
@@ -61,44 +65,39 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None,
     `encode_text`); `model.info` says what was loaded (family, source, revision, dims, dtype) and its `key`
     identifies it for caches. `dtype` is float32, float16 or bfloat16 (default: AIM_MLX_DTYPE if set, else
     float16 on a GPU, float32 on a CPU, where half precision is 20-30x slower). The device is MLX's default,
-    as aim_mlx/devices.py sets it (AIM_MLX_DEVICE). On a CPU with the fast
-    BLAS, float32 blocks run in the numpy backend (aim_mlx/backends; AIM_MLX_BACKEND=mlx keeps them in MLX);
-    results are the same.
+    as platform/devices.py sets it (AIM_MLX_DEVICE). On a CPU with the fast BLAS, float32 blocks run in the
+    numpy backend (platform/backends.py; AIM_MLX_BACKEND=mlx keeps them in MLX); results are the same.
     `probe` ("best" or "last", AIMv1 only) says which attention-probe head you expect; a checkpoint holds one
     (its config.json's probe_layers), and a different one is an error. None: the checkpoint's own.
     """
-    devices.apply()  # MLX's default device as chosen; a bad AIM_MLX_DEVICE fails before any download
-    dtype = dtype or default_dtype()
+    devices.apply()  # the device, decided once; a bad AIM_MLX_DEVICE fails before any download
+    dtype = dtype or _device_dtype()
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    backends.check_choice()  # a mistyped AIM_MLX_BACKEND fails before the download, not after
-    slow = dtype != "float32" and mx.default_device() == mx.cpu
+    backend = backends.choose(dtype)  # a mistyped AIM_MLX_BACKEND fails before the download, not after
     # Not for AIM_MLX_DTYPE's choice (made once for the environment), however it arrives: as the default,
     # or passed on by a caller that read the default (bench, a photo library reloading its model).
-    if slow and dtype != default_dtype():
+    if dtype != "float32" and mx.default_device() == mx.cpu and dtype != _device_dtype():
         warn_once(
             f"{dtype} on a CPU runs 20-30x slower than float32 (MLX's CPU has no half-precision matmul "
             "kernels); float32 is the fast dtype here"
         )
     found = origin(path_or_id, revision)
     folder, raw, variant, family = found.folder, found.raw, found.variant, found.family
-    channels = VisionConfig.from_dict(
-        raw
-    ).num_channels  # (a LiT config's vision tower, as from_dict reads it)
     if probe is not None:  # checked on config.json, before any weights are read
-        if family.probe is None:
+        if family.check_probe is None:
             raise ConfigError(f"{path_or_id} has no attention-probe head; --probe applies to AIMv1 models")
-        family.probe(raw, probe, variant)
-    state = family.sanitize(weights.read_folder(folder), channels)
-    config = family.config(raw, state, variant)
-    model = fill(family.model(config), raw, state, folder, DTYPES[dtype])
-    del state
+        family.check_probe(raw, probe, variant)
+    state = weights.read_folder(folder)
+    config = family.config(raw, state, variant)  # the one reading of config.json into the model's config
     processor = family.processor(folder, config, variant)
-    if family.text:
-        model.tokenizer = processor.tokenizer  # encode_text takes strings
-    model.info = found.info(model.dims, dtype, backend=backends.install(model))
+    info = found.info(config.dims, dtype, backend="mlx" if backend is None else backend.name)
+    text = {"tokenizer": processor.tokenizer} if family.text else {}  # encode_text takes strings
+    model = family.model(config, backend=backend, info=info, **text)
+    fill(model, raw, family.sanitize(state, config.num_channels), folder, DTYPES[dtype])
+    del state
     blas.release_freed_memory()  # the checkpoint's load-time copies (e.g. before an upcast) are garbage now
-    logger.info("loaded %s (%s, %s, %s backend)", path_or_id, folder, dtype, model.info.backend)
+    logger.info("loaded %s (%s, %s, %s backend)", path_or_id, folder, dtype, info.backend)
     return model, processor
 
 

@@ -3,14 +3,15 @@
 A family is a row of `FAMILIES`: how to read its config, the model class, how to map a checkpoint's tensors
 onto the model's names, how to build its processor, and what it can do. `load()` reads a checkpoint's family
 from its variant (variants.py) or, for a folder of unknown origin, from its config.json (`family_of`, the
-one place that guesses), and builds through the row. A new family is a row here, a model file in models/,
-its renaming rules in weights.py, and variants in variants.py.
+one place that guesses), and builds through the row. A new family is a row here, a model file in models/
+(its config in models/config.py), its renaming rules in checkpoints/layouts.py, and its variants in
+checkpoints/variants.py.
 
 Every model class has a `family` attribute naming its row, `encode_image(pixels) -> (B, D)`,
-`forward_intermediates(pixels, indices, norm, stop_early)` and `dims`; a family with `text` has
-`encode_text(texts) -> (B, D)` too, one with `classes` has `classify(pixels) -> (B, classes)` logits over
-that label set and `logits(features)` for encode_image's features. `load()` attaches a
-`ModelInfo` as `model.info`: the identity that caches and indexes key on.
+`forward_intermediates(pixels, indices, norm, stop_early)`, `dims` and `info` (the `ModelInfo` it was
+built with: the identity that caches and indexes key on); a family with `text` has `encode_text(texts) ->
+(B, D)` too, one with `classes` has `classify(pixels) -> (B, classes)` logits over that label set and
+`logits(features)` for encode_image's features.
 """
 
 import hashlib
@@ -33,10 +34,12 @@ from .models.lit import AIMv2LiT
 @dataclass(frozen=True)
 class Family:
     name: str
-    # (config.json, the sanitized weights, the variant or None) -> the model's config
+    # (config.json, the checkpoint's tensors as stored, the variant or None) -> the model's config
     config: Callable[[dict, dict, Variant | None], object]
-    model: type  # built from that config
-    # a checkpoint's tensors in any published layout -> the model's parameter names; safe to run twice
+    # built from that config: model(config, backend=, info=), with tokenizer= for a family with `text`
+    model: type
+    # a checkpoint's tensors in any published layout (and its image channels) -> the model's parameter
+    # names; safe to run twice
     sanitize: Callable[[dict, int], dict]
     processor: Callable[[Path, object, Variant | None], object]  # (folder, config, variant) -> processor
     text: bool = False  # encode_text: a text tower sharing the image embeddings' space
@@ -44,8 +47,8 @@ class Family:
     # the labels), or None
     classes: str | None = None
     # (config.json, "best" | "last", variant): raises unless the checkpoint's head probes those blocks; None
-    # for families without a probe head (load(probe=...) is then an error)
-    probe: Callable[[dict, str, Variant | None], None] | None = None
+    # for families without an attention-probe head (load(probe=...) is then an error)
+    check_probe: Callable[[dict, str, Variant | None], None] | None = None
 
 
 def _vision_config(raw: dict, state: dict, variant: Variant | None) -> VisionConfig:
@@ -54,7 +57,7 @@ def _vision_config(raw: dict, state: dict, variant: Variant | None) -> VisionCon
         config.is_native = variant.image_size is None
     elif "is_native" not in raw:
         # Apple's configs carry no flag: the native checkpoint is the one without a learned position table.
-        config.is_native = "pos_embed" not in state
+        config.is_native = not layouts.has_position_table(state)
     return config
 
 
@@ -100,7 +103,7 @@ FAMILIES = {
         layouts.sanitize_aimv1,
         lambda folder, config, variant: ImageProcessor.aimv1(config.image_size),
         classes="imagenet-1k",
-        probe=_aimv1_probe,
+        check_probe=_aimv1_probe,
     ),
     "aimv2-lit": Family(
         "aimv2-lit",

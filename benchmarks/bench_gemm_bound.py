@@ -35,7 +35,7 @@ def gemms_only(model, pixels):
     import mlx.core as mx
 
     from aim_mlx.platform import blas as _blas
-    from aim_mlx.platform import numpy_blocks
+    from aim_mlx.platform import workers
 
     x = model.embed(pixels)  # the patch embedding's GEMM (plus a norm and the positions: 0.1 % of the work)
     mx.eval(x)
@@ -59,7 +59,7 @@ def gemms_only(model, pixels):
             return out
 
         _blas.gemm(x, np.asarray(attn.qkv.weight).T, qkv)
-        numpy_blocks._split(products, h, threading.Event())
+        workers.split(products, h, threading.Event())
         linear(heads, attn.proj)
         gate = linear(x, mlp.fc1)
         linear(x, mlp.fc3)

@@ -1,7 +1,7 @@
 """AIMv1's published torch pickles in, a safetensors checkpoint out: the one place aim-mlx unpickles anything.
 
 Apple publishes AIMv1 only as pickles, in two forms (shared/REFERENCE.md, AIMv1):
-  per-model repos  apple/AIM-{600M,1B,3B,7B}: config.json + pytorch_model.bin (huggingface_hub's mixin),
+  per-model repos  apple/aim-{600M,1B,3B,7B}: config.json + pytorch_model.bin (huggingface_hub's mixin),
                    the best-layers head only
   combined repo    apple/AIM: a backbone .pth and a head .pth per probe set, the files ml-aim's
                    load_pretrained fetches for its names (aim-600M-2B-imgs, ...); ml-aim's README publishes
@@ -120,7 +120,7 @@ def _mixin_source(label: str, revision: str | None, folder: Path, probe: str | N
     config.setdefault("probe_layers", list(range(depth - 6, depth)))  # ml-aim's default: the last six
     variant = find_variant(label)
     if probe is not None:
-        FAMILIES["aimv1"].probe(config, probe, variant)
+        FAMILIES["aimv1"].check_probe(config, probe, variant)
     size = variant.size if variant is not None else aimv1_size(config["embed_dim"], depth)
     sets = {"best": aimv1_probe_layers(size, "best") if size else (), "last": range(depth - 6, depth)}
     named = [name for name, layers in sets.items() if list(layers) == config["probe_layers"]]

@@ -6,7 +6,7 @@ with bias, fused qkv attention and a GELU MLP, no biases), a final LayerNorm the
 the attention-probe head (mean of the probed blocks, BatchNorm1d without affine, one learned query, Linear
 D -> classes without bias). Its module names are ml-aim's, so `state_dict()` has the published key names.
 
-The repos apple/AIM-{600M,1B,3B,7B} were pushed by huggingface_hub's PyTorchModelHubMixin for ml-aim's
+The repos apple/aim-{600M,1B,3B,7B} were pushed by huggingface_hub's PyTorchModelHubMixin for ml-aim's
 `AIMForImageClassification(config)`: config.json is that config dict (img_size, patch_size, embed_dim,
 num_blocks, num_heads and, in the final uploads, probe_layers) and the weights are the state dict.
 """

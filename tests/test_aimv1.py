@@ -24,7 +24,7 @@ from aim_mlx.errors import ConfigError, ModelNotFoundError, WeightsError
 from aim_mlx.inputs.preprocess import ImageProcessor
 from aim_mlx.loading import default_dtype, load
 from aim_mlx.models import aimv2
-from aim_mlx.platform import backends, blas, numpy_blocks
+from aim_mlx.platform import blas, numpy_blocks
 from aim_mlx.tasks.zeroshot import imagenet_classes
 
 runner = CliRunner()
@@ -137,9 +137,9 @@ def test_the_probe_choice_must_be_the_head_the_checkpoint_holds(tiny):
 
 
 def hub_600m(tmp_path, cache, probe_layers=range(14, 20)):
-    """A tiny checkpoint with the 600M's depth-relevant probe layers, cached as apple/AIM-600M at main."""
+    """A tiny checkpoint with the 600M's depth-relevant probe layers, cached as apple/aim-600M at main."""
     ref = make_reference(seed=6, num_blocks=20, probe_layers=probe_layers, **TINY["600M"])
-    add_folder(cache, "apple/AIM-600M", COMMIT, write_checkpoint(ref, tmp_path / "hub"))
+    add_folder(cache, "apple/aim-600M", COMMIT, write_checkpoint(ref, tmp_path / "hub"))
     return ref
 
 
@@ -148,12 +148,12 @@ def test_loads_from_the_hub_cache_by_id_and_by_ml_aims_name(tmp_path, cache):
     x = pixels((1, 28, 28, 3))
     for name in ["apple/aim-600M", "apple/AIM-600M", "aim-600M-2B-imgs", "AIM-600M"]:
         model, processor = load(name, probe="best" if name.startswith("aim-") else None)
-        assert (model.info.source, model.info.revision) == ("apple/AIM-600M", COMMIT), name
+        assert (model.info.source, model.info.revision) == ("apple/aim-600M", COMMIT), name
         assert model.dims["probe_layers"] == list(range(14, 20))
         assert rel_err(model.classify(mx.array(x)), ref.outputs(x)["logits"]) < tolerance(model, 1e-4)
     assert processor.crop_offset == "round" and processor.image_mean == (0.485, 0.456, 0.406)
     with pytest.raises(ConfigError) as error:
-        load("apple/AIM-600M", probe="last")
+        load("apple/aim-600M", probe="last")
     assert str(error.value).startswith(
         "this AIM-600M checkpoint's head reads blocks [14, 15, 16, 17, 18, 19], not the last layers "
         "[18, 19, 20, 21, 22, 23]; the hub repos hold only the best-layers heads"
@@ -162,13 +162,13 @@ def test_loads_from_the_hub_cache_by_id_and_by_ml_aims_name(tmp_path, cache):
 
 def test_the_variants_are_the_four_hub_repos():
     for size, (width, heads, mlp, depth) in AIMV1_SIZES.items():
-        variant = VARIANTS[f"apple/AIM-{size}"]
+        variant = VARIANTS[f"apple/aim-{size}"]
         assert find_variant(f"apple/aim-{size}") is variant and variant.family == "aimv1"
         assert variant.config_dict()["probe_layers"] == list(aimv1_probe_layers(size, "best"))
         assert (variant.dims, mlp, variant.revision) == ((width, heads, mlp, depth), 4 * width, "main")
-    assert find_variant("aim-7B-5B-imgs") is VARIANTS["apple/AIM-7B"]
-    assert [VARIANTS[f"apple/AIM-{s}"].published_top1 for s in AIMV1_SIZES] == [79.4, 82.3, 83.3, 84.0]
-    assert round(VARIANTS["apple/AIM-600M"].num_params / 1e6) == 679  # blocks: 24 x (4 D^2 + 8 D^2)
+    assert find_variant("aim-7B-5B-imgs") is VARIANTS["apple/aim-7B"]
+    assert [VARIANTS[f"apple/aim-{s}"].published_top1 for s in AIMV1_SIZES] == [79.4, 82.3, 83.3, 84.0]
+    assert round(VARIANTS["apple/aim-600M"].num_params / 1e6) == 679  # blocks: 24 x (4 D^2 + 8 D^2)
 
 
 def test_the_hub_repos_pickle_only_weights_are_named_not_read(tmp_path, cache):
@@ -180,9 +180,9 @@ def test_the_hub_repos_pickle_only_weights_are_named_not_read(tmp_path, cache):
         WeightsError, match="only pickled weights .pytorch_model.bin.; aim-mlx never unpickles"
     ):
         weights.read_folder(folder)
-    add_folder(cache, "apple/AIM-600M", COMMIT, folder)
+    add_folder(cache, "apple/aim-600M", COMMIT, folder)
     with pytest.raises(ModelNotFoundError, match="publishes its weights only as pytorch_model.bin, a pickle"):
-        load("apple/AIM-600M")
+        load("apple/aim-600M")
 
 
 def test_sanitize_is_safe_twice_and_takes_the_mlx_conv_layout(tiny):
@@ -239,17 +239,20 @@ def test_the_backends_agree_on_aimv1_and_half_precision_stays_on_mlx(tiny, monke
     x = mx.array(pixels((2, 28, 28, 3), seed=1))
     on_numpy = [*model.forward_intermediates(x), model.classify(x)]
     monkeypatch.setenv("AIM_MLX_BACKEND", "mlx")
-    assert backends.install(model) == "mlx"
-    on_mlx = [*model.forward_intermediates(x), model.classify(x)]
+    on_mlx_blocks, _ = load(str(folder), dtype="float32")
+    assert on_mlx_blocks.info.backend == "mlx"
+    on_mlx = [*on_mlx_blocks.forward_intermediates(x), on_mlx_blocks.classify(x)]
     for i, (a, b) in enumerate(zip(on_mlx, on_numpy, strict=True)):
         assert rel_err(a, np.asarray(b)) < 1e-5, f"output {i}"
+    monkeypatch.delenv("AIM_MLX_BACKEND")
     half, _ = load(str(folder), dtype="float16")
     assert half.info.backend == "mlx"
     monkeypatch.setenv("AIM_MLX_BACKEND", "numpy")
     with pytest.raises(ConfigError) as error:
-        backends.install(half)
-    assert str(error.value).startswith(
-        "AIM_MLX_BACKEND=numpy cannot run this model: block 0's norms are not float32 RMSNorms or LayerNorms"
+        load(str(folder), dtype="float16")
+    assert str(error.value) == (
+        "AIM_MLX_BACKEND=numpy cannot run this model: it computes in float32 only, not float16; unset it, "
+        "or set AIM_MLX_BACKEND=mlx"
     )
 
 
@@ -393,10 +396,10 @@ def test_cli_bad_inputs_give_one_clear_line(tiny, photo_files, args, line):
 
 
 def test_cli_classify_refuses_labels_for_a_hub_aimv1_before_loading(photo_files, cache):
-    result = runner.invoke(app, ["classify", str(photo_files[0]), "-m", "apple/AIM-1B", "--imagenet"])
+    result = runner.invoke(app, ["classify", str(photo_files[0]), "-m", "apple/aim-1B", "--imagenet"])
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
-        "error: apple/AIM-1B classifies into the ImageNet-1k classes of its trained head; drop --labels, "
+        "error: apple/aim-1B classifies into the ImageNet-1k classes of its trained head; drop --labels, "
         "--labels-file, --imagenet and --template(s), which are for zero-shot (LiT) models"
     ]
 

@@ -66,11 +66,11 @@ def leftovers(folder: Path) -> list[str]:
 
 def test_a_per_model_repos_pytorch_model_bin_converts_from_the_hub_cache(tmp_path, cache, ref):
     published = write_checkpoint(ref, tmp_path / "published", weights="pickle")
-    add_folder(cache, "apple/AIM-600M", COMMIT, published)
+    add_folder(cache, "apple/aim-600M", COMMIT, published)
     code, output = convert("--hf-path", "apple/aim-600M", "--mlx-path", tmp_path / "aim-600M")
     assert code == 0, output
     config = assert_matches(tmp_path / "aim-600M", ref)
-    assert (config["source_model"], config["source_revision"]) == ("apple/AIM-600M", COMMIT)
+    assert (config["source_model"], config["source_revision"]) == ("apple/aim-600M", COMMIT)
     assert (config["probe"], config["probe_layers"]) == ("best", list(LAST))
     assert not list((tmp_path / "aim-600M").glob("*.bin")) and leftovers(tmp_path) == []
 

@@ -326,7 +326,7 @@ def test_models_json_lists_every_variant(tmp_path, monkeypatch):
 
     assert [r["id"] for r in rows] == [v.repo_id for v in VARIANTS.values()]
     assert all(r["cached"] is False for r in rows)
-    aimv1 = {r["id"] for r in rows if r["id"].startswith("apple/AIM-")}  # ml-aim pins no AIMv1 revision
+    aimv1 = {r["id"] for r in rows if r["id"].startswith("apple/aim-")}  # ml-aim pins no AIMv1 revision
     assert all(len(r["revision"]) == 40 for r in rows if r["id"] not in aimv1)
     protocols = {r["id"]: r["imagenet_top1_protocol"] for r in rows}
     assert protocols.pop("apple/aimv2-large-patch14-224-lit") == "zero-shot"

@@ -262,7 +262,7 @@ def test_a_vision_only_model_has_neither_head_nor_text_tower(tmp_path, cache, wh
 
 def test_published_figures_for_known_checkpoints():
     class Info:
-        source = "apple/AIM-600M"
+        source = "apple/aim-600M"
 
     class Model:
         family, info = "aimv1", Info()
@@ -286,7 +286,7 @@ def test_the_summary_prints_the_published_figure_beside_ours():
     from aim_mlx.cli.eval import summary
 
     report = evaluate.Report(
-        "apple/AIM-600M", "main", "head", 50000, 1000, 79.412, 94.5, 0, 100.0, 500.0, False, 79.4
+        "apple/aim-600M", "main", "head", 50000, 1000, 79.412, 94.5, 0, 100.0, 500.0, False, 79.4
     )
     text = summary(report)
     assert "top-1 79.41% (published: 79.4)" in text and "50000 images, 1000 classes, head" in text
@@ -297,7 +297,7 @@ def test_a_subset_labels_the_published_figure_as_the_full_sets():
     """On a subset the published figure is not comparable: it is labelled as the 1000-class figure."""
     from aim_mlx.cli.eval import summary
 
-    report = evaluate.Report("apple/AIM-600M", "main", "head", 500, 10, 90.0, 99.0, 0, 1.0, 500.0, True, 79.4)
+    report = evaluate.Report("apple/aim-600M", "main", "head", 500, 10, 90.0, 99.0, 0, 1.0, 500.0, True, 79.4)
     text = summary(report)
     assert "(published: 79.4)" not in text and "subset of 10 classes" in text
     line = next(line for line in text.splitlines() if line.startswith("top-1"))

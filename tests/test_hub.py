@@ -233,3 +233,35 @@ def test_a_cached_pinned_commit_needs_no_network_even_online(apple, network_atte
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     assert hub.resolve(REPO) == apple[0]
     assert not network_attempts
+
+
+# The repo ids as the hub spells them: huggingface.co/apple, and ml-aim's READMEs, which load the AIMv1
+# models as apple/aim-600M ... apple/aim-7B. A hub cache keeps a repo under its own spelling
+# (models--apple--aim-600M, case-sensitive on disk), so aim-mlx must ask for exactly these.
+PUBLISHED = [
+    *(
+        f"apple/aimv2-{size}-patch14-{res}"
+        for size in ("large", "huge", "1B", "3B")
+        for res in (224, 336, 448)
+    ),
+    "apple/aimv2-large-patch14-224-distilled",
+    "apple/aimv2-large-patch14-336-distilled",
+    "apple/aimv2-large-patch14-native",
+    "apple/aimv2-large-patch14-224-lit",
+    "apple/aim-600M",
+    "apple/aim-1B",
+    "apple/aim-3B",
+    "apple/aim-7B",
+]
+
+
+def test_every_variant_resolves_from_a_cache_laid_out_under_the_published_names(cache):
+    from aim_mlx.checkpoints.variants import VARIANTS, find_variant
+
+    assert sorted(v.repo_id for v in VARIANTS.values()) == sorted(PUBLISHED)
+    for repo_id in PUBLISHED:
+        add_snapshot(cache, repo_id, find_variant(repo_id).revision.ljust(40, "0")[:40], checkpoint(), "main")
+    for repo_id in PUBLISHED:
+        for spelling in (repo_id, repo_id.upper(), repo_id.lower(), repo_id.split("/")[1]):
+            folder = hub.resolve(spelling)
+            assert folder.parents[1].name == f"models--{repo_id.replace('/', '--')}", spelling

@@ -4,7 +4,7 @@ AIMv2: the revisions are the ones Apple's ml-aim pins (aim-v2/aim/v2/utils.py): 
 repos hold Apple's own weight layout; their `main` branches have since moved to the transformers-native
 layout. Both load.
 
-AIMv1: the per-model repos apple/AIM-{600M,1B,3B,7B}, which ml-aim loads with
+AIMv1: the per-model repos apple/aim-{600M,1B,3B,7B}, which ml-aim loads with
 `AIMForImageClassification.from_pretrained` at `main` (it pins no revision, so neither does this table).
 Each holds one head, trained on the "best" probe layers its config.json lists, and its weights only as
 pytorch_model.bin (huggingface_hub's mixin saved pickles in January 2024): aim-mlx loads the same files
@@ -246,7 +246,7 @@ def _variant(name: str, revision: str) -> Variant:
 
 VARIANTS = {f"apple/{name}": _variant(name, rev) for name, rev in PINNED_REVISIONS.items()}
 VARIANTS.update(
-    (f"apple/AIM-{size}", Variant(f"apple/AIM-{size}", "aimv1", size, 224, "main", pickled=True))
+    (f"apple/aim-{size}", Variant(f"apple/aim-{size}", "aimv1", size, 224, "main", pickled=True))
     for size in AIMV1_SIZES
 )
 
@@ -256,7 +256,7 @@ def find_variant(model_id: str) -> Variant | None:
     names (aim-600M-2B-imgs, ...) too."""
     for name, size in AIMV1_NAMES.items():
         if model_id.lower() == name.lower():
-            return VARIANTS[f"apple/AIM-{size}"]
+            return VARIANTS[f"apple/aim-{size}"]
     key = model_id if "/" in model_id else f"apple/{model_id}"
     for repo_id, variant in VARIANTS.items():
         if repo_id.lower() == key.lower():

@@ -30,7 +30,7 @@ from .common import (
 
 EXAMPLES = [
     "aim-mlx classify photo.jpg --labels 'cat,dog,horse'",
-    "aim-mlx classify photo.jpg -m apple/AIM-600M",
+    "aim-mlx classify photo.jpg -m apple/aim-600M",
     "aim-mlx classify ~/Pictures --imagenet --top-k 3 --json",
     "aim-mlx classify a.jpg --labels-file labels.txt --template 'a {} drawing'",
 ]
@@ -63,7 +63,7 @@ def classify(
     model: Annotated[
         str,
         model_option(
-            "A zero-shot (LiT) checkpoint or an AIMv1 classifier (apple/AIM-600M, ...): hub id or local "
+            "A zero-shot (LiT) checkpoint or an AIMv1 classifier (apple/aim-600M, ...): hub id or local "
             "folder.",
             DEFAULT_TEXT_MODEL,
         ),
@@ -78,7 +78,7 @@ def classify(
 
     IMAGES are image files and folders (walked recursively); each gets its top-k labels with their
     probabilities. Zero-shot label embeddings are cached on disk (AIM_MLX_CACHE, default ~/.cache/aim-mlx),
-    so a repeated label set costs about one image forward. An AIMv1 model (-m apple/AIM-600M) scores the
+    so a repeated label set costs about one image forward. An AIMv1 model (-m apple/aim-600M) scores the
     1000 ImageNet-1k classes of its attention-probe head and takes no labels. Unreadable images are named on
     stderr and skipped; the others are still classified (exit code 3), and --json lists them with their error.
     """

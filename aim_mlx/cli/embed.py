@@ -73,7 +73,7 @@ def embed(
 
     IMAGES are image files and folders (walked recursively), embedded in that order. Unreadable images are
     named on stderr and skipped; the others are still embedded (exit code 3). With the LiT checkpoint,
-    images and texts land in its shared image-text space. With an AIMv1 model (apple/AIM-600M, ...), an
+    images and texts land in its shared image-text space. With an AIMv1 model (apple/aim-600M, ...), an
     embedding is its features: the probed blocks' mean, pooled by its attention-probe head. Started by
     `mlx.launch` on several ranks, the ranks share the images and rank 0 writes; each host must see the files
     at the same path.

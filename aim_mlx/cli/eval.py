@@ -29,9 +29,9 @@ from .common import (
 )
 
 EXAMPLES = [
-    "aim-mlx eval imagenet --data ~/imagenet/val -m apple/AIM-600M",
+    "aim-mlx eval imagenet --data ~/imagenet/val -m apple/aim-600M",
     "aim-mlx eval imagenet --data val --templates imagenet --json",
-    "aim-mlx eval imagenet --data val -m apple/AIM-1B -o report.json",
+    "aim-mlx eval imagenet --data val -m apple/aim-1B -o report.json",
 ]
 
 
@@ -47,7 +47,7 @@ def imagenet(
     model: Annotated[
         str,
         model_option(
-            "An AIMv1 classifier (apple/AIM-600M, ...) or a zero-shot (LiT) checkpoint: hub id or local "
+            "An AIMv1 classifier (apple/aim-600M, ...) or a zero-shot (LiT) checkpoint: hub id or local "
             "folder.",
             DEFAULT_TEXT_MODEL,
         ),

@@ -21,21 +21,11 @@ class AIMv1(AIMv2VisionEncoder):
 
     family = "aimv1"  # its row in aim_mlx/registry.py
 
-    def __init__(self, config: AIMv1Config):
-        super().__init__(config)
+    def __init__(self, config: AIMv1Config, backend=None, info=None):
+        super().__init__(config, backend, info)
         self.head = AttentionPoolingHead(
             config, out_features=config.num_classes, linear_bias=False, batch_norm_eps=1e-6
         )
-
-    @property
-    def dims(self) -> dict:
-        c = self.config
-        return {
-            **super().dims,
-            "image_size": c.image_size,  # sin-cos positions fit any grid; the head was trained at this size
-            "probe_layers": list(c.probe_layers),
-            "num_classes": c.num_classes,
-        }
 
     def probed(self, pixel_values: mx.array) -> mx.array:
         """The mean of the probed blocks' outputs (B, N, D); blocks after the last probed one do not run."""

@@ -136,12 +136,14 @@ class Block(nn.Module):
 class BlockStack(nn.Module):
     """A module whose `blocks` run one after the other: the vision trunk, and the LiT text tower.
 
-    `backend` is where a faster implementation of the same blocks plugs in (aim_mlx/backends: load() installs
-    one only where it supports every block); it must give the same results, so None changes speed only."""
+    `backend`, given when the stack is built, makes a faster runner of the same blocks
+    (platform/numpy_blocks.py: `backend(stack)`); the runner says per call whether it `takes` the input,
+    and must give the same results, so None (the MLX blocks alone) changes speed only."""
 
-    def __init__(self):
+    def __init__(self, blocks: list[nn.Module], backend=None):
         super().__init__()
-        self.backend = None
+        self.blocks = blocks
+        self.backend = backend(self) if backend is not None else None
 
     def run_blocks(self, x: mx.array, depth: int | None = None, keep=()) -> tuple[mx.array, dict]:
         """The first `depth` blocks (default: all) applied to `x` (B, N, D): (output, {i: block i's output
@@ -178,29 +180,19 @@ class AIMv2VisionEncoder(BlockStack):
     stop_early)` -> chosen blocks' outputs. Pixels are NHWC float32, as the processor makes them."""
 
     family = "aimv2"  # its row in aim_mlx/registry.py
-    info = None  # load() attaches a registry.ModelInfo: what was loaded, and its identity
 
-    def __init__(self, config: VisionConfig):
-        super().__init__()
+    def __init__(self, config: VisionConfig, backend=None, info=None):
+        super().__init__([Block(config) for _ in range(config.num_hidden_layers)], backend)
         self.config = config
+        self.info = info  # what load() loaded (a registry.ModelInfo): the identity caches and indexes use
         self.patch_embed = PatchEmbed(config)
         if not config.is_native:
             self.pos_embed = mx.zeros((config.num_patches, config.hidden_size))  # learned, (N, D)
-        self.blocks = [Block(config) for _ in range(config.num_hidden_layers)]
         self.post_trunk_norm = norm_layer(config)
 
     @property
     def dims(self) -> dict:
-        c = self.config
-        return {
-            "hidden_size": c.hidden_size,
-            "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "intermediate_size": c.intermediate_size,
-            "image_size": None if c.is_native else c.image_size,
-            "patch_size": c.patch_size,
-            "embed_dim": c.hidden_size,  # encode_image's width
-        }
+        return self.config.dims
 
     def embed(self, pixel_values: mx.array) -> mx.array:
         """Patch embedding plus positions: the input to block 0, (B, N, D)."""

@@ -66,6 +66,19 @@ class VisionConfig:
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    @property
+    def dims(self) -> dict:
+        """The widths and depths a model built from this config has (`model.dims`, part of its identity)."""
+        return {
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "intermediate_size": self.intermediate_size,
+            "image_size": None if self.is_native else self.image_size,
+            "patch_size": self.patch_size,
+            "embed_dim": self.hidden_size,  # encode_image's width
+        }
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -107,6 +120,15 @@ class AIMv1Config(VisionConfig):
             ) from exc
         self.validate()
         return self
+
+    @property
+    def dims(self) -> dict:
+        return {
+            **super().dims,
+            "image_size": self.image_size,  # any grid fits sin-cos; the head was trained at this size
+            "probe_layers": list(self.probe_layers),
+            "num_classes": self.num_classes,
+        }
 
     def validate(self) -> None:
         super().validate()
@@ -176,3 +198,18 @@ class LiTConfig:
             projection_dim=int(config.get("projection_dim", 768)),
             max_logit_scale=float(config.get("max_logit_scale", 100.0)),
         )
+
+    @property
+    def num_channels(self) -> int:
+        return self.vision.num_channels
+
+    @property
+    def dims(self) -> dict:
+        t = self.text
+        return {
+            **self.vision.dims,
+            "text_hidden_size": t.hidden_size,
+            "text_num_hidden_layers": t.num_hidden_layers,
+            "context_length": t.max_position_embeddings,
+            "embed_dim": self.projection_dim,  # encode_image's and encode_text's width
+        }

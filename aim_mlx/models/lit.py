@@ -18,8 +18,8 @@ from .config import LiTConfig, TextConfig, VisionConfig
 class LiTVisionEncoder(AIMv2VisionEncoder):
     """The AIMv2 encoder whose pooled output is the attention-pooling head's, as in transformers."""
 
-    def __init__(self, config: VisionConfig):
-        super().__init__(config)
+    def __init__(self, config: VisionConfig, backend=None):
+        super().__init__(config, backend)
         self.head = AttentionPoolingHead(config)
 
     def __call__(self, pixel_values: mx.array, output_hidden_states: bool = False) -> VisionOutput:
@@ -29,12 +29,11 @@ class LiTVisionEncoder(AIMv2VisionEncoder):
 
 
 class TextEncoder(BlockStack):
-    def __init__(self, config: TextConfig):
-        super().__init__()
+    def __init__(self, config: TextConfig, backend=None):
+        super().__init__([Block(config, causal=True) for _ in range(config.num_hidden_layers)], backend)
         self.config = config
         self.text_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.positional_embedding = mx.zeros((config.max_position_embeddings, config.hidden_size))  # (77, D)
-        self.blocks = [Block(config, causal=True) for _ in range(config.num_hidden_layers)]
         self.post_trunk_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def __call__(self, input_ids: mx.array) -> mx.array:
@@ -70,28 +69,21 @@ class AIMv2LiT(nn.Module):
     space; `model(pixels, texts)` -> LiTOutput with logits scaled by the learned logit scale."""
 
     family = "aimv2-lit"  # its row in aim_mlx/registry.py
-    info = None  # load() attaches a registry.ModelInfo: what was loaded, and its identity
 
-    def __init__(self, config: LiTConfig):
+    def __init__(self, config: LiTConfig, tokenizer=None, backend=None, info=None):
         super().__init__()
         self.config = config
-        self.image_encoder = LiTVisionEncoder(config.vision)
-        self.text_encoder = TextEncoder(config.text)
+        self.tokenizer = tokenizer  # a ClipTokenizer: lets encode_text take strings
+        self.info = info  # what load() loaded (a registry.ModelInfo): the identity caches and indexes use
+        self.image_encoder = LiTVisionEncoder(config.vision, backend)
+        self.text_encoder = TextEncoder(config.text, backend)
         self.image_projector = nn.Linear(config.vision.hidden_size, config.projection_dim, bias=False)
         self.text_projector = nn.Linear(config.text.hidden_size, config.projection_dim, bias=False)
         self.log_logit_scale = mx.array(math.log(1 / 0.07))
-        self.tokenizer = None  # set by load(): lets encode_text take strings
 
     @property
     def dims(self) -> dict:
-        t = self.config.text
-        return {
-            **self.image_encoder.dims,
-            "text_hidden_size": t.hidden_size,
-            "text_num_hidden_layers": t.num_hidden_layers,
-            "context_length": t.max_position_embeddings,
-            "embed_dim": self.config.projection_dim,  # encode_image's and encode_text's width
-        }
+        return self.config.dims
 
     def encode_image(self, pixel_values: mx.array) -> mx.array:
         """(B, H, W, 3) pixels -> (B, P) L2-normalised embeddings in the shared space."""
@@ -104,7 +96,7 @@ class AIMv2LiT(nn.Module):
             isinstance(texts, list | tuple) and texts and isinstance(texts[0], str)
         ):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer attached; pass token ids or use aim_mlx.load()")
+                raise ValueError("this model has no tokenizer; pass token ids, or load it with aim_mlx.load")
             texts = self.tokenizer([texts] if isinstance(texts, str) else list(texts))
         ids = mx.array(texts, dtype=mx.int32)
         ids = ids[None] if ids.ndim == 1 else ids  # (B, L)

@@ -1,16 +1,15 @@
-"""Backends: faster implementations of a model's blocks, which load() installs only where they support them.
+"""What runs a model's blocks: MLX's own, or the numpy backend where it is faster. load() asks here which
+backend to build a model with, and the answer is given to the model's block stacks when they are built.
 
 - `mlx`: no backend; the MLX blocks of aim_mlx/models run. That is what GPUs (Apple's; NVIDIA's with MLX's
-  CUDA build), half precision and any block a backend does not know (MLX's own quantized layers) run.
-- `numpy` (numpy_blocks.py): the blocks of AIMv2 (RMSNorm, SwiGLU), its LiT text tower and AIMv1 (LayerNorm
-  with bias, exact GELU) in numpy with direct BLAS calls, for float32 on a CPU with the fast BLAS of blas.py
-  (Linux): about 2-3x faster there than MLX's CPU backend. Never on a GPU: the device is MLX's default one,
-  which aim_mlx/devices.py chooses (AIM_MLX_DEVICE=cpu forces the CPU).
+  CUDA build), half precision and any block the numpy backend does not know run.
+- `numpy` (numpy_blocks.py): AIMv2's, its LiT text tower's and AIMv1's blocks in numpy with direct BLAS
+  calls, for float32 on a CPU with the fast BLAS of blas.py (Linux): 2-3x faster there than MLX's CPU
+  backend (benchmarks/RESULTS.md).
 
-A backend must give the MLX blocks' results up to float rounding (the tests run both against transformers at
-every hidden state), so removing one changes speed, never results. AIM_MLX_BACKEND=mlx|numpy chooses; by
-default numpy wherever it is supported, MLX elsewhere. Importing this package is cheap: `import aim_mlx`
-loads blas.py through it before MLX.
+A backend gives the MLX blocks' results up to float rounding (the tests run both against transformers at
+every hidden state), so the choice changes speed, never results. AIM_MLX_BACKEND=mlx|numpy chooses; by
+default numpy wherever it runs. Importing this module is cheap (no MLX): `import aim_mlx` reads it first.
 """
 
 import os
@@ -28,21 +27,29 @@ def check_choice() -> str | None:
     return value or None
 
 
-def install(model) -> str:
-    """Put the chosen backend on every block stack of `model` it supports (the others run MLX); return the
-    name of what runs the blocks. AIM_MLX_BACKEND=numpy where numpy cannot run them is an error."""
+def choose(dtype: str):
+    """The backend to build a model computing in `dtype` with on MLX's default device: numpy_blocks'
+    NumpyBlocks, or None for MLX's own blocks. AIM_MLX_BACKEND=numpy where numpy cannot run is an error."""
+    choice = check_choice()
+    if choice == "mlx":
+        return None
+    from . import numpy_blocks
+
+    reason = numpy_blocks.unusable(dtype)
+    if reason is None:
+        return numpy_blocks.NumpyBlocks
+    if choice == "numpy":
+        raise ConfigError(
+            f"AIM_MLX_BACKEND=numpy cannot run this model: {reason}; unset it, or set AIM_MLX_BACKEND=mlx"
+        )
+    return None
+
+
+def name(model) -> str:
+    """What runs `model`'s blocks now: 'numpy', 'mlx', or 'numpy+mlx' where its stacks differ."""
     from ..models.aimv2 import BlockStack
     from . import numpy_blocks
 
-    choice = check_choice()
     stacks = [m for m in model.modules() if isinstance(m, BlockStack)]
-    installed = []
-    for stack in stacks:
-        reason = None if choice == "mlx" else numpy_blocks.unsupported(stack.blocks)
-        if choice == "numpy" and reason is not None:
-            raise ConfigError(
-                f"AIM_MLX_BACKEND=numpy cannot run this model: {reason}; unset it, or set AIM_MLX_BACKEND=mlx"
-            )
-        stack.backend = numpy_blocks.NumpyBlocks(stack.blocks) if choice != "mlx" and reason is None else None
-        installed.append(stack.backend is not None)
-    return "numpy" if installed and all(installed) else "mlx" if not any(installed) else "numpy+mlx"
+    numpy = [s.backend is not None and numpy_blocks.unsupported(s.blocks) is None for s in stacks]
+    return "numpy" if numpy and all(numpy) else "mlx" if not any(numpy) else "numpy+mlx"

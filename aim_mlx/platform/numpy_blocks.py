@@ -1,151 +1,28 @@
 """The numpy backend: AIMv2's and AIMv1's blocks in numpy with direct BLAS calls, for float32 on a CPU.
 
-Why: MLX's CPU backend runs everything but its BLAS calls on one thread, and its `exp` is scalar (about 8x
-slower than numpy's SIMD one). With the fast BLAS of blas.py loaded, this backend runs a stack of
-aimv2.Block with the same results as the MLX blocks up to float rounding, 2-3x faster on 2 cores for AIMv2
-(benchmarks/RESULTS.md):
-- one image, and the LiT text tower's batch of prompts, run as one trunk: the residual stream is one buffer,
-  every projection one BLAS call on all the cores that also adds the residual (the GEMM's beta = 1), the
-  other activations buffers reused by every block, the norms and the MLP's activation on the calling
-  thread, and attention (scores, softmax, weighted values, a group of heads at a time with batched BLAS
-  calls on views of the packed qkv) split over one thread per core while the BLAS runs single-threaded.
-- a batch of two or more images runs in batch shares, one worker thread per core, each running that trunk on
-  its share with a single-threaded BLAS and its own MLX stream (aim-mlx's quantized layers are unpacked by
-  an MLX op just before their GEMM, as their MLX path does). Splitting one image's tokens instead was
-  slower: an MLX op on one stream that reads another stream's array waits on that stream.
-AIM_MLX_CPU_WORKERS=N sets the number of threads or shares (1: all of it on the calling thread).
-
-As in the MLX models, the block is one runner and the families' differences are its parameters: the norm
-(AIMv2's RMSNorm, or AIMv1's LayerNorm with bias) and the MLP (AIMv2's SwiGLU, or AIMv1's fc2(gelu(fc1 x))
-with the exact, erf GELU). numpy has no erf, so the GELU uses Abramowitz and Stegun 7.1.26 (|error| <=
-1.5e-7, float32's rounding near 1; tests/test_aimv1_numpy.py holds it to torch's exact GELU): 8-12 ms on a
-(256, 6144) array, where MLX's GELU (mx.erf) after a copy took 52 ms.
-
-The weights are read once, when load() installs the backend (`NumpyBlocks(blocks)`): numpy views of MLX's
-buffers, no copies. If the blocks' arrays are replaced later (set_dtype, a new weight load), the views are
-read again, or the MLX blocks run where this backend does not support them any more.
-
-Threads: one call of this backend uses the cores at a time (a process-wide lock), so a server that runs
-requests on several threads gets them one after the other, each with every core; the BLAS's thread count,
-which is process-wide, is changed only while the lock is held. An interrupt (Ctrl-C) in the calling thread
-tells the workers to stop at their next block and waits for them, so the cores and the BLAS threads are
-handed back before the interrupt goes on.
+MLX's CPU backend runs all but its BLAS calls on one thread, with a scalar `exp`. With the fast BLAS of
+blas.py these blocks give the MLX blocks' results up to float rounding, 2-3x faster on two cores
+(benchmarks/RESULTS.md). One image runs as one trunk: the residual stream is one buffer, each projection one
+BLAS call that also adds the residual, and attention's heads are split over the cores (workers.py). A batch
+runs in batch shares, one worker thread with a single-threaded BLAS each. As in the MLX models, the block is
+one runner whose norm (RMSNorm, or LayerNorm with bias) and MLP (SwiGLU, or the exact GELU through
+Abramowitz and Stegun's erfc, within float32's rounding) are parameters. AIM_MLX_CPU_WORKERS=N sets the
+number of threads or shares.
 """
 
-import os
-import queue
 import threading
-from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..errors import ConfigError
 from ..models.aimv2 import MLP, Attention, Block, SwiGLU
 from ..models.quantized import QuantizedLinear
-from . import blas
+from . import blas, workers
 
-_lock = threading.Lock()  # one call on the cores at a time
-_pools: list["_Worker"] = []  # one thread per worker, so each share has its own thread
-_local = threading.local()  # a worker thread's MLX stream
 SCORES_BYTES = 4 << 20  # attention scores a thread holds at once: the heads it takes per group
 ACT_ROWS = 64  # rows of the MLP's activation computed at once, a cache-sized slab
-
-
-def cores() -> int:
-    """How many threads or batch shares this backend uses: AIM_MLX_CPU_WORKERS, else the BLAS's threads."""
-    wanted = os.environ.get("AIM_MLX_CPU_WORKERS", "").strip()
-    if not wanted:
-        return max(1, blas.threads())
-    if not wanted.isdigit() or int(wanted) < 1:
-        raise ConfigError(f"AIM_MLX_CPU_WORKERS={wanted!r}: give a whole number of threads, 1 or more")
-    return int(wanted)
-
-
-class _Worker:
-    """One daemon thread running the jobs submitted to it, in order. Not a ThreadPoolExecutor: the interpreter
-    joins those threads at exit, and one started while Ctrl-C unwinds the first batch could hold the exit."""
-
-    def __init__(self, name: str):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name=name, daemon=True).start()
-
-    def submit(self, fn, *args) -> Future:
-        future = Future()
-        self._jobs.put((future, fn, args))
-        return future
-
-    def pending(self) -> int:
-        return self._jobs.qsize()
-
-    def _run(self) -> None:
-        while True:
-            future, fn, args = self._jobs.get()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # handed to the caller, which re-raises it
-                future.set_exception(exc)
-
-
-def _pool(n: int) -> list[_Worker]:
-    """Worker threads kept for the process: an MLX stream belongs to the thread that made it, and each one
-    made holds a thread of MLX's for good, so workers and their streams are made once."""
-    while len(_pools) < n:
-        _pools.append(_Worker(f"aim-mlx-{len(_pools)}"))
-    return _pools[:n]
-
-
-class _Stopped(Exception):
-    """A worker's answer to `cancel`: the caller was interrupted, so its share is not finished."""
-
-
-def _join(jobs, cancel: threading.Event) -> None:
-    """Wait for every job and re-raise the first worker error. If this thread is interrupted meanwhile, the
-    jobs are told to stop at their next step and still waited for: the caller hands the cores and the BLAS
-    threads back only once no job runs, so that nothing outlives the call (a job that took the cores after
-    the caller let go used to deadlock on its own pool)."""
-    try:
-        wait(jobs)
-    except BaseException:
-        cancel.set()
-        while not all(job.done() for job in jobs):
-            try:
-                wait(jobs)
-            except BaseException:  # a second Ctrl-C: the jobs end at their next block all the same
-                continue
-        raise
-    for job in jobs:
-        job.result()
-
-
-def _split(fn, n: int, cancel: threading.Event) -> None:
-    """fn(lo, hi) over range(n), in one share per core run in parallel (the calling thread takes the first)
-    with the BLAS single-threaded meanwhile; inline when there is one core or one item."""
-    shares = min(cores(), n)
-    if shares < 2:
-        return fn(0, n)
-    edges = [round(i * n / shares) for i in range(shares + 1)]
-    before = blas.threads()
-    blas.set_threads(1)
-    try:
-        jobs = [
-            pool.submit(fn, a, b)
-            for pool, a, b in zip(_pool(shares - 1), edges[1:-1], edges[2:], strict=True)
-        ]
-        try:
-            fn(edges[0], edges[1])
-        finally:
-            _join(jobs, cancel)  # every share done before the BLAS gets its threads back, even on an error
-    finally:
-        blas.set_threads(before)
-
-
-def _inline(fn, n: int, cancel: threading.Event) -> None:
-    fn(0, n)
 
 
 def _attention(packed: np.ndarray, num_heads: int, scale: float, causal: bool, out: np.ndarray, run) -> None:
@@ -368,12 +245,21 @@ def _arrays(blocks) -> list[mx.array]:
     return out
 
 
-def unsupported(blocks) -> str | None:
-    """Why this backend cannot run `blocks`, or None when it can."""
+def unusable(dtype: str = "float32") -> str | None:
+    """Why this backend cannot run here, computing in `dtype`, or None when it can."""
     if not blas.loaded():
         return "the fast BLAS is not loaded (Linux only; see AIM_MLX_BLAS)"
     if mx.default_device() != mx.cpu:
         return "it runs on the CPU only"
+    if dtype != "float32":
+        return f"it computes in float32 only, not {dtype}"
+    return None
+
+
+def unsupported(blocks) -> str | None:
+    """Why this backend cannot run `blocks`, or None when it can."""
+    if reason := unusable():
+        return reason
     for i, block in enumerate(blocks):
         if type(block) is not Block or type(block.attn) is not Attention:
             return f"block {i} is a {type(block).__name__}, not an AIMv2 block (AIMv1's are AIMv2 blocks too)"
@@ -397,39 +283,41 @@ def unsupported(blocks) -> str | None:
 
 
 class NumpyBlocks:
-    """A BlockStack's backend (see models/aimv2.py): runs its blocks as this module's doc says."""
+    """A BlockStack's backend (see models/aimv2.py: the stack is built with `backend=NumpyBlocks`): runs the
+    stack's blocks as this module's doc says wherever it `takes` the call. The weights are read at the first
+    call, and again whenever the blocks' arrays were replaced (a weight load, set_dtype, quantization)."""
 
     name = "numpy"
 
-    def __init__(self, blocks):
-        self.blocks = blocks
-        self._read()
-
-    def _read(self) -> None:
-        mx.eval(_arrays(self.blocks))  # a fresh load is lazy; numpy reads the buffers
-        self._sources = _arrays(self.blocks)
-        self._weights = [_BlockWeights.read(block) for block in self.blocks]
+    def __init__(self, stack):
+        self.stack = stack  # its `blocks` are read at each call: loading replaces layers after building
+        self._sources: list[mx.array] = []
+        self._weights: list[_BlockWeights] = []
 
     def takes(self, x: mx.array) -> bool:
-        """Whether this call runs here: float32 on the CPU, and the blocks still ones this backend runs
-        (their weights are read again if they were replaced)."""
+        """Whether this call runs here: float32 on the CPU, with blocks this backend runs."""
         if x.dtype != mx.float32 or mx.default_device() != mx.cpu:
             return False
-        current = _arrays(self.blocks)
-        if len(current) != len(self._sources) or any(
-            a is not b for a, b in zip(current, self._sources, strict=False)
+        blocks = self.stack.blocks
+        current = _arrays(blocks)
+        if (
+            not self._sources
+            or len(current) != len(self._sources)
+            or any(a is not b for a, b in zip(current, self._sources, strict=False))
         ):
-            if unsupported(self.blocks) is not None:
+            if unsupported(blocks) is not None:
                 return False
-            self._read()
+            mx.eval(current)  # a fresh load is lazy; numpy reads the buffers
+            self._sources = current
+            self._weights = [_BlockWeights.read(block) for block in blocks]
         return True
 
     def __call__(self, x: mx.array, depth: int, keep=()) -> tuple[mx.array, dict]:
         """The first `depth` blocks on `x` (B, N, D): (output, {i: block i's output for i in keep})."""
-        shares = min(cores(), x.shape[0])
-        with _lock:
+        shares = min(workers.cores(), x.shape[0])
+        with workers.lock:
             if shares < 2:
-                return self._trunk(x, depth, keep, _split, threading.Event())
+                return self._trunk(x, depth, keep, workers.split, threading.Event())
             return self._shares(x, depth, keep, shares)
 
     def _shares(self, x: mx.array, depth: int, keep, n: int) -> tuple[mx.array, dict]:
@@ -437,22 +325,20 @@ class NumpyBlocks:
         shares = [x[a:b] for a, b in zip(edges, edges[1:], strict=False)]
         mx.eval(shares)  # a worker's stream cannot evaluate work pending on this thread's stream
         cancel = threading.Event()
-        before = blas.threads()
-        blas.set_threads(1)
-        try:
+        with workers.single_threaded_blas():
             jobs = [
-                pool.submit(_in_worker_stream, self._trunk, share, depth, keep, _inline, cancel)
-                for pool, share in zip(_pool(n), shares, strict=True)
+                worker.submit(
+                    workers.in_worker_stream, self._trunk, share, depth, keep, workers.inline, cancel
+                )
+                for worker, share in zip(workers.pool(n), shares, strict=True)
             ]
-            _join(jobs, cancel)  # every share done before the BLAS gets its threads back, even on an error
-        finally:
-            blas.set_threads(before)
+            workers.join(jobs, cancel)  # every share done before the BLAS gets its threads back
         results = [job.result() for job in jobs]
         out = mx.concatenate([h for h, _ in results], axis=0)
         return out, {i: mx.concatenate([kept[i] for _, kept in results], axis=0) for i in keep}
 
     def _trunk(self, x: mx.array, depth: int, keep, run, cancel: threading.Event) -> tuple[mx.array, dict]:
-        """The blocks on this thread; `run` spreads attention's heads (`_split`) or not (`_inline`)."""
+        """The blocks on this thread; `run` spreads attention's heads (`workers.split`) or not (`inline`)."""
         b, n, d = x.shape
         h = np.array(x, np.float32).reshape(b * n, d)  # the residual stream, updated in place
         kept = {}
@@ -468,7 +354,7 @@ class NumpyBlocks:
 
         for i, w in enumerate(self._weights[:depth]):
             if cancel.is_set():
-                raise _Stopped
+                raise workers.Stopped
             qkv = w.qkv(w.norm_1(h, buffer("normed", d)), buffer("qkv", 3 * d))
             heads = buffer("heads", d)
             _attention(
@@ -479,10 +365,3 @@ class NumpyBlocks:
             if i in keep:
                 kept[i] = mx.array(h.reshape(b, n, d))  # a copy
         return mx.array(h.reshape(b, n, d)), kept
-
-
-def _in_worker_stream(fn, *args):
-    if not hasattr(_local, "stream"):
-        _local.stream = mx.new_stream(mx.cpu)
-    with mx.stream(_local.stream):
-        return fn(*args)

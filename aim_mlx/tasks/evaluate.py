@@ -100,7 +100,7 @@ def check_family(family: str, source: str) -> str:
         return "zero-shot"
     raise ConfigError(
         f"{source} has neither a classification head nor a text tower to classify with; evaluate an AIMv1 "
-        "classifier (apple/AIM-600M) or the LiT model (apple/aimv2-large-patch14-224-lit)"
+        "classifier (apple/aim-600M) or the LiT model (apple/aimv2-large-patch14-224-lit)"
     )
 
 
