@@ -37,7 +37,7 @@ def gemms_only(model, pixels):
     from aim_mlx.platform import blas as _blas
     from aim_mlx.platform import workers
 
-    x = model.embed(pixels)  # the patch embedding's GEMM (plus a norm and the positions: 0.1 % of the work)
+    x = model.embed_patches(pixels)  # the patch GEMM (plus a norm and the positions: 0.1 % of the work)
     mx.eval(x)
     _, n, d = x.shape
     x = np.array(x).reshape(n, d)  # every block reads it, so values stay bounded

@@ -182,7 +182,7 @@ def test_float16_rmsnorm_cannot_overflow(tmp_path, photos):
         reference.embeddings.position_embedding.weight.mul_(3000)
     folder = write_checkpoint(reference, tmp_path / "loud", layout="hf")
     model = aim_mlx.load(str(folder), dtype="float32")[0]
-    hidden = np.asarray(model.embed(aim_mlx.load(str(folder))[1](photos[:1])))
+    hidden = np.asarray(model.embed_patches(aim_mlx.load(str(folder))[1](photos[:1])))
     with np.errstate(over="ignore"):  # the naive form overflows
         assert not np.isfinite((hidden.astype(np.float16) ** 2).sum(-1)).all()
     path = export_coreml(str(folder), tmp_path / "loud.mlpackage", precision="float16").path

@@ -1,4 +1,4 @@
-"""Device choice (aim_mlx/devices.py): the decision on fake facts, the probes on this machine, the wiring."""
+"""Device choice (platform/devices.py): the decision on fake facts, the facts read here, the wiring."""
 
 import os
 import subprocess
@@ -159,10 +159,10 @@ def test_visible_gpus(setting, count, visible):
     assert visible_gpus(count, setting) == visible
 
 
-def test_probe_on_this_machine(monkeypatch):
-    """What the probes read here agrees with what MLX itself says, without a GPU probe on a CPU build."""
+def test_facts_read_on_this_machine(monkeypatch):
+    """What is read here agrees with what MLX itself says, without asking for a GPU on a CPU build."""
     monkeypatch.delenv("AIM_MLX_DEVICE", raising=False)
-    facts = devices.probe()
+    facts = devices.read_facts()
     assert facts.platform == sys.platform and facts.device == ""
     if facts.build != "cuda":
         assert facts.cuda_gpus == 0 and not facts.cuda_driver
@@ -176,11 +176,11 @@ def test_apply_sets_mlx_default_where_it_differs(monkeypatch):
     calls = []
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # as MLX's CUDA build starts out
     monkeypatch.setattr(mx, "set_default_device", calls.append)
-    monkeypatch.setattr(devices, "probe", lambda: CUDA._replace(cuda_gpus=0))
+    monkeypatch.setattr(devices, "read_facts", lambda: CUDA._replace(cuda_gpus=0))
     assert devices.apply().device == "cpu" and calls == [mx.cpu]
-    monkeypatch.setattr(devices, "probe", lambda: CUDA)
+    monkeypatch.setattr(devices, "read_facts", lambda: CUDA)
     assert devices.apply().device == "gpu" and calls == [mx.cpu]  # nothing to set
-    monkeypatch.setattr(devices, "probe", lambda: CUDA._replace(device="cpu"))
+    monkeypatch.setattr(devices, "read_facts", lambda: CUDA._replace(device="cpu"))
     assert devices.apply().device == "cpu" and calls == [mx.cpu, mx.cpu]
 
 
@@ -196,7 +196,7 @@ def test_a_gpu_asked_for_here_is_a_one_line_cli_error(tmp_path, monkeypatch):
 def test_every_command_checks_the_device_setting_first(monkeypatch):
     """Before a command imports mlx.core (which raises an ImportError with MLX's CUDA build and no driver):
     one line, even from commands that load no model."""
-    monkeypatch.setattr(devices, "probe", lambda: CUDA._replace(cuda_driver=False, cuda_gpus=0))
+    monkeypatch.setattr(devices, "read_facts", lambda: CUDA._replace(cuda_driver=False, cuda_gpus=0))
     for args in (["models"], ["embed", "photo.jpg"], ["search", "a cat"]):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 1, args
@@ -206,7 +206,7 @@ def test_every_command_checks_the_device_setting_first(monkeypatch):
 def _import_aim_mlx(env: dict, extra_path: str | None = None) -> subprocess.CompletedProcess:
     script = (
         "import aim_mlx, json; from aim_mlx.platform import blas; from aim_mlx.platform import devices\n"
-        "print(json.dumps([blas.loaded(), devices.probe().build, devices.probe().others]))"
+        "print(json.dumps([blas.loaded(), devices.read_facts().build, devices.read_facts().others]))"
     )
     env = {**os.environ, **env}
     if extra_path:

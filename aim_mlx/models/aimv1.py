@@ -30,7 +30,7 @@ class AIMv1(AIMv2VisionEncoder):
     def probed(self, pixel_values: mx.array) -> mx.array:
         """The mean of the probed blocks' outputs (B, N, D); blocks after the last probed one do not run."""
         layers = self.config.probe_layers
-        _, kept = self.run_blocks(self.embed(pixel_values), layers[-1] + 1, keep=layers)
+        _, kept = self.run_blocks(self.embed_patches(pixel_values), layers[-1] + 1, keep=layers)
         # In float32: a float16 sum of the blocks overflows (65504) long before their mean does.
         return (sum(kept[i].astype(mx.float32) for i in layers) / len(layers)).astype(kept[layers[0]].dtype)
 

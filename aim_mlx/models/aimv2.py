@@ -194,7 +194,7 @@ class AIMv2VisionEncoder(BlockStack):
     def dims(self) -> dict:
         return self.config.dims
 
-    def embed(self, pixel_values: mx.array) -> mx.array:
+    def embed_patches(self, pixel_values: mx.array) -> mx.array:
         """Patch embedding plus positions: the input to block 0, (B, N, D)."""
         pixel_values = pixel_values.astype(self.patch_embed.proj.weight.dtype)
         x = self.patch_embed(pixel_values)
@@ -212,7 +212,7 @@ class AIMv2VisionEncoder(BlockStack):
         return x + pos
 
     def __call__(self, pixel_values: mx.array, output_hidden_states: bool = False) -> VisionOutput:
-        x0 = self.embed(pixel_values)  # (B, N, D)
+        x0 = self.embed_patches(pixel_values)  # (B, N, D)
         keep = range(len(self.blocks)) if output_hidden_states else ()
         x, kept = self.run_blocks(x0, keep=keep)
         x = self.post_trunk_norm(x)
@@ -231,7 +231,7 @@ class AIMv2VisionEncoder(BlockStack):
         last one chosen. The final token grid is `indices=[-1], norm=True`."""
         chosen = block_indices(len(self.blocks), indices)
         depth = chosen[-1] + 1 if stop_early else None
-        _, kept = self.run_blocks(self.embed(pixel_values), depth, keep=chosen)
+        _, kept = self.run_blocks(self.embed_patches(pixel_values), depth, keep=chosen)
         return [self.post_trunk_norm(kept[i]) if norm else kept[i] for i in chosen]
 
     def encode_image(self, pixel_values: mx.array) -> mx.array:

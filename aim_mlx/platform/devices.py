@@ -1,7 +1,7 @@
 """Where MLX runs, and what follows from it: the default dtype, the fast CPU BLAS, the numpy backend.
 
 `import aim_mlx` must decide about the BLAS swap (backends/blas.py) before mlx.core loads, so the choice is
-made from facts probed without importing MLX:
+made from facts read without importing MLX:
 - which MLX native library is in place: `mlx-metal` (macOS), `mlx-cpu`, `mlx-cuda-12` or `mlx-cuda-13`
   (Linux), from the dist-info folders beside the `mlx` package. Each of them installs the same file,
   mlx/lib/libmlx.so, and `aim-mlx[cuda]` installs two (our Linux dependency is mlx[cpu]): the last one
@@ -63,7 +63,7 @@ class Facts(NamedTuple):
     cuda_driver: bool = False  # libcuda.so.1 loads
     cuda_gpus: int = 0  # NVIDIA GPUs the driver reports, after CUDA_VISIBLE_DEVICES
     device: str = ""  # AIM_MLX_DEVICE as set
-    dtype: str = ""  # AIM_MLX_DTYPE as set (probe() leaves it out: the device does not depend on it)
+    dtype: str = ""  # AIM_MLX_DTYPE as set (read_facts() leaves it out: the device does not depend on it)
 
 
 class Choice(NamedTuple):
@@ -167,8 +167,8 @@ def visible_gpus(count: int, cuda_visible_devices: str | None) -> int:
     return min(seen, count)
 
 
-# The probes: thin, cached (installed packages and hardware do not change under a running process), never
-# importing mlx.core.
+# Reading the facts: thin, cached (installed packages and hardware do not change under a running process),
+# never importing mlx.core.
 
 
 @functools.cache
@@ -234,7 +234,7 @@ def _driver_gpus() -> int:
         return 0
 
 
-def probe() -> Facts:
+def read_facts() -> Facts:
     """This process's facts: the installed MLX, the NVIDIA driver and GPUs (only where the CUDA build is
     installed), and AIM_MLX_DEVICE as it is now. Not AIM_MLX_DTYPE, which loading.default_dtype reads only
     where a caller gives no dtype."""
@@ -255,7 +255,7 @@ def probe() -> Facts:
 
 def current() -> Choice:
     """The choice for this process now (the environment is read on every call); its notes are logged once."""
-    choice = choose(probe())
+    choice = choose(read_facts())
     for note in choice.notes:
         warn_once(f"aim-mlx: {note}")
     return choice
