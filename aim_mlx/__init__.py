@@ -5,23 +5,24 @@
     embeddings = model.encode_image(processor(["photo.jpg"]))  # (1, 1024)
 
 Importing this package is cheap: MLX and the model code load on first use. The import decides, without
-loading MLX, where MLX will run (aim_mlx/devices.py): a GPU where MLX has one (Apple silicon; an NVIDIA GPU
+loading MLX, where MLX will run (platform/devices.py): a GPU where MLX has one (Apple silicon; an NVIDIA GPU
 with MLX's CUDA build, `pip install "aim-mlx[cuda]"`), else the CPU; AIM_MLX_DEVICE=cpu|gpu overrides, and
 `load` makes the choice MLX's default device where MLX's own default differs. What the import changes in
-the process, for the CPU on Linux only and unless AIM_MLX_BLAS=0 (see aim_mlx/backends/blas.py):
+the process, for the CPU on Linux only and unless AIM_MLX_BLAS=0 (platform/blas.py):
 - an OpenBLAS is loaded into the global symbol scope, so that MLX's CPU backend (loaded later) multiplies
   with it instead of its reference BLAS; OpenBLAS's idle threads are told to sleep sooner
   (OPENBLAS_THREAD_TIMEOUT for that library alone; the process's environment is left as it was);
 - glibc's malloc keeps up to 512 MiB of freed memory instead of returning it at once (mallopt), unless the
-  environment tunes malloc itself (MALLOC_*, GLIBC_TUNABLES); `load` hands back what a load freed.
-The numpy backend (aim_mlx/backends/numpy_blocks.py) keeps one worker thread per core once it has run, and
-runs one call at a time: threads of a server share it safely, one after the other.
+  environment tunes malloc itself (MALLOC_*, GLIBC_TUNABLES; platform/malloc.py); `load` hands back what a
+  load freed.
+The numpy backend (platform/numpy_blocks.py) keeps one worker thread per core once it has run, and runs one
+call at a time (platform/workers.py): threads of a server share it safely, one after the other.
 """
 
-import logging
 import sys
 
 from .errors import ConfigError
+from .log import logger
 from .platform import blas, devices
 
 __version__ = "0.1.0"
@@ -33,7 +34,7 @@ except ConfigError:  # a mistyped AIM_MLX_DEVICE (or MLX's CUDA build without th
 # MLX binds its BLAS symbols when mlx.core loads, so the fast BLAS must be in place before that (Linux only:
 # macOS keeps Accelerate, whatever the import order).
 if _fast_blas and "mlx.core" in sys.modules:
-    logging.getLogger("aim_mlx").warning(
+    logger.warning(
         "aim-mlx: mlx.core was imported before aim_mlx, so MLX keeps its slow reference BLAS on Linux; "
         "import aim_mlx first"
     )

@@ -14,7 +14,7 @@ from .checkpoints.variants import find_variant
 from .errors import ConfigError
 from .log import logger, warn_once
 from .models import quantized
-from .platform import backends, blas, devices
+from .platform import backends, devices, malloc
 from .registry import ModelInfo, family_of
 
 DTYPES = {name: getattr(mx, name) for name in devices.DTYPES}  # the one list of names, as MLX dtypes
@@ -96,7 +96,7 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None,
     model = family.model(config, backend=backend, info=info, **text)
     fill(model, raw, family.sanitize(state, config.num_channels), folder, DTYPES[dtype])
     del state
-    blas.release_freed_memory()  # the checkpoint's load-time copies (e.g. before an upcast) are garbage now
+    malloc.release_freed_memory()  # the checkpoint's load-time copies (e.g. before an upcast) are garbage now
     logger.info("loaded %s (%s, %s, %s backend)", path_or_id, folder, dtype, info.backend)
     return model, processor
 

@@ -11,6 +11,7 @@ import pytest
 from emulation import APPLE
 
 from aim_mlx.platform import blas as _blas
+from aim_mlx.platform import malloc, openblas
 
 # Under AIM_MLX_EMULATE=apple (AIM_MLX_BLAS=0, as a Mac has no loader) every process here starts without it.
 linux = pytest.mark.skipif(
@@ -87,12 +88,12 @@ def test_the_kernels_in_use_are_reported():
 @linux
 def test_the_copy_exports_unprefixed_blas_names(tmp_path, monkeypatch):
     monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path))
-    path = _blas._unprefixed_copy()
+    path = openblas.unprefixed_copy()
     assert path.parent == tmp_path / "blas"
-    names = set(_blas._defined_dynamic_symbols(path.read_bytes()))
+    names = set(openblas.defined_dynamic_symbols(path.read_bytes()))
     assert {"cblas_sgemm", "sgemm_", "cblas_sdot"} <= names
     assert not any(name.startswith("scipy_") for name in names)
-    assert _blas._unprefixed_copy() == path  # cached: built once
+    assert openblas.unprefixed_copy() == path  # cached: built once
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ def test_a_failure_is_logged_not_raised(fresh_state, monkeypatch, caplog):
     def broken():
         raise RuntimeError("patchelf not found")
 
-    monkeypatch.setattr(_blas, "_unprefixed_copy", broken)
+    monkeypatch.setattr(openblas, "unprefixed_copy", broken)
     with caplog.at_level(logging.WARNING, logger="aim_mlx"):
         assert _blas.enable() is None
     assert _blas.status()["error"] == "RuntimeError: patchelf not found"
@@ -117,7 +118,7 @@ def test_a_failure_is_logged_not_raised(fresh_state, monkeypatch, caplog):
 
 def test_macos_is_never_touched(fresh_state, monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
-    monkeypatch.setattr(_blas, "_unprefixed_copy", lambda: pytest.fail("must not build a BLAS on macOS"))
+    monkeypatch.setattr(openblas, "unprefixed_copy", lambda: pytest.fail("must not build a BLAS on macOS"))
     assert _blas.enable() is None and _blas.status() == {"path": None, "error": None, "kernel": None}
 
 
@@ -231,7 +232,7 @@ def test_freed_memory_is_kept_unless_the_user_tunes_malloc(env, kept):
 RELEASE = """
 import numpy as np
 import aim_mlx
-from aim_mlx.platform import blas as _blas
+from aim_mlx.platform import malloc
 
 def resident_mb():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024
@@ -239,7 +240,7 @@ def resident_mb():
 buffers = [np.ones(1 << 18, np.float32) for _ in range(256)]
 del buffers
 kept = resident_mb()
-_blas.release_freed_memory()
+malloc.release_freed_memory()
 print(kept - resident_mb())
 """
 
@@ -265,6 +266,6 @@ def test_load_hands_back_its_temporary_copies(tmp_path, monkeypatch):
 
     folder = write_checkpoint(make_reference(seed=3, image_size=28, **TINY["large"]), tmp_path, "hf")
     calls = []
-    monkeypatch.setattr(_blas, "release_freed_memory", lambda: calls.append(True))
+    monkeypatch.setattr(malloc, "release_freed_memory", lambda: calls.append(True))
     aim_mlx.load(str(folder))
     assert calls == [True]

@@ -303,9 +303,7 @@ def test_cpu_attention_in_groups_of_heads(group, causal, monkeypatch):
     expected = ((w / w.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(b, n, heads * hd)
     ours = np.empty((b, n, heads * hd), np.float32)
     cancel = threading.Event()
-    numpy_blocks._attention(
-        qkv, heads, 0.5, causal, ours, lambda fn, count: workers.split(fn, count, cancel)
-    )
+    numpy_blocks._attention(qkv, heads, 0.5, causal, ours, lambda fn, count: workers.split(fn, count, cancel))
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
