@@ -64,11 +64,14 @@ def normal_mode(folder: bool = False) -> int:
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write; on success it is renamed over `path`, on any error
-    (KeyboardInterrupt included) it is removed. The temporary name keeps `path`'s suffix, so that writers
-    which append a missing one (numpy) write where they are told."""
+    (KeyboardInterrupt included) it is removed. The temporary name is unique (threads and processes writing
+    the same file do not meet) and keeps `path`'s suffix, so that writers which append a missing one (numpy)
+    write where they are told."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
         os.chmod(tmp, normal_mode())

@@ -53,3 +53,14 @@ def test_atomic_folder_is_not_private_and_leaves_nothing_on_failure(tmp_path, um
     with files.atomic_folder(out, replace=True) as staging:
         (staging / "b.txt").write_text("two")
     assert [p.name for p in out.iterdir()] == ["b.txt"] and list(tmp_path.iterdir()) == [out]
+
+
+def test_two_writers_of_one_file_do_not_share_a_temporary(tmp_path):
+    """Threads of a server making the same thumbnail at once: each writes its own temporary, and the file
+    lands whole from one of them."""
+    target = tmp_path / "thumb.jpg"
+    with files.atomic_file(target) as first, files.atomic_file(target) as second:
+        assert first != second and first.suffix == second.suffix == ".jpg"
+        first.write_bytes(b"first")
+        second.write_bytes(b"second")
+    assert target.read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == ["thumb.jpg"]

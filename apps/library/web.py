@@ -39,7 +39,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from aim_mlx.errors import AimMlxError, ImageError
-from aim_mlx.files import cache_dir
+from aim_mlx.files import atomic_file, cache_dir
 from aim_mlx.inputs.images import load_image
 
 from .db import Library
@@ -136,14 +136,8 @@ def thumbnail(row: dict) -> Path:
     if not cached.exists():
         image = load_image(row["path"])
         image.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".part", delete=False) as out:
-            try:
-                image.save(out, "JPEG", quality=85)
-            except BaseException:
-                os.unlink(out.name)
-                raise
-        os.replace(out.name, cached)
+        with atomic_file(cached) as out:
+            image.save(out, "JPEG", quality=85)
     return cached
 
 
