@@ -1,29 +1,16 @@
 """Where MLX runs, and what follows from it: the default dtype, the fast CPU BLAS, the numpy backend.
 
-`import aim_mlx` must decide about the BLAS swap (backends/blas.py) before mlx.core loads, so the choice is
-made from facts read without importing MLX:
-- which MLX native library is in place: `mlx-metal` (macOS), `mlx-cpu`, `mlx-cuda-12` or `mlx-cuda-13`
-  (Linux), from the dist-info folders beside the `mlx` package. Each of them installs the same file,
-  mlx/lib/libmlx.so, and `aim-mlx[cuda]` installs two (our Linux dependency is mlx[cpu]): the last one
-  installed wins, and the file's size, against each one's RECORD, says which.
-- on Linux with the CUDA build: whether the NVIDIA driver's libcuda.so.1 loads (the CUDA build's libmlx.so
-  links it: without it mlx.core does not import), and how many GPUs the driver reports (NVML, which unlike
-  cuInit leaves a later fork free to use CUDA), narrowed by CUDA_VISIBLE_DEVICES.
-
-What is chosen (`choose`, a pure function of those facts):
-- device: a GPU where MLX has one (Apple silicon; the CUDA build with a visible NVIDIA GPU), else the CPU.
-  AIM_MLX_DEVICE=cpu|gpu overrides; gpu where there is none is an error that says what to install.
-- dtype: float16 on a GPU, float32 on a CPU (MLX's CPU has no half-precision matmul kernels: 20-30x slower).
-  AIM_MLX_DTYPE=float32|float16|bfloat16 wins (loading.default_dtype reads it where no dtype is given).
-- the fast BLAS and the numpy backend: on the CPU device on Linux only. On a GPU the matmuls run in cuBLAS
-  or Metal; loading a CPU BLAS and retuning malloc would change the process for nothing.
-
-MLX's CUDA build calls its GPU available whenever it is installed (mlx/backend/cuda/device_info.cpp:
-`gpu::is_available()` returns true), so with no visible GPU its default device is one it cannot use.
-`apply()` (called by `load`) sets MLX's default device where the choice differs from MLX's own default:
-that case, and AIM_MLX_DEVICE=cpu on a GPU machine. Where the two agree it leaves MLX's default alone, so a
-caller's own `mx.set_default_device` stands. With the CUDA build in place but no NVIDIA driver, `apply()`
-raises a one-line error before MLX is imported (MLX itself raises an ImportError naming libcuda.so.1).
+`import aim_mlx` must decide about the BLAS swap (blas.py) before mlx.core loads, so the choice is made by
+one pure function, `choose`, from facts read without importing MLX (`read_facts`): which MLX native library
+is in place (mlx-metal, mlx-cpu, mlx-cuda-12/13 all install mlx/lib/libmlx.so; its size against each one's
+RECORD tells which won), and with the CUDA build, whether the NVIDIA driver loads and how many GPUs it shows
+(NVML, narrowed by CUDA_VISIBLE_DEVICES).
+- device: a GPU where MLX has one (Apple silicon; the CUDA build with a visible GPU), else the CPU;
+  AIM_MLX_DEVICE=cpu|gpu overrides. dtype: float16 on a GPU, float32 on a CPU; AIM_MLX_DTYPE wins.
+- the fast BLAS and the numpy backend: on the CPU on Linux only.
+MLX's CUDA build calls its GPU available whenever it is installed, so `apply()` sets MLX's default device
+where the choice differs from MLX's own; with that build but no driver it raises one line before MLX is
+imported (MLX itself would raise an ImportError naming libcuda.so.1).
 """
 
 import ctypes
