@@ -172,7 +172,9 @@ def test_backend_choice(monkeypatch):
     with pytest.raises(ConfigError, match="AIM_MLX_BACKEND='torch' is not a backend"):
         backends.choose("float32")
     monkeypatch.setenv("AIM_MLX_BACKEND", "numpy")
-    reason = "the fast BLAS is not loaded" if not blas.loaded() else "it computes in float32 only, not float16"
+    reason = (
+        "the fast BLAS is not loaded" if not blas.loaded() else "it computes in float32 only, not float16"
+    )
     with pytest.raises(ConfigError, match=f"AIM_MLX_BACKEND=numpy cannot run this model: {reason}"):
         backends.choose("float16")
     monkeypatch.setenv("AIM_MLX_BACKEND", "mlx")
