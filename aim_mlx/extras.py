@@ -15,6 +15,10 @@ OPTIONAL = {
     "coremltools": ("coremltools", "coreml"),
     "skimage": ("scikit-image", "coreml"),
     "torch": ("torch", "pth"),  # reading AIMv1's published pickles in `aim-mlx convert` (convert/pickles.py)
+    "starlette": ("starlette", "library"),  # the photo library's web app (`aim-mlx serve`)
+    "uvicorn": ("uvicorn", "library"),
+    "usearch": ("usearch", "library"),  # the library's approximate first pass
+    "pillow_heif": ("pillow-heif", "library"),  # HEIC photos
 }
 
 
