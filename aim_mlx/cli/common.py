@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from ..errors import AimMlxError, ConfigError
+from ..platform.devices import DTYPES
 
 
 class ExitCode(IntEnum):
@@ -51,8 +52,8 @@ def choice(name: str, *values: str) -> type[Enum]:
     return Enum(name, [(v, v) for v in values], type=str)
 
 
-# tests/test_cli_help.py checks that each list is the library's own.
-DType = choice("DType", "float32", "float16", "bfloat16")
+DType = choice("DType", *DTYPES)  # platform.devices imports only the standard library
+# The others repeat lists from modules that import MLX (tests/test_cli_help.py keeps them equal).
 Pool = choice("Pool", "mean", "none")
 Templates = choice("Templates", "imagenet")
 QBits = choice("QBits", "4", "8")
@@ -79,6 +80,35 @@ def model_option(what: str, default: str, text_default: str | None = None):
     return typer.Option(
         "--model", "-m", metavar="MODEL", show_default=False, help="\n\n".join([what, *defaults])
     )
+
+
+def db_option():
+    from ..files import data_dir
+
+    return typer.Option(
+        "--db",
+        metavar="FILE",
+        show_default=False,
+        help=f"The library database. Default: {data_dir('library.sqlite')}",
+    )
+
+
+def library_model_option():
+    """-m for the commands that read a library: which of the models that indexed it."""
+    return typer.Option(
+        "--model",
+        "-m",
+        metavar="MODEL",
+        show_default=False,
+        help="Which of the library's models (hub id or folder). Default: the only one, or the LiT "
+        "checkpoint.",
+    )
+
+
+def library_path(db: Path | None) -> Path:
+    from ..files import data_dir
+
+    return (db or data_dir("library.sqlite")).expanduser()
 
 
 def choices(enum: type[Enum]) -> str:
@@ -109,6 +139,8 @@ ProbeOpt = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+Db = Annotated[Path | None, db_option()]
+LibraryModel = Annotated[str | None, library_model_option()]
 
 
 def force_option(what: str):

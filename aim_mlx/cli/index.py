@@ -10,11 +10,13 @@ from ..checkpoints.variants import DEFAULT_TEXT_MODEL
 from ..errors import ConfigError
 from .common import (
     BatchSize,
+    Db,
     DTypeOpt,
     ExitCode,
     Json,
     Revision,
     interrupted,
+    library_path,
     load,
     model_option,
     plural,
@@ -32,38 +34,9 @@ EXAMPLES = [
 ]
 
 
-def db_option():
-    from ..files import data_dir
-
-    return typer.Option(
-        "--db",
-        metavar="FILE",
-        show_default=False,
-        help=f"The library database. Default: {data_dir('library.sqlite')}",
-    )
-
-
-def library_model_option():
-    """-m for the commands that read a library: which of the models that indexed it."""
-    return typer.Option(
-        "--model",
-        "-m",
-        metavar="MODEL",
-        show_default=False,
-        help="Which of the library's models (hub id or folder). Default: the only one, or the LiT "
-        "checkpoint.",
-    )
-
-
-def library_path(db: Path | None) -> Path:
-    from ..files import data_dir
-
-    return (db or data_dir("library.sqlite")).expanduser()
-
-
 def index(
     folders: Annotated[list[Path] | None, typer.Argument(metavar="FOLDERS", hidden=True)] = None,
-    db: Annotated[Path | None, db_option()] = None,
+    db: Db = None,
     model: Annotated[str, model_option("Hub id or local folder.", DEFAULT_TEXT_MODEL)] = DEFAULT_TEXT_MODEL,
     revision: Revision = None,
     batch_size: BatchSize = 8,

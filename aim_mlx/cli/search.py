@@ -7,8 +7,7 @@ from typing import Annotated
 import typer
 
 from ..errors import ConfigError
-from .common import Json, say
-from .index import db_option, library_model_option, library_path
+from .common import Db, Json, LibraryModel, library_path, say
 
 EXAMPLES = [
     'aim-mlx search "a dog running on the beach"',
@@ -27,8 +26,8 @@ def search(
         int | None, typer.Option("--like", metavar="ID", help="Find photos like this indexed photo (its id).")
     ] = None,
     top: Annotated[int, typer.Option("-k", "--top", min=1, metavar="K", help="How many results.")] = 10,
-    db: Annotated[Path | None, db_option()] = None,
-    model: Annotated[str | None, library_model_option()] = None,
+    db: Db = None,
+    model: LibraryModel = None,
     json: Json = False,
     open: Annotated[bool, typer.Option("--open", help="Open the best match in the default viewer.")] = False,
 ):
