@@ -4,7 +4,7 @@ Nothing heavy is imported here (no MLX, numpy or model code), so that `aim-mlx -
 """
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum, IntEnum
 from pathlib import Path
@@ -67,9 +67,9 @@ Outputs = choice("Outputs", "pooled", "pooled,tokens")
 Probe = choice("Probe", "best", "last")
 
 
-def value(choice: Enum | None):
-    """An optional choice as the plain string the library takes."""
-    return None if choice is None else choice.value
+def value(choice: Enum | str | None):
+    """An optional choice as the plain string the library takes (a string stays as it is)."""
+    return choice.value if isinstance(choice, Enum) else choice
 
 
 def model_option(what: str, default: str, text_default: str | None = None):
@@ -182,6 +182,28 @@ def progress(*columns, hide: bool = False):
 
 
 @contextmanager
+def progress_callback(*columns, hide_at: int = 0) -> Iterator[Callable[[int, int], None]]:
+    """A bar (see `progress`) as a library call's `progress(done, in all)` callback. It appears at the first
+    call, so that a spinner the call shows before (loading the model) has ended, and not at all if no more
+    than `hide_at` items are left to do then."""
+    bar = progress(*columns)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            task = bar.add_task("", total=total, completed=done)
+            if total - done > hide_at:
+                bar.start()
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        bar.stop()
+
+
+@contextmanager
 def spinner(text: str) -> Iterator[None]:
     """A spinner on stderr while something runs, on a terminal only (see `progress`)."""
     from rich.console import Console
@@ -194,8 +216,8 @@ def spinner(text: str) -> Iterator[None]:
         yield
 
 
-def load(model: str, revision: str | None, dtype: DType | None, probe: Probe | None = None):
-    """aim_mlx.load with a spinner on stderr."""
+def load(model: str, revision: str | None = None, dtype: DType | str | None = None, probe=None):
+    """aim_mlx.load with a spinner on stderr (the library calls that load take it as their `load`)."""
     from ..loading import load as load_model
 
     with spinner(f"loading {model}"):

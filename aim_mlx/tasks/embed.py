@@ -21,6 +21,10 @@ logger = logging.getLogger("aim_mlx")
 
 OUTPUT_FORMATS = (".npy", ".npz", ".jsonl")
 POOLS = ("mean", "none")
+NATIVE_TOKENS = (
+    "--pool none on the native-resolution checkpoint gives each image its own token grid, which one array "
+    "cannot hold; write .jsonl"
+)
 
 
 @dataclass
