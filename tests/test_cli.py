@@ -5,6 +5,7 @@ import json
 import logging
 import subprocess
 import sys
+from itertools import islice
 
 import mlx.core as mx
 import numpy as np
@@ -21,7 +22,7 @@ import aim_mlx
 from aim_mlx import loading, log
 from aim_mlx.checkpoints.variants import DEFAULT_TEXT_MODEL, PINNED_REVISIONS
 from aim_mlx.cli import app
-from aim_mlx.cli.embed import NATIVE_TOKENS
+from aim_mlx.tasks.embed import NATIVE_TOKENS
 
 runner = CliRunner()
 
@@ -226,11 +227,15 @@ def test_token_grids_of_the_native_checkpoint_are_refused_in_one_array(cache, ph
 def test_an_interrupt_says_how_far_it_got_and_writes_nothing(checkpoint, photos, tmp_path, monkeypatch):
     """In process and exact; tests/test_interrupt.py sends real signals to a real process."""
 
-    def interrupted(items, on_done):
-        on_done(2)
+    from aim_mlx.tasks import distributed
+
+    embeddings = distributed.iter_embeddings
+
+    def interrupted(*args, **kwargs):  # a Ctrl-C once two images are done
+        yield from islice(embeddings(*args, **kwargs), 2)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("aim_mlx.tasks.embed.collect", interrupted)
+    monkeypatch.setattr(distributed, "iter_embeddings", interrupted)
     result = embed(photos, "-m", checkpoint, "-o", tmp_path / "e.npy")
     assert result.exit_code == 130 and not (tmp_path / "e.npy").exists()
     assert one_line(result.stderr) == "interrupted after 2 of 3 images; nothing written"

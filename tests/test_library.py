@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from itertools import islice
 
 import numpy as np
 import pytest
@@ -145,6 +146,31 @@ def test_index_then_search_by_image_text_and_photo_ranks_as_transformers(lit, ph
 
     result = cli("search", "a cat", "--db", db, "-k", "2")  # the human form: score, path
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2
+
+
+def test_a_ctrl_c_keeps_what_was_indexed_and_says_so(lit, photos, tmp_path, monkeypatch):
+    """In process (tests/test_interrupt.py sends real signals to `embed`): the files finished are committed,
+    the line says how many, and the next run embeds only the others."""
+    from aim_mlx.apps.library import index as indexing
+
+    _, folder = lit
+    db = tmp_path / "library.sqlite"
+    embeddings = indexing.iter_embeddings
+
+    def interrupted(*args, **kwargs):  # a Ctrl-C once three photos are embedded
+        yield from islice(embeddings(*args, **kwargs), 3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(indexing, "iter_embeddings", interrupted)
+    result = cli("index", photos, "--db", db, "-m", folder, "--batch-size", 8)
+    assert result.exit_code == 130 and result.stdout == ""
+    assert result.stderr == (
+        "interrupted after 3 files; what was indexed is kept, run the command again to finish\n"
+    )
+    monkeypatch.undo()
+    result, summary = index(folder, db, photos)
+    assert result.exit_code == 0, result.output
+    assert (summary["unchanged"], summary["new"], summary["embedded"]) == (3, 5, 5)
 
 
 def test_reruns_touch_only_what_changed(lit, photos, tmp_path, monkeypatch):

@@ -99,19 +99,18 @@ def bench(
             model or [DEFAULT_MODEL], dtypes, sizes, image_size, num_trials, warmup, compare_torch, bits
         )
         rows = []
-    # With torch, each model and batch size is one group, timed in turns; otherwise one spec at a time.
-    groups = harness.group_by(specs, ("model", "batch")) if compare_torch else [[s] for s in specs]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with progress(*columns) as bar:
         task = bar.add_task("benchmark", total=len(specs))
-        for group in groups:
+
+        def running(done: int, total: int, group: list[dict]) -> None:
             spec = group[0]
             name = " + ".join(s["engine"] for s in group)
             name += f" {Path(spec['model']).name} {'/'.join(s['dtype'] for s in group)} batch {spec['batch']}"
             name += f" q{spec['bits']}" if spec.get("bits") else ""
-            bar.update(task, description=name)
-            rows += harness.run_interleaved(group) if len(group) > 1 else [harness.run_isolated(spec)]
-            bar.advance(task, len(group))
+            bar.update(task, completed=done, description=name)
+
+        rows += harness.run_all(specs, compare_torch, running)
     info = timing.machine()
     ratios = report.torch_ratios(rows)
     if json:

@@ -4,7 +4,7 @@ Nothing heavy is imported here (no MLX, numpy or model code), so that `aim-mlx -
 """
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum, IntEnum
 from pathlib import Path
@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from ..errors import AimMlxError, ConfigError
+from ..platform.devices import DTYPES
 
 
 class ExitCode(IntEnum):
@@ -51,8 +52,8 @@ def choice(name: str, *values: str) -> type[Enum]:
     return Enum(name, [(v, v) for v in values], type=str)
 
 
-# tests/test_cli_help.py checks that each list is the library's own.
-DType = choice("DType", "float32", "float16", "bfloat16")
+DType = choice("DType", *DTYPES)  # platform.devices imports only the standard library
+# The others repeat lists from modules that import MLX (tests/test_cli_help.py keeps them equal).
 Pool = choice("Pool", "mean", "none")
 Templates = choice("Templates", "imagenet")
 QBits = choice("QBits", "4", "8")
@@ -66,9 +67,9 @@ Outputs = choice("Outputs", "pooled", "pooled,tokens")
 Probe = choice("Probe", "best", "last")
 
 
-def value(choice: Enum | None):
-    """An optional choice as the plain string the library takes."""
-    return None if choice is None else choice.value
+def value(choice: Enum | str | None):
+    """An optional choice as the plain string the library takes (a string stays as it is)."""
+    return choice.value if isinstance(choice, Enum) else choice
 
 
 def model_option(what: str, default: str, text_default: str | None = None):
@@ -79,6 +80,35 @@ def model_option(what: str, default: str, text_default: str | None = None):
     return typer.Option(
         "--model", "-m", metavar="MODEL", show_default=False, help="\n\n".join([what, *defaults])
     )
+
+
+def db_option():
+    from ..files import data_dir
+
+    return typer.Option(
+        "--db",
+        metavar="FILE",
+        show_default=False,
+        help=f"The library database. Default: {data_dir('library.sqlite')}",
+    )
+
+
+def library_model_option():
+    """-m for the commands that read a library: which of the models that indexed it."""
+    return typer.Option(
+        "--model",
+        "-m",
+        metavar="MODEL",
+        show_default=False,
+        help="Which of the library's models (hub id or folder). Default: the only one, or the LiT "
+        "checkpoint.",
+    )
+
+
+def library_path(db: Path | None) -> Path:
+    from ..files import data_dir
+
+    return (db or data_dir("library.sqlite")).expanduser()
 
 
 def choices(enum: type[Enum]) -> str:
@@ -109,6 +139,8 @@ ProbeOpt = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+Db = Annotated[Path | None, db_option()]
+LibraryModel = Annotated[str | None, library_model_option()]
 
 
 def force_option(what: str):
@@ -150,6 +182,28 @@ def progress(*columns, hide: bool = False):
 
 
 @contextmanager
+def progress_callback(*columns, hide_at: int = 0) -> Iterator[Callable[[int, int], None]]:
+    """A bar (see `progress`) as a library call's `progress(done, in all)` callback. It appears at the first
+    call, so that a spinner the call shows before (loading the model) has ended, and not at all if no more
+    than `hide_at` items are left to do then."""
+    bar = progress(*columns)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            task = bar.add_task("", total=total, completed=done)
+            if total - done > hide_at:
+                bar.start()
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        bar.stop()
+
+
+@contextmanager
 def spinner(text: str) -> Iterator[None]:
     """A spinner on stderr while something runs, on a terminal only (see `progress`)."""
     from rich.console import Console
@@ -162,8 +216,8 @@ def spinner(text: str) -> Iterator[None]:
         yield
 
 
-def load(model: str, revision: str | None, dtype: DType | None, probe: Probe | None = None):
-    """aim_mlx.load with a spinner on stderr."""
+def load(model: str, revision: str | None = None, dtype: DType | str | None = None, probe=None):
+    """aim_mlx.load with a spinner on stderr (the library calls that load take it as their `load`)."""
     from ..loading import load as load_model
 
     with spinner(f"loading {model}"):

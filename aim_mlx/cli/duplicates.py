@@ -1,13 +1,11 @@
 """`aim-mlx duplicates`: groups of identical and near-identical photos in the library."""
 
 import json as json_module
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .common import Json, say
-from .index import db_option, library_model_option, library_path
+from .common import Db, Json, LibraryModel, library_path, say
 
 EXAMPLES = ["aim-mlx duplicates", "aim-mlx duplicates --threshold 0.98 --json"]
 
@@ -19,8 +17,8 @@ def duplicates(
             min=-1.0, max=1.0, metavar="COS", help="Cosine at or above which two photos count as near copies."
         ),
     ] = 0.95,
-    db: Annotated[Path | None, db_option()] = None,
-    model: Annotated[str | None, library_model_option()] = None,
+    db: Db = None,
+    model: LibraryModel = None,
     json: Json = False,
 ):
     """List groups of duplicate photos, largest first.

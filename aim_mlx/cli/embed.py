@@ -23,9 +23,8 @@ from .common import (
     model_option,
     partial,
     plural,
-    progress,
+    progress_callback,
     say,
-    value,
 )
 
 EXAMPLES = [
@@ -35,10 +34,6 @@ EXAMPLES = [
     'aim-mlx embed --text "a photo of a cat" -o cat.npy',
     "mlx.launch -n 2 --backend ring -- aim-mlx embed ~/Pictures -o e.npz",
 ]
-NATIVE_TOKENS = (
-    "--pool none on the native-resolution checkpoint gives each image its own token grid, which one array "
-    "cannot hold; write .jsonl"
-)
 
 
 def embed(
@@ -82,73 +77,49 @@ def embed(
         raise ConfigError("pass images or --text, not both; run embed once for each")
     if not text and not images:
         raise ConfigError("nothing to embed; pass image files or folders, or --text 'some text'")
-    group = _world()
-    if group is not None and group.rank() != 0:  # under mlx.launch: rank 0 reads, writes and reports
-        return _work(group, text, model or DEFAULT_MODEL, revision, dtype, probe)
+    from ..tasks.distributed import follow
+
+    model = model or (DEFAULT_TEXT_MODEL if text else DEFAULT_MODEL)
+    if follow(None if text else lambda: load(model, revision, dtype, probe)):  # texts: rank 0 alone
+        return  # another rank of an mlx.launch job: rank 0 reads, writes and reports
     if output is not None:
-        from ..tasks import embed as embedding
+        from ..tasks.embed import check_output as check_format
 
         output = check_output(output, force, "-o")
-        embedding.check_output(output)  # a format it writes
+        check_format(output)  # a format it writes
     if text:
         if pool is Pool.none:
             raise ConfigError("--pool none applies to images; a text embedding is one vector")
-        return _embed_texts(text, model or DEFAULT_TEXT_MODEL, revision, dtype, output, probe)
-    model = model or DEFAULT_MODEL
+        return _embed_texts(text, model, revision, dtype, output, probe)
     one_array = pool is Pool.none and output is not None and output.suffix.lower() != ".jsonl"
     variant = find_variant(model)
     if one_array and variant is not None and variant.image_size is None:
+        from ..tasks.embed import NATIVE_TOKENS
+
         raise ConfigError(NATIVE_TOKENS)  # known from the id alone: refused before loading
-    paths = image_paths(images)
-    _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_array, probe, group)
+    _embed_images(image_paths(images), model, revision, batch_size, dtype, pool, output, one_array, probe)
 
 
-def _world():
-    from ..tasks.distributed import world
+def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_array, probe) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    return world()
+    from ..tasks.distributed import embed_files
+    from ..tasks.embed import save
 
-
-def _work(group, text, model, revision, dtype, probe) -> None:
-    """A rank other than 0 of a distributed `embed`: embed the shares rank 0 sends (texts: rank 0 alone)."""
-    from ..loading import load as load_model
-    from ..tasks.distributed import work
-
-    if not text:
-        work(group, lambda: load_model(model, revision, value(dtype), value(probe)))
-
-
-def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_array, probe, group) -> None:
+    columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     done = 0
     try:
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        with progress_callback(*columns, hide_at=batch_size) as advance:
 
-        from ..tasks import embed as embedding
-
-        if group is not None:
-            from ..tasks.distributed import start
-
-            start(group, {"batch_size": batch_size, "pool": pool.value})  # the other ranks load meanwhile
-        net, processor = load(model, revision, dtype, probe)
-        if one_array and net.dims["image_size"] is None:  # native: from a folder, known once it is loaded
-            raise ConfigError(NATIVE_TOKENS)
-        columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        bar = progress(*columns, hide=len(paths) <= batch_size)
-        with bar:
-            task = bar.add_task("embed", total=len(paths))
-
-            def advance(count: int) -> None:
+            def counted(count: int, total: int) -> None:
                 nonlocal done
-                done += count
-                bar.advance(task, count)
+                done = count
+                advance(count, total)
 
-            if group is None:
-                items = embedding.iter_embeddings(net, processor, paths, batch_size, pool.value)
-            else:
-                from ..tasks.distributed import embeddings
+            def load_model():
+                return load(model, revision, dtype, probe)
 
-                items = embeddings(group, net, processor, paths, batch_size, pool.value)
-            result = embedding.collect(items, advance)
+            result = embed_files(load_model, paths, batch_size, pool.value, counted, one_array)
     except KeyboardInterrupt:
         raise interrupted(f"after {done} of {plural(len(paths), 'image')}") from None
     for _, reason in result.failures:
@@ -158,7 +129,7 @@ def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_a
     if output is None:
         print_embeddings(result.paths, result.embeddings)
     else:
-        embedding.save(result, output)
+        save(result, output)
         say(f"wrote {plural(len(result.paths), 'embedding')} to {output}")
     if result.failures:
         raise partial(len(result.failures), len(paths))
@@ -166,8 +137,7 @@ def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_a
 
 def _embed_texts(texts: list[str], model: str, revision, dtype, output: Path | None, probe) -> None:
     from ..registry import require_text
-    from ..tasks import embed as embedding
-    from ..tasks.embed import embed_texts
+    from ..tasks.embed import embed_texts, save
 
     net, _ = load(model, revision, dtype, probe)
     require_text(net, "embed text")
@@ -175,7 +145,7 @@ def _embed_texts(texts: list[str], model: str, revision, dtype, output: Path | N
     if output is None:
         print_embeddings(result.paths, result.embeddings)
         return
-    embedding.save(result, output)
+    save(result, output)
     say(f"wrote {plural(len(texts), 'embedding')} to {output}")
 
 

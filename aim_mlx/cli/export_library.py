@@ -5,16 +5,15 @@ from typing import Annotated
 
 import typer
 
-from .common import check_output, force_option, plural, say
-from .index import db_option, library_model_option, library_path
+from .common import Db, LibraryModel, check_output, force_option, library_path, plural, say
 
 EXAMPLES = ["aim-mlx export library -o photos.npz", "aim-mlx export library -o photos.npz -m ./my-lit-model"]
 
 
 def library(
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="The .npz file to write.")],
-    db: Annotated[Path | None, db_option()] = None,
-    model: Annotated[str | None, library_model_option()] = None,
+    db: Db = None,
+    model: LibraryModel = None,
     force: Annotated[bool, force_option("output")] = False,
 ):
     """Write the photo library's vectors to an .npz file.

@@ -7,18 +7,19 @@ from typing import Annotated
 import typer
 
 from ..checkpoints.variants import DEFAULT_TEXT_MODEL
-from ..errors import ConfigError
 from .common import (
     BatchSize,
+    Db,
     DTypeOpt,
     ExitCode,
     Json,
     Revision,
     interrupted,
+    library_path,
     load,
     model_option,
     plural,
-    progress,
+    progress_callback,
     rate_column,
     say,
     value,
@@ -32,38 +33,9 @@ EXAMPLES = [
 ]
 
 
-def db_option():
-    from ..files import data_dir
-
-    return typer.Option(
-        "--db",
-        metavar="FILE",
-        show_default=False,
-        help=f"The library database. Default: {data_dir('library.sqlite')}",
-    )
-
-
-def library_model_option():
-    """-m for the commands that read a library: which of the models that indexed it."""
-    return typer.Option(
-        "--model",
-        "-m",
-        metavar="MODEL",
-        show_default=False,
-        help="Which of the library's models (hub id or folder). Default: the only one, or the LiT "
-        "checkpoint.",
-    )
-
-
-def library_path(db: Path | None) -> Path:
-    from ..files import data_dir
-
-    return (db or data_dir("library.sqlite")).expanduser()
-
-
 def index(
     folders: Annotated[list[Path] | None, typer.Argument(metavar="FOLDERS", hidden=True)] = None,
-    db: Annotated[Path | None, db_option()] = None,
+    db: Db = None,
     model: Annotated[str, model_option("Hub id or local folder.", DEFAULT_TEXT_MODEL)] = DEFAULT_TEXT_MODEL,
     revision: Revision = None,
     batch_size: BatchSize = 8,
@@ -83,82 +55,36 @@ def index(
     several ranks (or machines), the ranks share the embedding and rank 0 alone writes the library; each
     host must see the files at the same path.
     """
-    from aim_mlx.apps.library.db import Library
-    from aim_mlx.apps.library.index import Summary, known_model, plan
-    from aim_mlx.apps.library.index import index as run_index
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    from ..loading import default_dtype, origin
-    from ..tasks.distributed import RankLost, world
+    from aim_mlx.apps.library import index as library_index
 
-    group = world()
-    if group is not None and group.rank() != 0:  # under mlx.launch: rank 0 reads and writes the library
-        return None if dry_run else _work(group, model, revision, dtype)
-    if not folders:
-        raise ConfigError("no folders given; pass the folders (or image files) to index")
-    for folder in folders:
-        if not folder.expanduser().exists():
-            raise ConfigError(f"{folder}: no such file or folder")
     path = library_path(db)
     if dry_run:
-        return _dry_run(path, model, folders, json)
-    found = origin(model, revision)
-    with Library(path) as library:  # a re-run with nothing to do loads no model
-        known = known_model(library, found, value(dtype) or default_dtype())
-        todo = plan(library, known, folders) if known is not None else None
-    nothing = todo is not None and not (todo.todo or todo.gone or todo.missing)
-    if group is not None:
-        from ..tasks.distributed import start
-
-        start(group, None if nothing else {"batch_size": batch_size, "pool": "mean"})
-    if nothing:
-        return _report(Summary(unchanged=todo.unchanged), path, found.source, json)
-    net, processor = load(model, revision, dtype)
-    done = 0
-    with Library(path) as library:
-        model_id = library.model_id(net.info)
-        if model_id != known:
-            todo = plan(library, model_id, folders)
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-
-        total = len(todo.todo) + todo.unchanged + len(todo.missing)
-        columns = (TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), rate_column("files"))
-        bar = progress(*columns, TimeRemainingColumn(), hide=len(todo.todo) <= batch_size)
-        try:
-            with bar:
-                task = bar.add_task("index", total=total, completed=todo.unchanged)
-
-                def advance(kind: str) -> None:
-                    nonlocal done
-                    done += 1
-                    bar.advance(task)
-
-                summary = run_index(library, net, processor, folders, batch_size, advance, todo, group)
-        except KeyboardInterrupt:
-            raise interrupted(
-                f"after {plural(done, 'file')}; what was indexed is kept, run the command again to finish",
-                kept=True,
-            ) from None
-        except RankLost as exc:
-            raise RankLost(
-                f"{exc}; the library keeps the {plural(done, 'file')} finished; run the command again to "
-                "finish"
-            ) from None
-    _report(summary, path, net.info.source, json)
+        todo = library_index.dry_run(folders or [], path, model)
+        if todo is not None:  # None: another rank of an mlx.launch job
+            _report_plan(todo.counts(), path, json)
+        return
+    columns = (TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), rate_column("files"))
+    try:
+        with progress_callback(*columns, TimeRemainingColumn(), hide_at=batch_size) as advance:
+            summary = library_index.update(
+                folders or [], path, model, revision, value(dtype), batch_size, advance, load
+            )
+    except library_index.Interrupted as exc:
+        raise interrupted(
+            f"after {plural(exc.done, 'file')}; what was indexed is kept, run the command again to finish",
+            kept=True,
+        ) from None
+    if summary is not None:  # None: another rank of an mlx.launch job, which rank 0 reports for
+        _report(summary, path, json)
 
 
-def _work(group, model: str, revision, dtype) -> None:
-    """A rank other than 0 of a distributed `index`: embed the shares rank 0 sends, if it has work."""
-    from ..loading import load as load_model
-    from ..tasks.distributed import work
-
-    work(group, lambda: load_model(model, revision, value(dtype)))
-
-
-def _report(summary, path: Path, source: str, json: bool) -> None:
+def _report(summary, path: Path, json: bool) -> None:
     for _, reason in summary.failed:
         say(f"skipped {reason}")
     if json:
-        typer.echo(json_module.dumps({**summary.to_dict(), "database": str(path), "model": source}))
+        typer.echo(json_module.dumps({**summary.to_dict(), "database": str(path), "model": summary.model}))
     else:
         typer.echo(
             f"{plural(summary.new, 'new file')}, {summary.changed} changed ({summary.embedded} embedded, "
@@ -169,23 +95,7 @@ def _report(summary, path: Path, source: str, json: bool) -> None:
         raise typer.Exit(ExitCode.PARTIAL)
 
 
-def _dry_run(path: Path, model: str, folders: list[Path], json: bool) -> None:
-    """What a run would do, without loading the model or creating the library: files are compared with the
-    library's index for `model` (matched by hub id or folder), or all new when it has none."""
-    from aim_mlx.apps.library.db import Library
-    from aim_mlx.apps.library.index import Plan, plan
-    from aim_mlx.apps.library.scan import walk
-
-    todo = None
-    if path.exists():  # (matched by source alone: recognising the exact model could mean downloading it)
-        with Library.reader(path) as library:
-            source = str(Path(model).expanduser().resolve()) if Path(model).expanduser().is_dir() else model
-            ids = [m["id"] for m in library.models() if m["info"]["source"] == source]
-            if ids:
-                todo = plan(library, ids[-1], folders)
-    if todo is None:  # no index for this model yet: every file is new
-        todo = Plan(todo=[(p, None, "new") for p in walk(folders)])
-    counts = todo.counts()
+def _report_plan(counts: dict, path: Path, json: bool) -> None:
     if json:
         typer.echo(json_module.dumps({**counts, "database": str(path), "dry_run": True}))
     else:

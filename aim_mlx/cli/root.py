@@ -33,19 +33,7 @@ from . import (
 from .common import EXIT_CODES_HELP, ExitCode, examples, interrupted, library_warnings, say
 
 SETTINGS = {"help_option_names": ["-h", "--help"]}
-ORDER = [
-    "embed",
-    "classify",
-    "eval",
-    "index",
-    "search",
-    "duplicates",
-    "serve",
-    "models",
-    "convert",
-    "export",
-    "bench",
-]
+ORDER: list[str] = []  # the commands in the order a user needs them: the order they are added at the end
 # What the library says in Python, said with the command's flags.
 LOCAL_FOLDER = "aim_mlx.load('/path/to/folder')"
 REVISION = re.compile(r"\brevision=('[^']*')")
@@ -157,19 +145,34 @@ def _main(
     pass  # the app's help is Typer's `help=`; this callback exists for --version
 
 
-app.command(epilog=examples(*embed.EXAMPLES))(embed.embed)
-app.command(epilog=examples(*classify.EXAMPLES))(classify.classify)
-eval_app = typer_app(help="Measure accuracy on a benchmark set.")
-eval_app.command("imagenet", epilog=examples(*eval.EXAMPLES))(eval.imagenet)
-app.add_typer(eval_app, name="eval")
-app.command(epilog=examples(*index.EXAMPLES))(index.index)
-app.command(epilog=examples(*search.EXAMPLES))(search.search)
-app.command(epilog=examples(*duplicates.EXAMPLES))(duplicates.duplicates)
-app.command(epilog=examples(*serve.EXAMPLES))(serve.serve)
-app.command()(models.models)
-app.command(epilog=examples(*convert.EXAMPLES))(convert.convert)
-export_app = typer_app(help="Export a checkpoint, or the photo library's vectors.")
-export_app.command("coreml", epilog=examples(*export.EXAMPLES))(export.coreml)
-export_app.command("library", epilog=examples(*export_library.EXAMPLES))(export_library.library)
-app.add_typer(export_app, name="export")
-app.command(epilog=examples(*bench.EXAMPLES))(bench.bench)
+def add(function, lines: list[str] | None = None) -> None:
+    """A command named after its function, with its examples."""
+    app.command(epilog=examples(*lines) if lines else None)(function)
+    ORDER.append(function.__name__)
+
+
+def add_group(name: str, help: str, *commands: tuple) -> None:
+    """A group of (name, function, examples) subcommands."""
+    group = typer_app(help=help)
+    for sub, function, lines in commands:
+        group.command(sub, epilog=examples(*lines))(function)
+    app.add_typer(group, name=name)
+    ORDER.append(name)
+
+
+add(embed.embed, embed.EXAMPLES)
+add(classify.classify, classify.EXAMPLES)
+add_group("eval", "Measure accuracy on a benchmark set.", ("imagenet", eval.imagenet, eval.EXAMPLES))
+add(index.index, index.EXAMPLES)
+add(search.search, search.EXAMPLES)
+add(duplicates.duplicates, duplicates.EXAMPLES)
+add(serve.serve, serve.EXAMPLES)
+add(models.models)
+add(convert.convert, convert.EXAMPLES)
+add_group(
+    "export",
+    "Export a checkpoint, or the photo library's vectors.",
+    ("coreml", export.coreml, export.EXAMPLES),
+    ("library", export_library.library, export_library.EXAMPLES),
+)
+add(bench.bench, bench.EXAMPLES)

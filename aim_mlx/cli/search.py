@@ -7,8 +7,7 @@ from typing import Annotated
 import typer
 
 from ..errors import ConfigError
-from .common import Json, say
-from .index import db_option, library_model_option, library_path
+from .common import Db, Json, LibraryModel, library_path, load, say
 
 EXAMPLES = [
     'aim-mlx search "a dog running on the beach"',
@@ -27,8 +26,8 @@ def search(
         int | None, typer.Option("--like", metavar="ID", help="Find photos like this indexed photo (its id).")
     ] = None,
     top: Annotated[int, typer.Option("-k", "--top", min=1, metavar="K", help="How many results.")] = 10,
-    db: Annotated[Path | None, db_option()] = None,
-    model: Annotated[str | None, library_model_option()] = None,
+    db: Db = None,
+    model: LibraryModel = None,
     json: Json = False,
     open: Annotated[bool, typer.Option("--open", help="Open the best match in the default viewer.")] = False,
 ):
@@ -37,28 +36,9 @@ def search(
     Text needs a library indexed with the LiT checkpoint (the default of `aim-mlx index`), whose image
     embeddings share a space with text. Scores are cosine similarities; the best comes first.
     """
-    from aim_mlx.apps.library.db import Library
-    from aim_mlx.apps.library.search import Vectors, choose_model, image_query, text_query
+    from aim_mlx.apps.library.search import find
 
-    from ..registry import FAMILIES, text_models
-
-    given = [x for x in (query, image, like) if x is not None]
-    if len(given) != 1:
-        raise ConfigError("give one query: a TEXT, --image FILE or --like ID")
-    with Library.reader(library_path(db)) as library:
-        entry = choose_model(library, model)
-        if query is not None and not FAMILIES[entry["info"]["family"]].text:
-            raise ConfigError(
-                f"this library was indexed with {entry['info']['source']}, which has no text tower; search "
-                f"it with --image, or index with {', '.join(text_models())} to search by text"
-            )
-        vectors = Vectors.load(library, entry["id"])
-        if like is not None:
-            hits = vectors.top_k(vectors.vector(like), top, exclude=like)
-        else:
-            net, processor = _load(entry)
-            vector = text_query(net, query) if query is not None else image_query(net, processor, image)
-            hits = vectors.top_k(vector, top)
+    hits = find(library_path(db), query, image, like, top, model, load)
     if json:
         typer.echo(json_module.dumps([h.to_dict() for h in hits]))
     else:
@@ -68,15 +48,6 @@ def search(
             say("no photos in the library")
     if open and hits:
         _open(hits[0].path)
-
-
-def _load(entry: dict):
-    from aim_mlx.apps.library.search import load_model
-
-    from .common import spinner
-
-    with spinner(f"loading {entry['info']['source']}"):
-        return load_model(entry)
 
 
 def _open(path: str) -> None:

@@ -1,17 +1,14 @@
 """`aim-mlx serve`: the photo library's web app (aim_mlx.apps.library.web) on uvicorn."""
 
-import importlib
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..errors import AimMlxError, ConfigError
-from .common import plural, say, spinner, warn
-from .index import db_option, library_model_option, library_path
+from ..errors import ConfigError
+from .common import Db, LibraryModel, library_path, plural, say, spinner, warn
 
 EXAMPLES = [
     "aim-mlx serve",
@@ -22,8 +19,8 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def serve(
-    db: Annotated[Path | None, db_option()] = None,
-    model: Annotated[str | None, library_model_option()] = None,
+    db: Db = None,
+    model: LibraryModel = None,
     host: Annotated[
         str,
         typer.Option(
@@ -45,10 +42,10 @@ def serve(
     indexed. A search while `aim-mlx index` runs answers from what that run has committed. Ctrl-C stops the
     server.
     """
-    for module in ("starlette", "uvicorn"):
-        require(module)
-    import uvicorn
+    from ..extras import require
 
+    require("starlette")  # before web.py imports it: one line naming the extra
+    uvicorn = require("uvicorn")
     from aim_mlx.apps.library.web import create_app
 
     listener = listen(host, port)
@@ -69,16 +66,6 @@ def serve(
     if open:
         threading.Thread(target=_open_when_started, args=(server, url), daemon=True).start()
     server.run(sockets=[listener])
-
-
-def require(module: str) -> None:
-    """`module` importable, or one line naming the extra that installs it."""
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        raise AimMlxError(f"{module} is not installed; pip install 'aim-mlx[library]'") from None
 
 
 def listen(host: str, port: int) -> socket.socket:

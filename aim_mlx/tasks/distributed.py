@@ -1,7 +1,8 @@
 """Data-parallel embedding across the ranks of an `mx.distributed` job (what `mlx.launch` starts).
 
-One process, no launcher: `world()` is None and nothing here runs. Under a launcher with several ranks, rank 0
-owns the input and the output; every rank, rank 0 included, embeds a share of the images:
+One process, no launcher: `world()` is None, `follow` returns False and `embed_files` is embed_images.
+Under a launcher with several ranks, rank 0 owns the input and the output; every other rank calls `follow`,
+which does its part of rank 0's job; every rank, rank 0 included, embeds a share of the images:
 
 1. Rank 0 takes the inputs a chunk at a time (CHUNK_BATCHES batches per rank) and sends the chunk's paths and
    sizes to every rank (`broadcast`: an all_sum to which the others add zeros).
@@ -18,13 +19,14 @@ file's error, naming the rank and host. A rank that dies ends the job: the colle
 (RankLost); `mlx.launch` also terminates the survivors, which SIGTERM turns into RankLost as well.
 """
 
+import functools
 import json
 import os
 import signal
 import socket
 import threading
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -32,7 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import AimMlxError, ConfigError
-from .embed import Embedded, iter_embeddings
+from .embed import NATIVE_TOKENS, Embedded, EmbedResult, collect, counting, iter_embeddings
 
 CHUNK_BATCHES = 16  # batches per rank in a chunk: the unit of assignment
 ERROR_BYTES = 512  # an error line's room in a gathered row (longer ones are cut)
@@ -48,11 +50,58 @@ def world():
     launched = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_JACCL_COORDINATOR")
     if not any(name in os.environ for name in launched):  # not under a launcher: nothing to initialise
         return None
+    return _joined()
+
+
+@functools.cache
+def _joined():
+    """The job's group, initialised once per process (`follow` and rank 0's work both ask for it)."""
     group = mx.distributed.init()
     if group.size() == 1:
         return None
     _stop_on_sigterm(group)
     return group
+
+
+def follow(load_model: Callable[[], tuple] | None) -> bool:
+    """Whether this process is a rank other than 0 of a job, which has then done its part of rank 0's job:
+    with `load_model` (-> (model, processor)), embedding the shares rank 0 hands out (`work`); without, none
+    (rank 0 does that job alone). A command calls this first: the other ranks check, read and write
+    nothing, so a file or folder only rank 0's host has is no error elsewhere."""
+    group = world()
+    if group is None or group.rank() == 0:
+        return False
+    if load_model is not None:
+        work(group, load_model)
+    return True
+
+
+def embed_files(
+    load_model: Callable[[], tuple],
+    paths: list[Path],
+    batch_size: int = 8,
+    pool: str = "mean",
+    progress: Callable[[int, int], None] | None = None,
+    one_array: bool = False,
+) -> EmbedResult:
+    """embed.embed_images over `paths`, in one process or, under a launcher, shared with the other ranks
+    (this being rank 0; they run `follow`). The others are told the job before `load_model()` (-> (model,
+    processor)) runs here, so that every rank loads at once. `progress(images done, in all)` is called once
+    the model is loaded, then as images are done. `one_array`: the result must stack into one array (.npy,
+    .npz), which the native-resolution checkpoint's token grids cannot: refused once it is loaded."""
+    group = world()
+    if group is not None:
+        start(group, {"batch_size": batch_size, "pool": pool})
+    model, processor = load_model()
+    if one_array and pool == "none" and model.dims["image_size"] is None:
+        raise ConfigError(NATIVE_TOKENS)
+    if progress is not None:
+        progress(0, len(paths))
+    if group is None:
+        items = iter_embeddings(model, processor, paths, batch_size, pool)
+    else:
+        items = embeddings(group, model, processor, paths, batch_size, pool)
+    return collect(items, counting(progress, len(paths)))
 
 
 def where(group) -> str:

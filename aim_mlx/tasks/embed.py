@@ -19,6 +19,10 @@ from ..log import logger
 
 OUTPUT_FORMATS = (".npy", ".npz", ".jsonl")
 POOLS = ("mean", "none")
+NATIVE_TOKENS = (
+    "--pool none on the native-resolution checkpoint gives each image its own token grid, which one array "
+    "cannot hold; write .jsonl"
+)
 
 
 @dataclass

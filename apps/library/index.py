@@ -1,13 +1,15 @@
 """`aim-mlx index`: bring a library database up to date with folders of photos.
 
-A run walks the folders and compares each file with the database (path, size, mtime):
+`update` is the whole run (`dry_run` says what it would do); `plan` and `index` are its two steps. A run
+walks the folders and compares each file with the database (path, size, mtime):
 - unchanged: not opened;
 - new or changed: hashed (and its header read) on worker threads; a hash the model has already embedded
   (a rename, a move, a copy, an edit undone) reuses that vector; any other is embedded through
   aim_mlx.tasks.embed.iter_embeddings, which decodes ahead on its own threads while the model runs;
 - gone (under a folder walked, but not found): removed, with vectors no file uses any more.
 Writes are committed a batch at a time, each file with its vector in one transaction: a run killed at any
-moment leaves a valid database holding every batch committed, and the next run does the rest.
+moment leaves a valid database holding every batch committed, and the next run does the rest. Started by
+`mlx.launch`, rank 0 alone reads and writes the library; the other ranks embed shares of its images.
 """
 
 import os
@@ -18,6 +20,9 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+from aim_mlx.errors import ConfigError
+from aim_mlx.loading import default_dtype, origin
+from aim_mlx.loading import load as load_checkpoint
 from aim_mlx.tasks import distributed
 from aim_mlx.tasks.embed import iter_embeddings
 
@@ -46,6 +51,7 @@ class Plan:
 
 @dataclass
 class Summary:
+    model: str = ""  # the checkpoint's hub id or folder
     new: int = 0
     changed: int = 0
     unchanged: int = 0
@@ -58,6 +64,108 @@ class Summary:
         fields = ("new", "changed", "unchanged", "embedded", "reused", "removed")
         failed = [{"path": p, "error": e} for p, e in self.failed]
         return {**{k: getattr(self, k) for k in fields}, "failed": failed}
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C during `update`'s run: the library keeps the `done` files finished."""
+
+    def __init__(self, done: int):
+        super().__init__(done)
+        self.done = done
+
+
+def update(
+    roots: list[str | os.PathLike],
+    db_path: str | os.PathLike,
+    model: str,
+    revision: str | None = None,
+    dtype: str | None = None,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+    load: Callable | None = None,
+) -> Summary | None:
+    """Bring the library at `db_path` up to date with `roots` (folders or image files) for the checkpoint
+    `model` (hub id or folder) in `dtype` (default: loading.default_dtype()).
+
+    A run with nothing to do loads no model: the checkpoint is recognised from its files and config. Else it
+    is loaded with `load` (aim_mlx.load's signature; default aim_mlx.load), and the files are sorted again
+    should its identity not be the one expected. `progress(files done, in all)` is called once the run
+    starts (the unchanged files count as done), then after each file read. Returns the Summary, or None on
+    a rank other than 0 of an `mlx.launch` job, which embeds shares of rank 0's images and touches no file.
+    A Ctrl-C in the run raises Interrupted, a lost rank RankLost, each saying how many files were kept."""
+    load = load or load_checkpoint
+
+    def load_model():
+        return load(model, revision=revision, dtype=dtype)
+
+    if distributed.follow(load_model):
+        return None
+    _check_roots(roots)
+    found = origin(model, revision)
+    with Library(db_path) as library:  # a re-run with nothing to do loads no model
+        known = known_model(library, found, dtype or default_dtype())
+        todo = plan(library, known, roots) if known is not None else None
+    nothing = todo is not None and not (todo.todo or todo.gone or todo.missing)
+    group = distributed.world()
+    if group is not None:
+        distributed.start(group, None if nothing else {"batch_size": batch_size, "pool": "mean"})
+    if nothing:
+        return Summary(model=found.source, unchanged=todo.unchanged)
+    net, processor = load_model()
+    with Library(db_path) as library:
+        model_id = library.model_id(net.info)
+        if model_id != known:
+            todo = plan(library, model_id, roots)
+        total = len(todo.todo) + todo.unchanged + len(todo.missing)
+        done = 0
+
+        def on_file(kind: str) -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                progress(todo.unchanged + done, total)
+
+        if progress:
+            progress(todo.unchanged, total)
+        try:
+            summary = index(library, net, processor, roots, batch_size, on_file, todo, group)
+        except KeyboardInterrupt:
+            raise Interrupted(done) from None
+        except distributed.RankLost as exc:
+            raise distributed.RankLost(
+                f"{exc}; the library keeps the {_files(done)} finished; run the command again to finish"
+            ) from None
+    summary.model = net.info.source
+    return summary
+
+
+def dry_run(roots: list[str | os.PathLike], db_path: str | os.PathLike, model: str) -> Plan | None:
+    """What `update` would do, without loading the model or creating the library: files are compared with
+    the library's index for `model` (matched by hub id or folder alone: recognising the exact checkpoint
+    could mean downloading it), or all new when it has none. None on a rank other than 0 of a job."""
+    if distributed.follow(None):
+        return None
+    _check_roots(roots)
+    if Path(db_path).exists():
+        with Library.reader(db_path) as library:
+            folder = Path(model).expanduser()
+            source = str(folder.resolve()) if folder.is_dir() else model
+            ids = [m["id"] for m in library.models() if m["info"]["source"] == source]
+            if ids:
+                return plan(library, ids[-1], roots)
+    return Plan(todo=[(p, None, "new") for p in walk(roots)])  # no index for this model yet
+
+
+def _check_roots(roots) -> None:
+    if not roots:
+        raise ConfigError("no folders given; pass the folders (or image files) to index")
+    for root in roots:
+        if not Path(root).expanduser().exists():
+            raise ConfigError(f"{root}: no such file or folder")
+
+
+def _files(count: int) -> str:
+    return f"{count} file" + ("" if count == 1 else "s")
 
 
 def plan(library: Library, model_id: int, roots: Iterable[str | os.PathLike]) -> Plan:

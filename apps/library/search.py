@@ -21,7 +21,7 @@ from aim_mlx.checkpoints.variants import DEFAULT_TEXT_MODEL
 from aim_mlx.errors import ConfigError
 from aim_mlx.extras import missing, optional
 from aim_mlx.log import warn_once
-from aim_mlx.registry import require_text
+from aim_mlx.registry import FAMILIES, require_text, text_models
 
 from .db import Library, LibraryError
 
@@ -129,10 +129,42 @@ def choose_model(library: Library, wanted: str | None = None) -> dict:
     raise ConfigError(f"{library.path} has indexes from several models ({known}); choose one with -m")
 
 
-def load_model(entry: dict):
-    """The model that built `entry`'s vectors, loaded as it was (source, revision, dtype); refuses one whose
-    identity changed since (a local folder edited), which would mix spaces."""
-    from aim_mlx.loading import load
+def find(
+    db_path: str | Path,
+    text: str | None = None,
+    image: str | Path | None = None,
+    like: int | None = None,
+    k: int = 10,
+    model: str | None = None,
+    load=None,
+) -> list[Hit]:
+    """The library's `k` best matches, best first, for one query: a text, an image file, or an indexed
+    photo's id (its own vector; no model is loaded). `model`: which of the library's indexes (see
+    `choose_model`); `load`: how to load its model (aim_mlx.load's signature, the default)."""
+    if sum(x is not None for x in (text, image, like)) != 1:
+        raise ConfigError("give one query: a TEXT, --image FILE or --like ID")
+    with Library.reader(db_path) as library:
+        entry = choose_model(library, model)
+        info = entry["info"]
+        if text is not None and not FAMILIES[info["family"]].text:
+            raise ConfigError(
+                f"this library was indexed with {info['source']}, which has no text tower; search it with "
+                f"--image, or index with {', '.join(text_models())} to search by text"
+            )
+        vectors = Vectors.load(library, entry["id"])
+        if like is not None:
+            return vectors.top_k(vectors.vector(like), k, exclude=like)
+        net, processor = load_model(entry, load)
+        vector = text_query(net, text) if text is not None else image_query(net, processor, image)
+        return vectors.top_k(vector, k)
+
+
+def load_model(entry: dict, load=None):
+    """The model that built `entry`'s vectors, loaded as it was (source, revision, dtype) by `load`
+    (default aim_mlx.load); refuses one whose identity changed since (a local folder edited), which would
+    mix spaces."""
+    if load is None:
+        from aim_mlx.loading import load
 
     info = entry["info"]
     model, processor = load(info["source"], revision=info["revision"], dtype=info["dtype"])

@@ -171,3 +171,20 @@ def group_by(specs: list[dict], keys: tuple[str, ...]) -> list[list[dict]]:
     for spec in specs:
         groups.setdefault(tuple(spec[k] for k in keys), []).append(spec)
     return list(groups.values())
+
+
+def run_all(
+    specs: list[dict],
+    compare_torch: bool = False,
+    progress: Callable[[int, int, list[dict]], None] | None = None,
+) -> list[dict]:
+    """Every spec's result, in order. With torch, each model and batch size is one group whose engines are
+    timed in turns (run_interleaved); otherwise each spec runs alone in its own process (run_isolated).
+    `progress(specs done, in all, the group about to run)` is called before each group."""
+    groups = group_by(specs, ("model", "batch")) if compare_torch else [[spec] for spec in specs]
+    rows: list[dict] = []
+    for group in groups:
+        if progress is not None:
+            progress(len(rows), len(specs), group)
+        rows += run_interleaved(group) if len(group) > 1 else [run_isolated(group[0])]
+    return rows
