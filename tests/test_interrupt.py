@@ -18,6 +18,10 @@ from PIL import Image
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "rocket", "immunohistochemistry")
 IMAGES = 64
+# The photo folder is named this many times on the command line (embed takes a folder again each time it is
+# named), so that a run lasts far beyond the last signal even on a fast machine: the moments below are
+# fixed sleeps, and a run that ended first is a failed test, not a skipped one.
+ROUNDS = 8
 # `python -m aim_mlx` with the library's info lines on stderr, so that a test can wait for "loaded".
 WITH_INFO_LOGS = (
     "import logging, sys; logging.basicConfig(level=logging.INFO, format='log: %(message)s'); "
@@ -34,7 +38,7 @@ SIZE, DEPTH = (112, 4) if APPLE else (224, 24)
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     """A folder of small photos and a checkpoint slow enough that a run lasts well beyond the last signal
-    (24 blocks at 224 px: about 0.1-0.2 s an image on two cores, 64 images)."""
+    (24 blocks at 224 px: 0.02-0.2 s an image on two cores, 64 images named ROUNDS times)."""
     root = tmp_path_factory.mktemp("interrupt")
     (root / "photos").mkdir()
     for i in range(IMAGES):
@@ -47,7 +51,7 @@ def job(tmp_path_factory):
 
 
 def start(command: list[str], job: Path, out: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
-    args = ["embed", str(job / "photos"), "-m", str(job / "model"), "-o", str(out), *extra]
+    args = ["embed", *[str(job / "photos")] * ROUNDS, "-m", str(job / "model"), "-o", str(out), *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [*command, *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
@@ -105,7 +109,7 @@ def test_sigint_once_the_model_is_loaded(job, tmp_path, batch_size, into_run):
     wait_for(lines, "log: loaded")
     time.sleep(into_run)
     said = interrupt_and_check(proc, lines, out)
-    assert re.fullmatch(rf"interrupted after \d+ of {IMAGES} images; nothing written", said)
+    assert re.fullmatch(rf"interrupted after \d+ of {IMAGES * ROUNDS} images; nothing written", said)
 
 
 def test_sigint_swept_through_the_first_batch(job, tmp_path):
