@@ -41,7 +41,7 @@ def convert(
         QGroupSize | None, typer.Option(help="Weights per quantization group (with -q). Default: 64.")
     ] = None,
     quant_predicate: Annotated[
-        QuantRecipe | None, typer.Option(help="A mixed-precision recipe (with -q); see the README.")
+        QuantRecipe | None, typer.Option(help="A mixed-precision recipe (with -q); see docs/convert.md.")
     ] = None,
     force: Annotated[bool, force_option("--mlx-path folder")] = False,
     probe: Annotated[
