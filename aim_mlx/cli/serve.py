@@ -75,7 +75,7 @@ def serve(
     ] = None,
     open: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
 ):
-    """Serve OpenAI-style embeddings (/v1/embeddings) and the photo library in a web browser.
+    """Serve an OpenAI-style embeddings API and the photo page.
 
     POST /v1/embeddings takes texts and images (data URIs or base64; URLs are never fetched) in OpenAI's
     request shape; GET /v1/models lists the models; GET /health. Concurrent requests share batches.
