@@ -24,11 +24,13 @@ import skimage.data
 import uvicorn
 from aim_mlx.apps.service.app import create_app
 from aim_mlx.apps.service.models import Models
+from aim_mlx.apps.service.server import build
 from checkpoints import TINY, make_reference, write_checkpoint, write_processor
 from fakehub import add_folder
 from huggingface_hub import constants
 from lit_checkpoints import make_lit_reference, write_lit_checkpoint
 from PIL import Image
+from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 import aim_mlx
@@ -352,8 +354,6 @@ def test_serve_binds_loopback_by_default_and_without_a_library_says_how_to_index
     first, second = result.stderr.splitlines()
     assert first.startswith("serving the embeddings API at http://127.0.0.1:") and str(hub.lit) in first
     assert second.endswith(f"says how to index your photos into {tmp_path / 'data' / 'library.sqlite'}")
-    from starlette.testclient import TestClient
-
     with TestClient(ran["app"], base_url="http://127.0.0.1") as page:
         html = page.get("/").text
         assert "aim-mlx index ~/Pictures" in html and "no library" not in html.lower()
@@ -467,3 +467,41 @@ def test_chromadb_with_its_openai_embedding_function_pointed_here(server, refere
     close([by_id[str(i)] for i in range(len(TEXTS))], [reference.text[t] for t in TEXTS], atol=1e-5)
     hits = docs.query(query_texts=[TEXTS[2]], n_results=2)
     assert hits["documents"][0][0] == TEXTS[2]
+
+
+def test_cors_is_off_unless_an_origin_is_named(hub):
+    preflight = {"origin": "http://app.example", "access-control-request-method": "POST"}
+    with TestClient(create_app(Models([str(hub.lit)])), base_url="http://127.0.0.1") as plain:
+        response = plain.options("/v1/embeddings", headers=preflight)
+        assert "access-control-allow-origin" not in response.headers
+    named = create_app(Models([str(hub.lit)]), api_key="k", cors_origins=["http://app.example"])
+    with TestClient(named, base_url="http://127.0.0.1") as page:
+        response = page.options("/v1/embeddings", headers=preflight)
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == "http://app.example"
+        other = page.options("/v1/embeddings", headers={**preflight, "origin": "http://evil.example"})
+        assert other.headers.get("access-control-allow-origin") != "http://evil.example"
+        refused = page.get("/v1/models", headers={"origin": "http://app.example"})  # no key: 401, readable
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"]
+
+
+def test_with_a_library_one_server_answers_the_photo_page_and_the_api(hub, reference, tmp_path, monkeypatch):
+    """Without --model the API serves the library's model, loaded on its first request."""
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    photos = tmp_path / "Pictures"
+    photos.mkdir()
+    for name in ("coffee", "rocket"):
+        (photos / f"{name}.jpg").write_bytes(hub.photos[name].read_bytes())
+    db = tmp_path / "library.sqlite"
+    result = CliRunner().invoke(cli_app, ["index", str(photos), "--db", str(db), "-m", str(hub.lit)])
+    assert result.exit_code == 0, result.output
+    served = build(db, explicit_db=False)
+    assert served.photos == 2 and served.models == [str(hub.lit)] and served.lazy
+    with TestClient(served.app, base_url="http://127.0.0.1") as both:
+        assert both.get("/api/status").json()["photos"] == 2
+        assert both.get("/v1/models").json()["data"][0]["loaded"] is False
+        hits = both.get("/api/search", params={"q": "a rocket"}).json()["results"]
+        assert {h["name"] for h in hits} == {"coffee.jpg", "rocket.jpg"}
+        answer = both.post("/v1/embeddings", json={"model": "lit", "input": [TEXTS[1]]}).json()
+        close([answer["data"][0]["embedding"]], [reference.text[TEXTS[1]]], atol=1e-5)
+        assert both.get("/photo/999").json() == {"error": "no indexed photo has id 999"}  # its own rules
