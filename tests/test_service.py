@@ -280,6 +280,8 @@ def test_every_bad_request_is_a_4xx_in_openais_shape_and_the_next_is_answered(se
     with pytest.raises(openai.BadRequestError) as refused:  # the SDK reads the error's fields
         client(server).embeddings.create(model=LIT, input=[LONG], extra_body={"truncate": False})
     assert refused.value.code == "context_length_exceeded" and refused.value.param == "input"
+    for model in httpx.get(server + "/health").json()["models"]:  # nothing left counted as on its way
+        assert model["in_progress"] == 0 and model["decoding"] == 0 and model["queued"] == 0
     assert httpx.get(server + "/v1/embeddings").status_code == 405
     assert httpx.get(server + "/v1/nothing").json()["error"]["message"].startswith("no route /v1/nothing")
 
@@ -394,7 +396,7 @@ def test_many_clients_at_once_share_batches_and_each_gets_its_own_answer(gated, 
     after = health()
     embedded, batches = after["embedded"] - before["embedded"], after["batches"] - before["batches"]
     assert embedded == len(jobs) and batches < len(jobs)  # requests were merged into batches
-    assert after["in_progress"] == 0 and after["queued"] == 0
+    assert after["in_progress"] == 0 and after["queued"] == 0 and after["decoding"] == 0
 
 
 def test_a_request_larger_than_a_batch_is_split_and_rejoined_in_order(gated, hub, reference):
@@ -437,6 +439,7 @@ def test_a_full_queue_is_429_with_retry_after_and_a_gone_client_costs_nothing(ga
         time.sleep(0.02)
     time.sleep(0.1)
     computed = health()["embedded"] - before
+    assert health()["decoding"] == 0
     assert 1 <= computed <= 4  # ...and what waited behind the batch in the model was never computed
     answer = client(gated.url).embeddings.create(model=gated.model, input=TEXTS[0])
     close(rows(answer), [reference.text[TEXTS[0]]], atol=1e-5)

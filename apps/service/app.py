@@ -141,9 +141,14 @@ async def embed(models: Models, held: Held, wanted: EmbeddingsRequest) -> tuple[
     On the first bad item the others are cancelled and its error is raised."""
     loop = asyncio.get_running_loop()
 
+    put = 0
+
     async def one(index, item):
+        nonlocal put
         data, tokens = await loop.run_in_executor(models.decoders, held.prepare, item, index, wanted.truncate)
-        return await held.batcher.put(item.kind, data), tokens
+        future = held.batcher.put(item.kind, data)
+        put += 1
+        return await future, tokens
 
     tasks = [asyncio.ensure_future(one(i, item)) for i, item in enumerate(wanted.items)]
     try:
@@ -154,7 +159,8 @@ async def embed(models: Models, held: Held, wanted: EmbeddingsRequest) -> tuple[
         results = [t.result() for t in tasks]
     finally:
         for task in tasks:
-            task.cancel()
+            task.cancel()  # none of them puts an item after this
+        held.batcher.lost(len(tasks) - put)
     return [row for row, _ in results], sum(tokens for _, tokens in results)
 
 
@@ -187,6 +193,7 @@ def state(held: Held) -> dict:
         "id": held.id,
         "loaded": held.model is not None,
         "in_progress": batcher.admitted,
+        "decoding": batcher.coming,
         "queued": len(batcher.queue),
         "batches": batcher.batches,
         "embedded": batcher.items,

@@ -3,8 +3,9 @@
 A request first reserves room for its items (`admit`; none left: the caller answers 429), then puts each
 item as it is decoded (`put`) and awaits its own future, so one request's items keep their order however
 they are batched. The loop takes up to `batch_size` items of one kind (and, for images, one pixel shape:
-the native checkpoint's sizes differ) in arrival order, waiting at most `wait` seconds for a batch to fill,
-and runs them on the model thread. An item whose future was cancelled (its client went away) is left out.
+the native checkpoint's sizes differ) in arrival order and runs them on the model thread. While admitted
+items are still being decoded, a batch that is not full waits for them, at most `wait` seconds; a lone
+request does not wait. An item whose future was cancelled (its client went away) is left out.
 """
 
 import asyncio
@@ -37,6 +38,7 @@ class Batcher:
         self.run, self.executor = run, executor
         self.batch_size, self.wait, self.capacity = batch_size, wait, capacity
         self.admitted = 0  # items reserved by requests in the server now: decoding, queued or running
+        self.coming = 0  # admitted items not put yet (being decoded)
         self.queue: deque[Job] = deque()
         self.arrived = asyncio.Event()
         self.batches = self.items = 0  # model batches run and items computed, for /health
@@ -46,13 +48,21 @@ class Batcher:
         if self.admitted + count > self.capacity:
             raise Full
         self.admitted += count
+        self.coming += count
 
     def release(self, count: int) -> None:
         self.admitted -= count
 
+    def lost(self, count: int) -> None:
+        """Admitted items that will not be put (their decoding failed, or their request went away)."""
+        if count:
+            self.coming -= count
+            self.arrived.set()
+
     def put(self, kind: str, data: np.ndarray) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         self.queue.append(Job(kind, data, future))
+        self.coming -= 1
         self.arrived.set()
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self.loop())
@@ -64,7 +74,7 @@ class Batcher:
                 self.arrived.clear()
                 await self.arrived.wait()
             deadline = asyncio.get_running_loop().time() + self.wait
-            while len(self.queue) < self.batch_size:
+            while len(self.queue) < self.batch_size and self.coming > 0:
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
                     break
