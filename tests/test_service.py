@@ -508,3 +508,50 @@ def test_with_a_library_one_server_answers_the_photo_page_and_the_api(hub, refer
         answer = both.post("/v1/embeddings", json={"model": "lit", "input": [TEXTS[1]]}).json()
         close([answer["data"][0]["embedding"]], [reference.text[TEXTS[1]]], atol=1e-5)
         assert both.get("/photo/999").json() == {"error": "no indexed photo has id 999"}  # its own rules
+
+
+def test_zero_shot_scores_images_against_labels_as_the_cli_does(server, hub, tmp_path, monkeypatch):
+    from aim_mlx.tasks.zeroshot import imagenet_templates, zero_shot
+
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    labels = ["a cat", "a rocket", "a cup of coffee", "an astronaut"]
+    names = ["chelsea", "rocket", "coffee"]
+    model, processor = aim_mlx.load(str(hub.lit))
+    for templates in (None, ["a photo of {}.", "a picture of {}"], "imagenet"):
+        expected = zero_shot(
+            model,
+            processor,
+            [hub.photos[n] for n in names],
+            labels,
+            imagenet_templates() if templates == "imagenet" else templates or ["a photo of a {}."],
+            top_k=3,
+            cache=False,
+        )
+        body = {
+            "model": SHORT,
+            "input": [{"image": data_uri(hub.photos[n])} for n in names],
+            "labels": labels,
+        }
+        body.update({"top_k": 3, **({"templates": templates} if templates else {})})
+        answer = httpx.post(server + "/v1/classify", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        data = answer.json()["data"]
+        assert [d["index"] for d in data] == [0, 1, 2]
+        for got, want in zip(data, expected, strict=True):
+            assert [t["label"] for t in got["top"]] == want.labels
+            close([t["prob"] for t in got["top"]], want.probs, atol=1e-5)
+    assert list((tmp_path / "cache" / "text-embeddings").iterdir())  # label sets cached as the CLI caches
+
+    image = {"image": data_uri(hub.photos["coffee"])}
+    for body, param, words in [
+        ({"model": LIT, "input": [image], "labels": []}, "labels", "no labels given"),
+        ({"model": LIT, "input": [image], "labels": "cat,dog"}, "labels", "list of strings"),
+        ({"model": LIT, "input": [image], "labels": ["cat", "Cat"]}, "labels", "given twice"),
+        ({"model": LIT, "input": ["a cat"], "labels": ["cat"]}, "input", "input[0] is a text"),
+        ({"model": LIT, "input": [image], "labels": ["cat"], "templates": ["no slot"]}, "templates", "{}"),
+        ({"model": LIT, "input": [image], "labels": ["cat"], "top_k": 0}, "top_k", "positive"),
+        ({"model": "aimv2", "input": [image], "labels": ["cat"]}, "model", "vision-only"),
+    ]:
+        response = httpx.post(server + "/v1/classify", json=body, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+        assert words in response.json()["error"]["message"]

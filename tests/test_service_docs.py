@@ -95,4 +95,4 @@ def test_the_pages_commands_run_against_a_server(server, kind, code):
         for answer in answers:
             assert answer.get("object") == "list" or answer.get("status") == "ok", answer
             for row in answer.get("data", []):
-                assert row.get("object") in ("embedding", "model")
+                assert row.get("object") in ("embedding", "model", "classification")

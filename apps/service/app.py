@@ -1,5 +1,6 @@
 """The embeddings API on Starlette, in OpenAI's shapes: `POST /v1/embeddings`, `GET /v1/models`,
-`GET /v1/models/{id}` and `GET /health`; anything else is passed to `fallback` (the photo page, or a page
+`GET /v1/models/{id}` and `GET /health`; `POST /v1/classify` scores images against labels as
+`aim-mlx classify` does; anything else is passed to `fallback` (the photo page, or a page
 that says how to make a library).
 
 Every error is {"error": {"message", "type", "param", "code"}} with a 4xx status for a bad request; nothing a
@@ -23,9 +24,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from aim_mlx.tasks.zeroshot import predict
+
 from .batcher import Full
 from .models import Held, Models
-from .parse import ApiError, EmbeddingsRequest, parse
+from .parse import ApiError, EmbeddingsRequest, parse, parse_classify
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 MAX_BODY = 64 * 2**20  # bytes: 256 photos of a few hundred KB each, in base64
@@ -53,18 +56,7 @@ def create_app(
         await held.ready()
         held.check_dimensions(wanted.dimensions)
         count = len(wanted.items)
-        try:
-            held.batcher.admit(count)
-        except Full:
-            error = ApiError(
-                429,
-                f"the server is busy ({held.batcher.admitted} inputs in progress for {held.id}); retry in "
-                f"{RETRY_AFTER} s",
-                code="rate_limit_exceeded",
-                kind="requests",
-            )
-            error.headers["retry-after"] = str(RETRY_AFTER)
-            raise error from None
+        admit(held, count)
         try:
             answer = await unless_gone(request, embed(models, held, wanted))
         finally:
@@ -78,6 +70,29 @@ def create_app(
         ]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONResponse({"object": "list", "data": data, "model": held.id, "usage": usage})
+
+    async def classify(request: Request):
+        body = await read_body(request, max_body)
+        wanted = parse_classify(body, max_items)
+        held = models.find(wanted.model)
+        await held.ready()
+        labels, templates = held.zero_shot_set(wanted.labels, wanted.templates)
+        loop = asyncio.get_running_loop()
+        classifier, scale = await loop.run_in_executor(models.executor, held.classifier, labels, templates)
+        count = len(wanted.items)
+        admit(held, count)
+        try:
+            answer = await unless_gone(request, embed(models, held, EmbeddingsRequest(held.id, wanted.items)))
+        finally:
+            held.batcher.release(count)
+        if answer is None:
+            return Response(status_code=499)
+        predictions = predict(np.stack(answer[0]), classifier, labels, scale, wanted.top_k)
+        data = [
+            {"object": "classification", "index": i, "top": prediction.to_list()}
+            for i, prediction in enumerate(predictions)
+        ]
+        return JSONResponse({"object": "list", "data": data, "model": held.id})
 
     def card(held: Held) -> dict:
         owner = "local" if held.folder else held.id.split("/")[0]
@@ -108,6 +123,7 @@ def create_app(
     api = Starlette(
         routes=[
             Route("/embeddings", embeddings, methods=["POST"]),
+            Route("/classify", classify, methods=["POST"]),
             Route("/models", list_models),
             Route("/models/{id:path}", one_model),
         ],
@@ -179,6 +195,22 @@ async def unless_gone(request: Request, work):
     finally:
         watch.cancel()
         work.cancel()
+
+
+def admit(held: Held, count: int) -> None:
+    """Room for `count` inputs in `held`'s batcher, or 429 with Retry-After."""
+    try:
+        held.batcher.admit(count)
+    except Full:
+        error = ApiError(
+            429,
+            f"the server is busy ({held.batcher.admitted} inputs in progress for {held.id}); retry in "
+            f"{RETRY_AFTER} s",
+            code="rate_limit_exceeded",
+            kind="requests",
+        )
+        error.headers["retry-after"] = str(RETRY_AFTER)
+        raise error from None
 
 
 def encode(row: np.ndarray, encoding_format: str):

@@ -20,6 +20,8 @@ from aim_mlx.registry import require_text
 from .batcher import Batcher
 from .parse import ApiError, Item
 
+CLASSIFIERS = 16  # zero-shot label sets kept in memory per model (and on disk, as the CLI keeps them)
+
 
 def names(spec: str) -> tuple[str, str]:
     """(id, short name) of a --model: a hub id as the variant table spells it and the part after the
@@ -40,6 +42,7 @@ class Held:
         self.folder = Path(spec).expanduser().is_dir()
         self.model = self.processor = None
         self.loading: asyncio.Future | None = None
+        self.classifiers: dict[tuple, tuple[np.ndarray, float]] = {}  # (labels, templates) -> zero-shot set
         self.executor = executor
         self.batcher = Batcher(self.forward, executor, batch_size, wait, capacity)
 
@@ -100,6 +103,37 @@ class Held:
                 "context_length_exceeded",
             )
         return ids[0], int(np.argmax(ids[0] == tokenizer.eos_id)) + 1
+
+    def zero_shot_set(self, labels: list[str], templates) -> tuple[list[str], list[str]]:
+        """The labels and prompt templates of a zero-shot request, checked as the CLI checks them."""
+        from aim_mlx.tasks.zeroshot import DEFAULT_TEMPLATE, check_labels, check_templates, imagenet_templates
+
+        try:
+            require_text(self.model, "classify zero-shot")
+        except ConfigError as exc:
+            raise ApiError(400, str(exc), "model", "text_not_supported") from None
+        try:
+            labels = check_labels(labels)
+        except ConfigError as exc:
+            raise ApiError(400, str(exc).replace("--labels", '"labels"'), "labels") from None
+        try:
+            chosen = imagenet_templates() if templates == "imagenet" else templates or [DEFAULT_TEMPLATE]
+            return labels, check_templates(chosen)
+        except ConfigError as exc:
+            raise ApiError(400, str(exc), "templates") from None
+
+    def classifier(self, labels: list[str], templates: list[str]) -> tuple[np.ndarray, float]:
+        """The labels' (L, P) text embeddings and the logit scale. On the model thread: kept in memory,
+        else read from the disk cache `aim-mlx classify` fills, else encoded (and cached)."""
+        from aim_mlx.tasks.zeroshot import text_classifier
+
+        key = (tuple(labels), tuple(templates))
+        if key not in self.classifiers:
+            if len(self.classifiers) >= CLASSIFIERS:
+                self.classifiers.pop(next(iter(self.classifiers)))
+            embeddings = text_classifier(self.model, self.processor, labels, templates)
+            self.classifiers[key] = embeddings, float(self.model.logit_scale)
+        return self.classifiers[key]
 
     def forward(self, kind: str, arrays: list[np.ndarray]) -> np.ndarray:
         """(B, D) float32 embeddings, as encode_image / encode_text give them. On the model thread."""

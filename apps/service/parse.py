@@ -49,6 +49,10 @@ class EmbeddingsRequest:
 
 def parse(body: bytes, max_items: int) -> EmbeddingsRequest:
     """The request in `body`, or an ApiError (400) naming what is wrong."""
+    return fields(load_json(body), max_items)
+
+
+def load_json(body: bytes) -> dict:
     try:
         data = json.loads(body)
     except ValueError as exc:
@@ -60,6 +64,10 @@ def parse(body: bytes, max_items: int) -> EmbeddingsRequest:
         ) from None
     if not isinstance(data, dict):
         raise ApiError(400, 'the body must be a JSON object with "model" and "input"', code="invalid_json")
+    return data
+
+
+def fields(data: dict, max_items: int) -> EmbeddingsRequest:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, '"model" is missing; name one of GET /v1/models', "model", "missing_model")
@@ -149,3 +157,35 @@ def image_bytes(source: str, where: str) -> bytes:
     if not data:
         raise ApiError(400, f"{where}: the image is empty; send the image file's bytes in base64", "input")
     return data
+
+
+@dataclass
+class ClassifyRequest:
+    model: str
+    items: list[Item]  # images only
+    labels: list[str]
+    templates: list[str] | str | None  # prompts with {} for the label, or "imagenet" (CLIP's 80)
+    top_k: int = 5
+
+
+def parse_classify(body: bytes, max_items: int) -> ClassifyRequest:
+    """A zero-shot request: `model`, `input` (images, in any item shape), `labels`, optional `templates`
+    and `top_k`; or an ApiError (400)."""
+    data = load_json(body)
+    wanted = fields({"model": data.get("model"), "input": data.get("input")}, max_items)
+    if texts := [i for i, item in enumerate(wanted.items) if item.kind != "image"]:
+        raise ApiError(400, f"input[{texts[0]}] is a text; zero-shot classification takes images", "input")
+    labels = data.get("labels")
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise ApiError(400, '"labels" must be a list of strings, e.g. ["cat", "dog"]', "labels")
+    templates = data.get("templates")
+    if templates not in (None, "imagenet") and (
+        not isinstance(templates, list) or not all(isinstance(t, str) for t in templates)
+    ):
+        raise ApiError(
+            400, '"templates" must be a list of prompts with {} for the label, or "imagenet"', "templates"
+        )
+    top_k = data.get("top_k", 5)
+    if type(top_k) is not int or top_k < 1:
+        raise ApiError(400, f"top_k must be a positive whole number, not {top_k!r}", "top_k")
+    return ClassifyRequest(wanted.model, wanted.items, labels, templates, top_k)
