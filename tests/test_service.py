@@ -555,3 +555,16 @@ def test_zero_shot_scores_images_against_labels_as_the_cli_does(server, hub, tmp
         response = httpx.post(server + "/v1/classify", json=body, timeout=30)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
         assert words in response.json()["error"]["message"]
+
+
+def test_serve_says_what_is_wrong_in_one_line(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_DATA", str(tmp_path / "data"))
+    runner = CliRunner()
+    for args, words in [
+        (["--model", str(tmp_path / "nothing-here")], "nothing-here"),
+        (["--model", str(hub.lit), "--max-batch-items", "64", "--queue-size", "32"], "--queue-size (32)"),
+        (["--model", str(hub.lit), "--model", str(hub.lit)], "share the name"),
+    ]:
+        result = runner.invoke(cli_app, ["serve", *args, "--port", "0"])
+        assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.output
+        assert result.stderr.startswith("error: ") and words in result.stderr, result.stderr
