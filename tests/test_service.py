@@ -568,3 +568,16 @@ def test_serve_says_what_is_wrong_in_one_line(hub, tmp_path, monkeypatch):
         result = runner.invoke(cli_app, ["serve", *args, "--port", "0"])
         assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.output
         assert result.stderr.startswith("error: ") and words in result.stderr, result.stderr
+
+
+def test_a_lazy_model_loads_on_first_use_and_a_failed_load_is_a_500_tried_again(hub, tmp_path, reference):
+    later = tmp_path / "later"
+    models = Models([str(hub.lit), str(later)], lazy=True)
+    with TestClient(create_app(models), base_url="http://127.0.0.1") as api:
+        assert [m["loaded"] for m in api.get("/v1/models").json()["data"]] == [False, False]
+        for _ in range(2):
+            response = api.post("/v1/embeddings", json={"model": "later", "input": "a cat"})
+            assert response.status_code == 500 and response.json()["error"]["code"] == "model_load_failed"
+        answer = api.post("/v1/embeddings", json={"model": "lit", "input": [TEXTS[0]]}).json()
+        close([answer["data"][0]["embedding"]], [reference.text[TEXTS[0]]], atol=1e-5)
+        assert [m["loaded"] for m in api.get("/v1/models").json()["data"]] == [True, False]
