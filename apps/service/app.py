@@ -55,12 +55,7 @@ def create_app(
         held = models.find(wanted.model)
         await held.ready()
         held.check_dimensions(wanted.dimensions)
-        count = len(wanted.items)
-        admit(held, count)
-        try:
-            answer = await unless_gone(request, embed(models, held, wanted))
-        finally:
-            held.batcher.release(count)
+        answer = await admitted(request, models, held, wanted)
         if answer is None:  # the client went away; its queued work was dropped
             return Response(status_code=499)
         rows, tokens = answer
@@ -79,12 +74,7 @@ def create_app(
         labels, templates = held.zero_shot_set(wanted.labels, wanted.templates)
         loop = asyncio.get_running_loop()
         classifier, scale = await loop.run_in_executor(models.executor, held.classifier, labels, templates)
-        count = len(wanted.items)
-        admit(held, count)
-        try:
-            answer = await unless_gone(request, embed(models, held, EmbeddingsRequest(held.id, wanted.items)))
-        finally:
-            held.batcher.release(count)
+        answer = await admitted(request, models, held, EmbeddingsRequest(held.id, wanted.items))
         if answer is None:
             return Response(status_code=499)
         predictions = predict(np.stack(answer[0]), classifier, labels, scale, wanted.top_k)
@@ -150,6 +140,16 @@ def create_app(
         middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(hosts))],
         lifespan=lifespan,
     )
+
+
+async def admitted(request: Request, models: Models, held: Held, wanted: EmbeddingsRequest):
+    """`embed` within room reserved for the request's inputs (429 without it); None if the client left."""
+    count = len(wanted.items)
+    admit(held, count)
+    try:
+        return await unless_gone(request, embed(models, held, wanted))
+    finally:
+        held.batcher.release(count)
 
 
 async def embed(models: Models, held: Held, wanted: EmbeddingsRequest) -> tuple[list[np.ndarray], int]:
