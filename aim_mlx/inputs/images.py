@@ -7,6 +7,7 @@ without it such a file is skipped with a line naming the extra. AVIF is Pillow's
 import os
 import warnings
 from collections.abc import Iterable
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -71,27 +72,38 @@ def load_image(source: ImageLike) -> Image.Image:
         raise ImageError(f"{path}: is a folder, not an image")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: file is empty")
+    return _open(path, str(path), heif=path.suffix.lower() in HEIF_SUFFIXES)
+
+
+def load_image_bytes(data: bytes, name: str) -> Image.Image:
+    """An image file's bytes (an upload) as `load_image` reads a file; `name` starts its errors' lines."""
+    if not data:
+        raise ImageError(f"{name}: no image data")
+    return _open(BytesIO(data), name)
+
+
+def _open(file, name: str, heif: bool = False) -> Image.Image:
     heif_available()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                check_size(image, str(path))
+            with Image.open(file) as image:
+                check_size(image, name)
                 image.load()
                 return to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         limit = Image.MAX_IMAGE_PIXELS
         raise ImageError(
-            f"{path}: over Pillow's decompression-bomb limit of {limit} pixels; downscale it"
+            f"{name}: over Pillow's decompression-bomb limit of {limit} pixels; downscale it"
         ) from None
     except UnidentifiedImageError:
-        if path.suffix.lower() in HEIF_SUFFIXES and not heif_available():
+        if heif and not heif_available():
             raise ImageError(
-                f"{path}: reading HEIC/HEIF photos needs pillow-heif; pip install 'aim-mlx[library]'"
+                f"{name}: reading HEIC/HEIF photos needs pillow-heif; pip install 'aim-mlx[library]'"
             ) from None
-        raise ImageError(f"{path}: not an image file Pillow can read") from None
+        raise ImageError(f"{name}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as exc:  # Pillow reports truncated/corrupt data in all three
-        raise ImageError(f"{path}: truncated or corrupt image ({exc})") from None
+        raise ImageError(f"{name}: truncated or corrupt image ({exc})") from None
 
 
 def check_size(image: Image.Image, name: str) -> None:
