@@ -43,7 +43,7 @@ from aim_mlx.tasks import evaluate, heads, zeroshot
 
 ROOT = Path(__file__).parents[1]
 # Pages whose commands another test runs (their own fixtures, e.g. a service's requests): page -> that test.
-TESTED_ELSEWHERE: dict[str, str] = {}
+TESTED_ELSEWHERE: dict[str, str] = {"service.md": "tests/test_service_docs.py"}
 PAGES = [ROOT / "README.md"] + [
     page for page in sorted((ROOT / "docs").glob("*.md")) if page.name not in TESTED_ELSEWHERE
 ]
