@@ -16,16 +16,11 @@ import numpy as np
 import pytest
 import torch
 from aim_mlx.convert.coreml import check as coreml_check
+from aim_mlx.convert.coreml import evaluator
 from aim_mlx.convert.coreml import export as coreml
-from aim_mlx.convert.coreml.check import (
-    check_classifier,
-    check_lit,
-    check_package,
-    load_program,
-    run_program,
-    tolerance,
-)
+from aim_mlx.convert.coreml.check import check_classifier, check_lit, check_package, tolerance
 from aim_mlx.convert.coreml.compress import kmeans_1d
+from aim_mlx.convert.coreml.evaluator import load_program, run_program
 from aim_mlx.convert.coreml.export import export_coreml, model_name
 from checkpoints import TINY, make_reference, write_checkpoint, write_processor
 from typer.testing import CliRunner
@@ -149,8 +144,8 @@ def _run_one(op, env):
     """One constexpr op through the evaluator's own code."""
     args = {k: env[v.name] for k, v in op.inputs.items()}
     if op.op_type == "constexpr_lut_to_dense":
-        return coreml_check._lut_to_dense(args, op.outputs[0].shape)
-    return coreml_check.OPS[op.op_type](**args)
+        return evaluator._lut_to_dense(args, op.outputs[0].shape)
+    return evaluator.OPS[op.op_type](**args)
 
 
 def test_compression_shrinks_package(packages):

@@ -12,13 +12,8 @@ import numpy as np
 import pytest
 import torch
 from aim_mlx.convert.coreml import check as coreml_check
-from aim_mlx.convert.coreml.check import (
-    check_head_classifier,
-    classifier_classes,
-    classifier_logits,
-    load_program,
-    run_program,
-)
+from aim_mlx.convert.coreml.check import check_head_classifier
+from aim_mlx.convert.coreml.evaluator import classifier_classes, classifier_logits, load_program, run_program
 from aim_mlx.convert.coreml.export import export_coreml, model_name
 from aimv1_checkpoints import TINY, make_reference, write_checkpoint
 from typer.testing import CliRunner

@@ -1,6 +1,6 @@
 """AIMv1's ImageNet classifier as a MIL program: (1, 3, 224, 224) pixels in, (1, classes) probabilities out.
 
-The trunk is coreml_vision.py's with AIMv1's LayerNorm and GELU MLP, built only up to the highest probed
+The trunk is vision.py's with AIMv1's LayerNorm and GELU MLP, built only up to the highest probed
 block; `head_probabilities` is its pooling: the mean of the probed blocks' outputs goes through the BatchNorm
 (running statistics, no affine), the attention probe (one learned query, the model's heads), the Linear
 D -> classes and a softmax, so that coreml.classifier_model can make a Core ML classifier of it.
@@ -32,7 +32,7 @@ def aimv1_weights(model) -> dict[str, np.ndarray]:
 
 
 def head_probabilities(w: dict[str, np.ndarray], heads: int, eps: float):
-    """The pooling for coreml_vision.build_program with probe_layers: the probed mean (1, N, D) ->
+    """The pooling for vision.build_program with probe_layers: the probed mean (1, N, D) ->
     (1, classes) softmax probabilities. The BatchNorm is one multiply-add per channel, its constants
     computed here in float64: (x - mean) / sqrt(var + eps) = x · a - mean · a."""
     a = 1 / np.sqrt(w["head.bn.running_var"].astype(np.float64) + eps)  # (D,)

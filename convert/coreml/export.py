@@ -2,13 +2,13 @@
 
 No torch: the weights come from `aim_mlx.load` (any published layout, strictly loaded) as numpy arrays and
 the graph is written op by op. The modules depend one way: this entry point -> the programs
-(coreml_vision.py, coreml_lit.py, coreml_aimv1.py) -> their layers (mil.py); --compress is
-coreml_compress.py and --check is coreml_check.py, which reads packages back from disk and imports none of
-the others.
+(vision.py, lit.py, aimv1.py) -> their layers (layers.py); --compress is compress.py and --check is
+check.py, which reads packages back from disk through evaluator.py (placement.py on macOS) and imports none
+of the others.
 
 A vision checkpoint becomes one `.mlpackage`; an AIMv1 checkpoint one classifier package,
 NAMEClassifier.mlpackage (image -> `classLabel`, `classLabel_probs` over ImageNet-1k: its head's softmax,
-programs in coreml_aimv1.py); the LiT checkpoint becomes a folder (NAME: see `model_name`):
+programs in aimv1.py); the LiT checkpoint becomes a folder (NAME: see `model_name`):
   NAMEImageEncoder.mlpackage  image -> `image_embeds` (1, P), L2-normalised, in the shared space
   NAMETextEncoder.mlpackage   `input_ids` int32 (1, 77) -> `text_embeds` (1, P), L2-normalised
   NAMEClassifier.mlpackage    with labels: image -> `classLabel` and `classLabel_probs` (a Core ML classifier)
@@ -68,7 +68,7 @@ class ExportResult:
     path: Path
     seconds: float
     size_bytes: int
-    check: dict | None = None  # see coreml_check.check_package
+    check: dict | None = None  # see check.check_package
     metadata: dict = field(default_factory=dict)  # the packages' user-defined metadata (strings)
 
 
@@ -165,7 +165,7 @@ def export_coreml(
     (same input; no --labels, --outputs pooled,tokens or other --image-size). The LiT checkpoint becomes a
     folder with an image and a text package (see the module doc), and with `labels` a classifier package
     and the labels' precomputed embeddings.
-    `check` verifies the result against MLX (coreml_check.py) and writes nothing if it misses its bound.
+    `check` verifies the result against MLX (check.py) and writes nothing if it misses its bound.
     """
     output = None if output is None else Path(output).expanduser()
     outputs = outputs.replace(" ", "")
