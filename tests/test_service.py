@@ -7,6 +7,7 @@ compared with transformers in test_lit.py) on scikit-image photos, with tiny ran
 import base64
 import http.client
 import json
+import signal
 import socket
 import threading
 import time
@@ -103,6 +104,13 @@ def reference(hub):
 @contextmanager
 def running(app):
     """`app` on a real uvicorn server on 127.0.0.1 (a free port) in a thread: its base URL."""
+    with started(app) as (url, _):
+        yield url
+
+
+@contextmanager
+def started(app):
+    """As `running`: the base URL and the uvicorn server."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(128)
@@ -114,7 +122,7 @@ def running(app):
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", server
     finally:
         server.should_exit = True
         thread.join(30)
@@ -443,6 +451,75 @@ def test_a_full_queue_is_429_with_retry_after_and_a_gone_client_costs_nothing(ga
     assert 1 <= computed <= 4  # ...and what waited behind the batch in the model was never computed
     answer = client(gated.url).embeddings.create(model=gated.model, input=TEXTS[0])
     close(rows(answer), [reference.text[TEXTS[0]]], atol=1e-5)
+
+
+def test_bodies_held_at_once_are_bounded_so_memory_does_not_grow_with_clients(hub, reference):
+    """Room for 1500 bytes of bodies in all: a client still uploading 1000 leaves room for a 300-byte request,
+    not a 700-byte one (429 before its body is read); once it goes away, its room is free again."""
+    models = Models([LIT], batch_size=4, wait=0.01, capacity=16)
+    with running(create_app(models, max_body=1000, max_bodies=1500)) as url:
+        health = lambda: httpx.get(url + "/health").json()["body_bytes_held"]  # noqa: E731
+
+        def request(size: int) -> httpx.Response:
+            body = {"model": LIT, "input": TEXTS[0], "user": ""}
+            body["user"] = "x" * (size - len(json.dumps(body)))
+            payload = json.dumps(body)
+            assert len(payload) == size
+            return httpx.post(
+                url + "/v1/embeddings", content=payload, headers={"content-type": "application/json"}
+            )
+
+        host, port = url.removeprefix("http://").split(":")
+        uploading = socket.create_connection((host, int(port)), timeout=30)
+        uploading.sendall(
+            f"POST /v1/embeddings HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            'Content-Length: 1000\r\n\r\n{"model": '.encode()
+        )
+        deadline = time.monotonic() + 10
+        while health() != 1000 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert health() == 1000
+
+        refused = request(700)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        answered = request(300)
+        assert answered.status_code == 200
+        close(np.asarray([answered.json()["data"][0]["embedding"]]), [reference.text[TEXTS[0]]], atol=1e-5)
+        assert request(1001).status_code == 413
+
+        uploading.close()  # the slow client goes away mid-body
+        deadline = time.monotonic() + 10
+        while health() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert health() == 0
+        assert request(700).status_code == 200
+
+
+def test_sigterm_finishes_the_request_in_flight_and_refuses_new_ones(hub, reference):
+    """uvicorn's SIGTERM handler (handle_exit, what `aim-mlx serve` gets from the signal) while a batch is in
+    the model: that request is answered in full, a new connection is refused, and the server stops."""
+    gate = Gate()
+    models = Models([str(hub.lit)], load=gate.load, batch_size=4, wait=0.01, capacity=8)
+    with started(create_app(models, max_items=8)) as (url, server):
+        gate.open.clear()
+        gate.entered.clear()
+        with ThreadPoolExecutor(1) as pool:
+            body = {"model": hub.lit.name, "input": TEXTS}
+            answer = pool.submit(httpx.post, url + "/v1/embeddings", json=body, timeout=30)
+            assert gate.entered.wait(30)
+            server.handle_exit(signal.SIGTERM, None)
+            deadline = time.monotonic() + 10
+            while not server.should_exit and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # the server stops listening, then waits for what is in flight
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(url + "/health", timeout=5)
+            gate.open.set()
+            response = answer.result(timeout=30)
+        assert response.status_code == 200
+        got = np.asarray([row["embedding"] for row in response.json()["data"]])
+        close(got, [reference.text[t] for t in TEXTS], atol=1e-5)
 
 
 def test_langchains_openai_embeddings_unchanged_but_for_the_url(server, reference):

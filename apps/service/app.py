@@ -32,6 +32,7 @@ from .parse import ApiError, EmbeddingsRequest, parse, parse_classify
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 MAX_BODY = 64 * 2**20  # bytes: 256 photos of a few hundred KB each, in base64
+MAX_BODIES = 4 * MAX_BODY  # bytes of request bodies held at once, all clients together: beyond it, 429
 MAX_ITEMS = 256  # inputs per request (--max-batch-items)
 RETRY_AFTER = 1  # seconds, when the queue is full
 
@@ -44,13 +45,18 @@ def create_app(
     max_items: int = MAX_ITEMS,
     max_body: int = MAX_BODY,
     fallback=None,
+    max_bodies: int = MAX_BODIES,
 ) -> Starlette:
     """The server's app over `models` (loaded or lazy); `hosts`: the Host names requests may use ("*": any);
     `fallback`: an ASGI app for every path outside /v1 and /health (its lifespan runs with this one's)."""
     created = int(time.time())
+    bodies = Bodies(max_body, max_bodies)
 
     async def embeddings(request: Request):
-        body = await read_body(request, max_body)
+        async with bodies.read(request) as body:
+            return await embeddings_of(request, body)
+
+    async def embeddings_of(request: Request, body: bytes):
         wanted = parse(body, max_items)
         held = models.find(wanted.model)
         await held.ready()
@@ -67,7 +73,10 @@ def create_app(
         return JSONResponse({"object": "list", "data": data, "model": held.id, "usage": usage})
 
     async def classify(request: Request):
-        body = await read_body(request, max_body)
+        async with bodies.read(request) as body:
+            return await classify_of(request, body)
+
+    async def classify_of(request: Request, body: bytes):
         wanted = parse_classify(body, max_items)
         held = models.find(wanted.model)
         await held.ready()
@@ -96,7 +105,8 @@ def create_app(
         return JSONResponse(card(models.find(request.path_params["id"])))
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "models": [state(held) for held in models.held]})
+        held = [state(held) for held in models.held]
+        return JSONResponse({"status": "ok", "models": held, "body_bytes_held": bodies.held})
 
     middleware = []
     if cors_origins:
@@ -232,22 +242,52 @@ def state(held: Held) -> dict:
     }
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 once it passes `limit` (before reading it when its length says so)."""
-    too_large = ApiError(
-        413,
-        f"the request body is over {limit // 2**20} MB; send fewer or smaller images a request",
-        code="request_too_large",
-    )
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
+class Bodies:
+    """Request bodies held in memory, bounded twice: one over `limit` bytes is a 413, and room is reserved
+    for each (its Content-Length, or as it arrives) within `total` bytes for all clients together, so
+    memory does not grow with the number of clients; without room, a 429 with Retry-After before reading.
+    The room is freed when the request's answer is ready."""
+
+    def __init__(self, limit: int, total: int):
+        self.limit, self.total, self.held = limit, total, 0
+
+    @asynccontextmanager
+    async def read(self, request: Request):
+        taken = 0
+
+        def take(size: int):
+            nonlocal taken
+            if size > self.limit:
+                raise ApiError(
+                    413,
+                    f"the request body is over {self.limit // 2**20} MB; send fewer or smaller images a "
+                    "request",
+                    code="request_too_large",
+                )
+            if self.held + size - taken > self.total:
+                error = ApiError(
+                    429,
+                    f"the server holds {self.held // 2**20} MB of request bodies already; retry in "
+                    f"{RETRY_AFTER} s",
+                    code="rate_limit_exceeded",
+                    kind="requests",
+                )
+                error.headers["retry-after"] = str(RETRY_AFTER)
+                raise error
+            self.held += size - taken
+            taken = size
+
+        try:
+            length = request.headers.get("content-length", "")
+            take(int(length) if length.isdigit() else 0)
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > taken:
+                    take(len(body))
+            yield bytes(body)
+        finally:
+            self.held -= taken
 
 
 def error_response(error: ApiError) -> JSONResponse:
