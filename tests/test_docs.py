@@ -1,4 +1,5 @@
-"""Every `aim-mlx ...` line in the ```bash blocks of README.md and docs/*.md runs as written, in order.
+"""Every `aim-mlx ...` line in the ```bash blocks of README.md and docs/*.md runs as written, in order, and
+then every ```python block (one that talks to a server at 127.0.0.1:8000 is test_service_docs.py's).
 
 A line exits 0, or the code its trailing `# exit N` comment names. Lines repeated across pages run once.
 `aim-mlx serve ...` is started as a process on 127.0.0.1 with a free port, must answer /api/status, and is
@@ -52,6 +53,19 @@ COMMIT = "89abcdef0123456789abcdef0123456789abcdef"  # the fake hub's commit for
 runner = CliRunner()
 
 
+SERVER = "http://127.0.0.1:8000"
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    """(page, code) of every ```python block that needs no server."""
+    found = []
+    for page in PAGES:
+        for code in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S):
+            if SERVER not in code:
+                found.append((page.name, code))
+    return found
+
+
 def page_commands(page: Path) -> list[str]:
     """The aim-mlx lines of a page's ```bash blocks, continuation lines joined, comments kept."""
     blocks = re.findall(r"```bash\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
@@ -86,10 +100,11 @@ def hub_ids(commands: list[str]) -> set[str]:
 def add_aimv1(hub: Path, root: Path, patch: pytest.MonkeyPatch) -> None:
     """apple/aim-600M as its repo publishes it (config.json + pytorch_model.bin, the best-layers head), and
     apple/AIM's 1B backbone and last-layers head as .pth files, whose own SHA-256 prefixes stand in for the
-    published ones. The 600M reads its last six of eight blocks (the checkpoint's own probe: no --probe asks
-    for another); the 1B's 18 blocks make its probed 12-17 both ml-aim's best layers and the last six, so
-    that `--probe last` is right for it."""
-    v600 = make_aimv1_reference(seed=11, num_blocks=8, probe_layers=range(2, 8), **AIMV1_TINY["600M"])
+    published ones. The 600M reads its last six of 24 blocks, as many as the published model has, for
+    docs/aimv1.md's block indices (the checkpoint's own probe: no --probe asks for another); the 1B's 18
+    blocks make its probed 12-17 both ml-aim's best layers and the last six, so that `--probe last` is
+    right for it."""
+    v600 = make_aimv1_reference(seed=11, num_blocks=24, probe_layers=range(18, 24), **AIMV1_TINY["600M"])
     published = write_aimv1_checkpoint(v600, root / "aim-600M-published", weights="pickle")
     add_folder(hub, "apple/aim-600M", COMMIT, published)
     v1b = make_aimv1_reference(seed=12, num_blocks=18, probe_layers=range(12, 18), **AIMV1_TINY["1B"])
@@ -103,6 +118,8 @@ def add_photos(run: Path) -> None:
     home = run / "home"
     (home / "Pictures").mkdir(parents=True)
     Image.fromarray(skimage.data.coffee()).save(run / "photo.jpg")
+    Image.fromarray(skimage.data.chelsea()).save(run / "cat.jpg")  # the Python blocks' photos
+    Image.fromarray(skimage.data.astronaut()).save(run / "dog.png")
     for name in ("astronaut", "chelsea", "camera"):
         Image.fromarray(getattr(skimage.data, name)()).save(home / "Pictures" / f"{name}.png")
     # An ImageNet-layout validation set: class folders by WordNet id (tench, goldfish: classes 0 and 1).
@@ -120,7 +137,10 @@ def workspace(tmp_path_factory):
     hub.mkdir(parents=True)
     kinds = {}  # one tiny checkpoint per kind; huge's widths: 4-bit groups of 64 divide them (`convert -q`)
     kinds["vision"] = write_processor(
-        write_checkpoint(make_reference(seed=1, image_size=56, **TINY["huge"]), root / "vision", "hf")
+        # 24 blocks, as AIMv2-L has: the Python blocks ask for blocks 11 and 23
+        write_checkpoint(
+            make_reference(seed=1, image_size=56, num_hidden_layers=24, **TINY["huge"]), root / "vision", "hf"
+        )
     )
     kinds["native"] = write_checkpoint(
         make_reference(seed=2, is_native=True, **TINY["huge"]), root / "native"
@@ -262,3 +282,10 @@ def test_server_command_answers_and_stops_on_ctrl_c(workspace, command):
             server.communicate()
     assert server.returncode in (0, 130), f"{command}: exit {server.returncode}\n{output}"
     assert "serving" in output, output
+
+
+# Last: ./aim-600M is what docs/aimv1.md's convert line wrote.
+@pytest.mark.parametrize(("page", "code"), python_blocks(), ids=lambda v: v if v.endswith(".md") else "")
+def test_python_block_runs_as_written(workspace, page, code):
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{page}:\n{code}\n{result.stderr}"
