@@ -1,6 +1,7 @@
-"""docs/service.md runs as written: its `aim-mlx serve` line starts a real server (a tiny random-weight LiT
-checkpoint cached as the hub's, a free port in place of 8000), then each bash and python block runs against
-it from a folder holding photo.jpg. The Swift block is not compiled here, as the page says."""
+"""docs/service.md runs as written, and so do the README's requests to a server. The page's `aim-mlx serve`
+line starts a real server (a tiny random-weight LiT checkpoint cached as the hub's, a free port in place of
+8000), then each bash and python block runs against it from a folder holding photo.jpg. The Swift block is
+not compiled here, as the page says."""
 
 import json
 import os
@@ -22,10 +23,14 @@ from PIL import Image
 
 from aim_mlx.checkpoints.variants import DEFAULT_TEXT_MODEL, PINNED_REVISIONS
 
-PAGE = Path(__file__).parents[1] / "docs" / "service.md"
+ROOT = Path(__file__).parents[1]
+PAGE = ROOT / "docs" / "service.md"
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", PAGE.read_text(encoding="utf-8"), flags=re.S)
-RUN = [(kind, code) for kind, code in BLOCKS if kind in ("bash", "python")]
 ADDRESS = "http://127.0.0.1:8000"
+# and the README's Python blocks that talk to a server (test_docs.py runs its others)
+README = re.findall(r"```(python)\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), flags=re.S)
+RUN = [(kind, code) for kind, code in BLOCKS if kind in ("bash", "python")]
+RUN += [(kind, code) for kind, code in README if ADDRESS in code]
 NEEDS = {"llama_index": "llama-index-embeddings-openai-like"}  # a block importing it needs it installed
 
 
