@@ -210,6 +210,21 @@ def test_the_pages_have_commands_of_every_kind():
         assert (ROOT / "docs" / page).exists() and (ROOT / test).exists(), (page, test)
 
 
+def test_the_pages_links_lead_to_files_that_exist():
+    pages = [*PAGES, *(ROOT / "docs" / page for page in TESTED_ELSEWHERE), ROOT / "ARCHITECTURE.md"]
+    pages += [ROOT / "benchmarks" / "RESULTS.md", ROOT / "apps" / "README.md"]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            if (
+                "://" not in target
+                and not target.startswith("mailto:")
+                and not (page.parent / target).exists()
+            ):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
+
+
 @pytest.mark.parametrize("command", [param(p, line) for p, line in COMMANDS if line.split()[1] != "serve"])
 def test_command_runs_as_written(workspace, network_attempts, command):
     words, redirect, expected = as_the_shell_would(command, workspace)
