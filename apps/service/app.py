@@ -165,8 +165,8 @@ async def admitted(request: Request, models: Models, held: Held, wanted: Embeddi
 async def embed(models: Models, held: Held, wanted: EmbeddingsRequest) -> tuple[list[np.ndarray], int]:
     """Each item decoded on the decoding pool, then batched: its rows in input order, and the token count.
     On the first bad item the others are cancelled and its error is raised."""
+    held.check_texts(wanted.items)
     loop = asyncio.get_running_loop()
-
     put = 0
 
     async def one(index, item):
@@ -212,15 +212,14 @@ def admit(held: Held, count: int) -> None:
     try:
         held.batcher.admit(count)
     except Full:
-        error = ApiError(
-            429,
-            f"the server is busy ({held.batcher.admitted} inputs in progress for {held.id}); retry in "
-            f"{RETRY_AFTER} s",
-            code="rate_limit_exceeded",
-            kind="requests",
-        )
-        error.headers["retry-after"] = str(RETRY_AFTER)
-        raise error from None
+        raise busy(f"the server is busy ({held.batcher.admitted} inputs in progress for {held.id})") from None
+
+
+def busy(why: str) -> ApiError:
+    """A 429 that says why and when to retry."""
+    error = ApiError(429, f"{why}; retry in {RETRY_AFTER} s", code="rate_limit_exceeded", kind="requests")
+    error.headers["retry-after"] = str(RETRY_AFTER)
+    return error
 
 
 def encode(row: np.ndarray, encoding_format: str):
@@ -265,15 +264,7 @@ class Bodies:
                     code="request_too_large",
                 )
             if self.held + size - taken > self.total:
-                error = ApiError(
-                    429,
-                    f"the server holds {self.held // 2**20} MB of request bodies already; retry in "
-                    f"{RETRY_AFTER} s",
-                    code="rate_limit_exceeded",
-                    kind="requests",
-                )
-                error.headers["retry-after"] = str(RETRY_AFTER)
-                raise error
+                raise busy(f"the server holds {self.held // 2**20} MB of request bodies already")
             self.held += size - taken
             taken = size
 

@@ -79,6 +79,18 @@ class Held:
                 "dimensions",
             )
 
+    def check_texts(self, items: list[Item]) -> None:
+        """A 400 naming the first text among `items` if the model has no text tower; before any decoding, so
+        that the error is the same whichever input a decoding thread reaches first."""
+        first = next((i for i, item in enumerate(items) if item.kind == "text"), None)
+        if first is not None:
+            try:
+                require_text(self.model, "embed texts")
+            except ConfigError as exc:
+                raise ApiError(
+                    400, f"input[{first}] is a text, but {exc}", "input", "text_not_supported"
+                ) from None
+
     def prepare(self, item: Item, index: int, truncate: bool) -> tuple[np.ndarray, int]:
         """An item as the model takes it, and its token count (0 for an image). On a decoding thread."""
         where = f"input[{index}]"
@@ -87,10 +99,6 @@ class Held:
                 return self.processor.preprocess_one(load_image_bytes(item.value, where)), 0
             except ImageError as exc:
                 raise ApiError(400, str(exc), "input", "invalid_image") from None
-        try:
-            require_text(self.model, "embed texts")
-        except ConfigError as exc:
-            raise ApiError(400, f"{where} is a text, but {exc}", "input", "text_not_supported") from None
         tokenizer = self.processor.tokenizer
         ids, truncated = tokenizer.encode([item.value])
         if truncated and not truncate:
