@@ -155,6 +155,7 @@ def create_app(
 async def admitted(request: Request, models: Models, held: Held, wanted: EmbeddingsRequest):
     """`embed` within room reserved for the request's inputs (429 without it); None if the client left."""
     count = len(wanted.items)
+    held.check_texts(wanted.items)
     admit(held, count)
     try:
         return await unless_gone(request, embed(models, held, wanted))
@@ -165,7 +166,6 @@ async def admitted(request: Request, models: Models, held: Held, wanted: Embeddi
 async def embed(models: Models, held: Held, wanted: EmbeddingsRequest) -> tuple[list[np.ndarray], int]:
     """Each item decoded on the decoding pool, then batched: its rows in input order, and the token count.
     On the first bad item the others are cancelled and its error is raised."""
-    held.check_texts(wanted.items)
     loop = asyncio.get_running_loop()
     put = 0
 
