@@ -1,7 +1,8 @@
 """Reading images safely: a file Pillow opens becomes an upright RGB image, or an ImageError says why not.
 
 iPhone photos are HEIC: Pillow reads them through pillow-heif (the `library` extra) when it is installed;
-without it such a file is skipped with a line naming the extra. AVIF is Pillow's own.
+without it such a file is skipped with a line naming the extra. AVIF is Pillow's own. RAW photos (DNG, CR2,
+NEF, ...) are read by inputs/raw.py through rawpy (the `raw` extra), and skipped the same way without it.
 """
 
 import os
@@ -15,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
 from ..extras import optional
+from .raw import RAW_SUFFIXES, read_raw
 
 ImageLike = str | os.PathLike | Image.Image
 HEIF_SUFFIXES = {".heic", ".heics", ".heif", ".heifs", ".hif"}
@@ -33,9 +35,10 @@ def heif_available() -> bool:
 
 def image_suffixes() -> set[str]:
     """File suffixes Pillow can open (used when walking folders; files named explicitly are always tried).
-    HEIC/HEIF count even without pillow-heif, so that such photos are reported, not silently passed over."""
+    HEIC/HEIF and RAW count even without their extras, so that such photos are reported, not silently passed
+    over."""
     heif_available()
-    return {suffix.lower() for suffix in Image.registered_extensions()} | HEIF_SUFFIXES
+    return {suffix.lower() for suffix in Image.registered_extensions()} | HEIF_SUFFIXES | RAW_SUFFIXES
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -72,6 +75,8 @@ def load_image(source: ImageLike) -> Image.Image:
         raise ImageError(f"{path}: is a folder, not an image")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: file is empty")
+    if path.suffix.lower() in RAW_SUFFIXES:  # Pillow would take a DNG for a TIFF it cannot decode
+        return _upright(lambda: read_raw(path), str(path))
     return _open(path, str(path), heif=path.suffix.lower() in HEIF_SUFFIXES)
 
 
@@ -84,13 +89,26 @@ def load_image_bytes(data: bytes, name: str) -> Image.Image:
 
 def _open(file, name: str, heif: bool = False) -> Image.Image:
     heif_available()
+
+    def decode() -> Image.Image:
+        with Image.open(file) as image:
+            check_size(image, name)
+            image.load()
+            return ImageOps.exif_transpose(image)
+
+    return _upright(decode, name, heif)
+
+
+def _upright(decode, name: str, heif: bool = False) -> Image.Image:
+    """`decode()`'s upright image in RGB, within Pillow's decompression-bomb limit, or an ImageError."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(file) as image:
-                check_size(image, name)
-                image.load()
-                return to_rgb(ImageOps.exif_transpose(image))
+            image = decode()
+            check_size(image, name)
+            return to_rgb(image)
+    except ImageError:  # already one line naming the file (a ValueError too: not "corrupt" below)
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         limit = Image.MAX_IMAGE_PIXELS
         raise ImageError(
