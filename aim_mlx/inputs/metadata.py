@@ -1,15 +1,19 @@
-"""What a photo says about itself: when it was taken, where, and with which camera.
+"""What a photo or video says about itself: when it was taken, where, and with which camera.
 
 Headers only, never pixels. Pillow reads the EXIF of JPEG, HEIC (pillow-heif), PNG, TIFF and WebP; RAW files
 are read by exifread (the `raw` extra; TIFF-based RAWs: DNG, CR2, NEF, ARW, ORF, RW2), else from the EXIF
-of their embedded preview (CR3, RAF), else LibRaw's capture time. A header that cannot be read, or an extra
-that is missing, gives empty fields, never an error: decoding the file is what reports a broken one.
+of their embedded preview (CR3, RAF), else LibRaw's capture time; videos by their container's tags (PyAV,
+the `video` extra). A header that cannot be read, or an extra that is missing, gives empty fields, never an
+error: decoding the file is what reports a broken one.
 
 `taken` is the wall-clock time where the photo was taken, without a timezone: EXIF's DateTimeOriginal (else
-DateTime) as the camera wrote it. A file's mtime is never passed off as a capture time.
+DateTime) as the camera wrote it. A video's container usually holds UTC: Apple's local creation date is
+preferred where it is there, else the UTC time is given in this machine's timezone. A file's mtime is never
+passed off as a capture time.
 """
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
@@ -20,6 +24,7 @@ from PIL import Image
 from ..extras import optional
 from .images import heif_available
 from .raw import RAW_SUFFIXES
+from .video import VIDEO_SUFFIXES, container_tags, creation_time
 
 _EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
 _MAKE, _MODEL, _DATETIME, _DATETIME_ORIGINAL = 271, 272, 306, 36867
@@ -35,11 +40,13 @@ class Metadata:
 
 
 def read_metadata(path: str | os.PathLike) -> Metadata:
-    """The capture time, GPS position and camera of the photo at `path` (empty fields where the
+    """The capture time, GPS position and camera of the photo or video at `path` (empty fields where the
     file does not say, or its header cannot be read)."""
     path = Path(path)
     suffix = path.suffix.lower()
     try:
+        if suffix in VIDEO_SUFFIXES:
+            return _from_video(path)
         if suffix in RAW_SUFFIXES:
             return _from_raw(path)
         heif_available()
@@ -101,6 +108,21 @@ def _from_raw(path: Path) -> Metadata:
             found = Metadata()
         stamp = raw.other.timestamp  # LibRaw's parse of the same EXIF time, in local time; 0 when absent
     return Metadata(stamp if stamp.year > 1970 else None, found.latitude, found.longitude, found.camera)
+
+
+def _from_video(path: Path) -> Metadata:
+    tags = container_tags(path)
+    when = creation_time(tags)
+    if when is not None and when.tzinfo is not None:
+        local = tags.get("com.apple.quicktime.creationdate")  # the phone's local time and offset
+        when = when.replace(tzinfo=None) if local else when.astimezone().replace(tzinfo=None)
+    place = tags.get("com.apple.quicktime.location.ISO6709") or tags.get("location") or ""
+    # ISO 6709, as phones write it: "+37.3349-122.0090+012.000/"
+    match = re.match(r"([+-]\d+(?:\.\d+)?)([+-]\d+(?:\.\d+)?)", place)
+    lat, lon = (float(match[1]), float(match[2])) if match else (None, None)
+    make = tags.get("com.apple.quicktime.make") or tags.get("make")
+    model = tags.get("com.apple.quicktime.model") or tags.get("model")
+    return Metadata(when, lat, lon, _camera(make, model))
 
 
 def _build(when, make, model, lat, lon) -> Metadata:
