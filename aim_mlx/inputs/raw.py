@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import AimMlxError, ImageError
-from ..extras import require
+from ..extras import optional, require
 
 RAW_SUFFIXES = {".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
 MIN_PREVIEW = 1024  # pixels on the long side: more than the largest fixed-size model's 448
@@ -53,6 +53,20 @@ def read_raw(path: str | Path, name: str | None = None) -> Image.Image:
     except (rawpy.LibRawError, rawpy.NotSupportedError, OSError, ValueError, SyntaxError) as exc:
         reason = str(exc).strip("b'\"") or type(exc).__name__
         raise ImageError(f"{name}: not a RAW file LibRaw can read, or truncated ({reason})") from None
+
+
+def raw_size(path: str | Path) -> tuple[int, int] | None:
+    """The photo's upright (width, height) from its RAW header (LibRaw parses it, decodes nothing); None when
+    rawpy is missing or LibRaw cannot read the file."""
+    rawpy = optional("rawpy")
+    if rawpy is None:
+        return None
+    try:
+        with rawpy.imread(str(path)) as raw:
+            sizes = raw.sizes
+    except (rawpy.LibRawError, rawpy.NotSupportedError, OSError, ValueError):
+        return None
+    return (sizes.height, sizes.width) if sizes.flip & 4 else (sizes.width, sizes.height)  # 4: axes swap
 
 
 def _preview(rawpy, raw) -> Image.Image | None:
