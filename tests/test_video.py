@@ -76,6 +76,11 @@ def test_more_scenes_than_the_cap_keep_the_biggest_changes(tmp_path):
     assert [f.time for f in video.video_frames(path, max_frames=3, threshold=0.05)] == [0.0, 2.0, 3.0]
 
 
+def test_a_scene_that_comes_back_is_kept_once(tmp_path):
+    back = write_video(tmp_path / "back.mp4", [PHOTOS[0], PHOTOS[1], PHOTOS[0], PHOTOS[2]])
+    assert [f.time for f in video.video_frames(back)] == [0.0, 1.0, 3.0]  # not astronaut again at 2 s
+
+
 def test_a_frame_reads_back_by_its_name(clips):
     frames = video.video_frames(clips["mp4"])
     names = [video.frame_name(clips["mp4"], f.time) for f in frames]

@@ -3,10 +3,11 @@ each with its time, and the container's creation time.
 
 Frames are chosen cheaply. Encoders start a new keyframe at a scene cut, so the keyframes alone (decoded
 without the frames between them) are the candidates; a stream with a single keyframe (some WebM, screen
-recordings) is decoded once, through, and sampled every `min_gap` seconds instead. A candidate is kept when
-it differs from the last kept one (the mean absolute difference of 32x32 grey thumbnails, 0-1, over
-`threshold`) and comes `min_gap` seconds or more after it; past `max_frames`, the first frame and the
-biggest changes are kept, with no more than that many frames held at once.
+recordings) is decoded once, through, and sampled every `min_gap` seconds instead. A scene that starts
+between two keyframes is seen at the next one. A candidate is kept when it differs from every frame kept so
+far (the mean absolute difference of 32x32 grey thumbnails, 0-1, over `threshold`) and comes `min_gap`
+seconds or more after the last; past `max_frames`, the first frame and the biggest changes are kept, with no
+more than that many frames held at once.
 
 A chosen frame is named `clip.mp4#t=12.480` (the W3C media-fragment form): `load_image` reads such a name
 back by seeking to that time, so frames travel through the embedding pipeline, its output files and its
@@ -192,18 +193,22 @@ def _every(av, container, stream, step: float) -> Iterator[tuple[float, object]]
 
 
 def _choose(candidates, max_frames: int, min_gap: float, threshold: float) -> tuple[list, int]:
-    """The candidates (seconds, frame) kept, as (seconds, frame, change), and how many there were. Holds
-    at most `max_frames` + 1 frames however long the video: past the cap, the smallest change goes."""
+    """The candidates (seconds, frame) kept, as (seconds, frame, change), and how many there were. A
+    candidate's change is its distance to the nearest frame kept before it, so a scene that comes back (a
+    cut back and forth) is not kept twice. Holds at most `max_frames` + 1 frames however long the video:
+    past the cap, the smallest change goes."""
     kept: list[tuple[float, object, float]] = []
-    last = None  # (seconds, signature) of the last candidate kept
+    signatures: list[np.ndarray] = []  # of every candidate kept so far, dropped ones too: 4 KB each
+    last = -float("inf")  # when the last one was kept
     seen = 0
     for when, frame in candidates:
         seen += 1
         signature = frame.to_ndarray(format="gray", width=32, height=32).astype(np.float32) / 255  # (32, 32)
-        change = float("inf") if last is None else float(np.abs(signature - last[1]).mean())
-        if last is not None and (change <= threshold or when - last[0] < min_gap - 1e-3):
+        change = min((float(np.abs(signature - s).mean()) for s in signatures), default=float("inf"))
+        if change <= threshold or when - last < min_gap - 1e-3:
             continue
-        last = (when, signature)
+        signatures.append(signature)
+        last = when
         kept.append((when, frame, change))
         if len(kept) > max_frames:  # the first frame stays (its change is infinite)
             del kept[min(range(len(kept)), key=lambda i: kept[i][2])]
