@@ -130,6 +130,8 @@ def test_bad_videos_are_one_line_naming_them(clips, tmp_path):
     (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
     data = clips["mp4"].read_bytes()
     (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])  # its index (moov) is at the end
+    start, end = data.index(b"mdat") + 4, data.index(b"moov") - 4  # the coded frames, then the index
+    (tmp_path / "blank.mp4").write_bytes(data[:start] + bytes(end - start) + data[end:])  # frames zeroed
     sound = tmp_path / "sound.m4v"
     with av.open(str(sound), "w", format="mp4") as out:
         stream = out.add_stream("aac", rate=8000)
@@ -141,6 +143,7 @@ def test_bad_videos_are_one_line_naming_them(clips, tmp_path):
         ("noise.mp4", "not a video FFmpeg can read"),
         ("cut.mp4", "not a video FFmpeg can read"),
         ("sound.m4v", "has no video stream"),
+        ("blank.mp4", "no frame of the video could be decoded"),
     ):
         for read in (video.video_frames, load_image):
             with pytest.raises(ImageError, match=rf"^{tmp_path / name}: {reason}") as err:

@@ -29,6 +29,8 @@ from ..extras import require
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm"}
 MAX_FRAMES = 8
+MIN_GAP = 1.0  # seconds between frames kept
+THRESHOLD = 0.1  # the change that makes a new scene: mean absolute difference of grey thumbnails, 0-1
 _FRAGMENT = re.compile(r"^(?P<file>.+)#t=(?P<time>\d+(?:\.\d+)?)$")
 
 
@@ -64,10 +66,17 @@ def av_module(name: str):
 
 
 def video_frames(
-    path: str | os.PathLike, max_frames: int = MAX_FRAMES, min_gap: float = 1.0, threshold: float = 0.1
+    path: str | os.PathLike,
+    max_frames: int = MAX_FRAMES,
+    min_gap: float = MIN_GAP,
+    threshold: float = THRESHOLD,
 ) -> list[Frame]:
     """A few frames of the video at `path`, in time order, one per scene (see the module's docstring). Raises
     ImageError for a file FFmpeg cannot read, one without a video stream, or one with no decodable frame."""
+    return [Frame(when, _upright(frame)) for when, frame in _chosen(path, max_frames, min_gap, threshold)]
+
+
+def _chosen(path, max_frames: int, min_gap: float, threshold: float) -> list[tuple[float, object]]:
     if max_frames < 1:
         raise ImageError(f"max_frames must be at least 1, got {max_frames}")
     name = str(path)
@@ -84,7 +93,7 @@ def video_frames(
         raise ImageError(f"{name}: not a video FFmpeg can read ({exc})") from None
     if not kept:
         raise ImageError(f"{name}: no frame of the video could be decoded")
-    return [Frame(when, _upright(frame)) for when, frame, _ in kept]
+    return [(when, frame) for when, frame, _ in kept]
 
 
 def read_frame(path: str | os.PathLike, time: float = 0.0) -> Image.Image:
@@ -118,11 +127,11 @@ def expand_videos(paths: Iterable[Path], max_frames: int = MAX_FRAMES) -> Iterat
             yield path
             continue
         try:
-            frames = video_frames(path, max_frames)
+            chosen = _chosen(path, max_frames, MIN_GAP, THRESHOLD)  # video_frames' choice, not its pixels
         except ImageError:
             yield path
             continue
-        yield from (frame_name(path, frame.time) for frame in frames)
+        yield from (frame_name(path, when) for when, _ in chosen)
 
 
 def container_tags(path: str | os.PathLike) -> dict[str, str]:
