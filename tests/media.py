@@ -102,8 +102,11 @@ def write_video(
     codec: str = "libx264",
     creation_time: str | None = "2023-06-14T16:30:00.000000Z",
     options: dict | None = None,
+    rotation: int = 0,
 ) -> Path:
-    """Each photo (resized to `size`) for `seconds` at `fps`: photo k fills [k * seconds, (k+1) * seconds)."""
+    """Each photo (resized to `size`) for `seconds` at `fps`: photo k fills [k * seconds, (k+1) * seconds).
+    `rotation`: the display matrix's, in FFmpeg's sense (-90: shown turned a quarter clockwise, as a phone
+    held upright records)."""
     import av
 
     with av.open(str(path), "w") as out:
@@ -112,6 +115,8 @@ def write_video(
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
         stream.options = options or {}
+        if rotation:
+            stream.set_display_rotation(rotation)
         index = 0
         for photo in photos:
             image = Image.fromarray(photo).resize(size)

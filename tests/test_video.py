@@ -81,6 +81,15 @@ def test_a_scene_that_comes_back_is_kept_once(tmp_path):
     assert [f.time for f in video.video_frames(back)] == [0.0, 1.0, 3.0]  # not astronaut again at 2 s
 
 
+def test_a_portrait_video_is_turned_upright(tmp_path):
+    path = write_video(tmp_path / "portrait.mp4", PHOTOS[2:], rotation=-90)  # stored sideways
+    frame = video.video_frames(path)[0].image
+    assert frame.size == (SIZE[1], SIZE[0])
+    upright = np.rot90(shown(PHOTOS[2]), k=-1)  # a quarter turn clockwise, as players show it
+    assert correlation(frame, upright) > 0.95
+    np.testing.assert_array_equal(np.asarray(load_image(path)), np.asarray(frame))
+
+
 def test_a_frame_reads_back_by_its_name(clips):
     frames = video.video_frames(clips["mp4"])
     names = [video.frame_name(clips["mp4"], f.time) for f in frames]
