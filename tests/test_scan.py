@@ -5,6 +5,7 @@ item, videos apart, files whose extra is missing passed over with one warning na
 import json
 import logging
 import sqlite3
+from datetime import datetime, timezone
 
 import pytest
 import skimage.data
@@ -12,7 +13,7 @@ from aim_mlx.apps.library import scan
 from aim_mlx.apps.library.scan import Item, facts, items, walk
 from checkpoints import write_processor
 from lit_checkpoints import make_lit_reference, write_lit_checkpoint
-from media import jpeg_bytes, write_dng
+from media import jpeg_bytes, write_dng, write_video
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -93,6 +94,14 @@ def test_the_facts_of_a_raw_file(tmp_path):
     broken.write_bytes(b"not a raw file")
     found = facts(broken, broken.stat())
     assert (found.width, found.height, found.taken) == (None, None, None)
+
+
+def test_the_facts_of_a_video(tmp_path):
+    path = write_video(tmp_path / "IMG_0004.mp4", [skimage.data.chelsea()], rotation=-90)  # 320x240 sideways
+    found = facts(path, path.stat())
+    assert (found.width, found.height) == (240, 320)
+    utc = datetime(2023, 6, 14, 16, 30, tzinfo=timezone.utc)  # write_video's creation time
+    assert found.taken == utc.astimezone().replace(tzinfo=None).isoformat()
 
 
 def test_index_shows_a_raw_and_jpeg_pair_once(tmp_path):

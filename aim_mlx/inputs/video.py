@@ -119,6 +119,16 @@ def read_frame(path: str | os.PathLike, time: float = 0.0) -> Image.Image:
         raise ImageError(f"{name}: not a video FFmpeg can read ({exc})") from None
 
 
+def video_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The video's upright (width, height), from its first frame (one decode); None when PyAV is missing or
+    no frame can be read."""
+    try:
+        image = read_frame(path)
+    except ImageError:
+        return None
+    return image.size
+
+
 def expand_videos(paths: Iterable[Path], max_frames: int = MAX_FRAMES) -> Iterator[Path]:
     """`paths` with each video replaced by its chosen frames' names (`clip.mp4#t=1.000`, ...). A video that
     cannot be read stays as it is, so that reading it reports why next to the other files' failures."""

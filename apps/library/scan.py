@@ -25,7 +25,7 @@ from aim_mlx.extras import missing, optional
 from aim_mlx.inputs.images import image_suffixes
 from aim_mlx.inputs.metadata import read_metadata
 from aim_mlx.inputs.raw import RAW_SUFFIXES, raw_size
-from aim_mlx.inputs.video import VIDEO_SUFFIXES
+from aim_mlx.inputs.video import VIDEO_SUFFIXES, video_size
 from aim_mlx.log import logger
 
 from .db import FileFacts
@@ -152,11 +152,14 @@ def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def facts(path: Path, stat: os.stat_result) -> FileFacts:
-    """The file's hash, upright pixel size and EXIF capture time (header only: no pixels are decoded).
-    Unreadable headers leave the size and time empty; the model's reading of the file reports the error."""
+    """The file's hash, upright pixel size and capture time (read_metadata's `taken`, as ISO 8601), from
+    headers (a video's size from its first frame). Unreadable headers leave the size and time empty; the
+    model's reading of the file reports the error."""
     found = FileFacts(str(path), stat.st_size, stat.st_mtime_ns, sha256(path))
-    if path.suffix.lower() in RAW_SUFFIXES:  # not Pillow's: LibRaw's sizes, exifread's time
-        size, taken = raw_size(path), read_metadata(path).taken
+    suffix = path.suffix.lower()
+    if suffix in RAW_SUFFIXES or suffix in VIDEO_SUFFIXES:  # not Pillow's: LibRaw's or FFmpeg's
+        size = raw_size(path) if suffix in RAW_SUFFIXES else video_size(path)
+        taken = read_metadata(path).taken
         found.width, found.height = size or (None, None)
         found.taken = taken.isoformat() if taken else None
         return found
