@@ -2,8 +2,9 @@
 
 `write_dng`: a Bayer-mosaic DNG (tifffile, with the DNG tags LibRaw needs) made from an sRGB photo: the photo
 is linearised and each pixel keeps the one channel its RGGB cell samples, so that LibRaw's demosaic should
-give the photo back. With `preview`, IFD 0 holds that image as a baseline JPEG (Pillow's bytes, embedded as
-they are) and the mosaic moves to a SubIFD, as cameras and Adobe's converter lay DNGs out.
+give the photo back. With `preview`, IFD 0 holds that image, a baseline JPEG (Pillow's bytes, embedded as
+they are) or uncompressed RGB pixels, and the mosaic moves to a SubIFD, as cameras and Adobe's converter lay
+DNGs out.
 
 `write_video`: photos shown one after another (`seconds` each) by PyAV, with a creation time.
 """
@@ -40,7 +41,7 @@ def jpeg_bytes(photo: np.ndarray, quality: int = 90) -> bytes:
 def write_dng(
     path: Path,
     photo: np.ndarray,
-    preview: bytes | None = None,
+    preview: bytes | np.ndarray | None = None,
     orientation: int = 1,
     taken: str = "2021:07:04 09:30:15",
     make: str = "Acme",
@@ -72,6 +73,9 @@ def write_dng(
     with tifffile.TiffWriter(path) as tif:
         if preview is None:
             tif.write(cfa, photometric=32803, subfiletype=0, extratags=ifd0 + raw, metadata=None)
+        elif isinstance(preview, np.ndarray):  # an uncompressed RGB preview: LibRaw's "bitmap" thumbnail
+            tif.write(preview, photometric="rgb", subfiletype=1, subifds=1, extratags=ifd0, metadata=None)
+            tif.write(cfa, photometric=32803, subfiletype=0, extratags=raw, metadata=None)
         else:
             with Image.open(BytesIO(preview)) as image:
                 width, height = image.size

@@ -59,6 +59,13 @@ def test_the_embedded_preview_is_what_pillow_decodes_from_the_jpeg_put_there(dng
     np.testing.assert_array_equal(got, expected)
 
 
+def test_an_uncompressed_preview_is_used_as_it_is_and_turned_upright(tmp_path):
+    path = write_dng(tmp_path / "bitmap.dng", ASTRONAUT, preview=CHELSEA)
+    np.testing.assert_array_equal(np.asarray(load_image(path)), CHELSEA)
+    turned = write_dng(tmp_path / "turned.dng", ASTRONAUT, preview=CHELSEA, orientation=6)
+    np.testing.assert_array_equal(np.asarray(load_image(turned)), np.rot90(CHELSEA, k=-1))
+
+
 def test_without_a_preview_the_mosaic_is_demosaiced_at_half_size(dngs):
     got = np.asarray(load_image(dngs["plain"]))
     assert got.shape == (256, 256, 3)

@@ -1,9 +1,10 @@
 """RAW photos through LibRaw (rawpy, the `raw` extra): a file in, an upright image out, or an ImageError.
 
-A camera stores a JPEG preview of the whole photo in most RAW files: it is what the camera shows, it is
-rendered with the camera's own colours, and it decodes in milliseconds. It is used when it is big enough for
-any of the models (MIN_PREVIEW on its long side, or half the sensor's); otherwise the sensor data is
-demosaiced at half size (LibRaw's half_size: each 2x2 Bayer cell becomes one pixel, no interpolation).
+A camera stores a JPEG preview of the whole photo in most RAW files: it is what the camera shows, rendered
+with the camera's own colours, and it decodes in half the time of the demosaic (docs/media.md). It is used
+when it is big enough for any of the models (MIN_PREVIEW on its long side, or half the sensor's); otherwise
+the sensor data is demosaiced at half size (LibRaw's half_size: each 2x2 Bayer cell becomes one pixel, no
+interpolation).
 """
 
 from io import BytesIO
@@ -17,17 +18,22 @@ from ..extras import optional, require
 
 RAW_SUFFIXES = {".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
 MIN_PREVIEW = 1024  # pixels on the long side: more than the largest fixed-size model's 448
-T = Image.Transpose
 # LibRaw's `flip` (dcraw's encoding of the EXIF orientation) -> the transpose that makes the image upright
-_UPRIGHT = {
-    1: T.FLIP_LEFT_RIGHT,
-    2: T.FLIP_TOP_BOTTOM,
-    3: T.ROTATE_180,
-    4: T.TRANSPOSE,
-    5: T.ROTATE_90,
-    6: T.ROTATE_270,
-    7: T.TRANSVERSE,
-}
+_UPRIGHT = dict(
+    zip(
+        range(1, 8),
+        (
+            "FLIP_LEFT_RIGHT",
+            "FLIP_TOP_BOTTOM",
+            "ROTATE_180",
+            "TRANSPOSE",
+            "ROTATE_90",
+            "ROTATE_270",
+            "TRANSVERSE",
+        ),
+        strict=True,
+    )
+)
 
 
 def rawpy_module(name: str):
@@ -76,14 +82,14 @@ def _preview(rawpy, raw) -> Image.Image | None:
     except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
         return None
     if thumb.format == rawpy.ThumbFormat.JPEG:
-        # LibRaw gives a preview without EXIF of its own the RAW's orientation in an EXIF header it adds.
+        # A preview without EXIF of its own gets the RAW's orientation in an EXIF header LibRaw adds.
         with Image.open(BytesIO(thumb.data)) as jpeg:
             jpeg.load()
             image = ImageOps.exif_transpose(jpeg)
     else:  # a bitmap preview: (h, w, 3) pixels, stored as the sensor sees them
         image = Image.fromarray(np.ascontiguousarray(thumb.data)).convert("RGB")
         if raw.sizes.flip in _UPRIGHT:
-            image = image.transpose(_UPRIGHT[raw.sizes.flip])
+            image = image.transpose(Image.Transpose[_UPRIGHT[raw.sizes.flip]])
     sizes = raw.sizes
     if max(image.size) < min(MIN_PREVIEW, max(sizes.width, sizes.height) // 2):
         return None
