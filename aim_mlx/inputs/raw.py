@@ -19,21 +19,15 @@ from ..extras import optional, require
 RAW_SUFFIXES = {".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
 MIN_PREVIEW = 1024  # pixels on the long side: more than the largest fixed-size model's 448
 # LibRaw's `flip` (dcraw's encoding of the EXIF orientation) -> the transpose that makes the image upright
-_UPRIGHT = dict(
-    zip(
-        range(1, 8),
-        (
-            "FLIP_LEFT_RIGHT",
-            "FLIP_TOP_BOTTOM",
-            "ROTATE_180",
-            "TRANSPOSE",
-            "ROTATE_90",
-            "ROTATE_270",
-            "TRANSVERSE",
-        ),
-        strict=True,
-    )
-)
+_UPRIGHT = {
+    1: Image.Transpose.FLIP_LEFT_RIGHT,
+    2: Image.Transpose.FLIP_TOP_BOTTOM,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.TRANSPOSE,
+    5: Image.Transpose.ROTATE_90,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+}
 
 
 def rawpy_module(name: str):
@@ -89,7 +83,7 @@ def _preview(rawpy, raw) -> Image.Image | None:
     else:  # a bitmap preview: (h, w, 3) pixels, stored as the sensor sees them
         image = Image.fromarray(np.ascontiguousarray(thumb.data)).convert("RGB")
         if raw.sizes.flip in _UPRIGHT:
-            image = image.transpose(Image.Transpose[_UPRIGHT[raw.sizes.flip]])
+            image = image.transpose(_UPRIGHT[raw.sizes.flip])
     sizes = raw.sizes
     if max(image.size) < min(MIN_PREVIEW, max(sizes.width, sizes.height) // 2):
         return None
