@@ -93,9 +93,11 @@ def test_capture_time_and_camera_of_a_raw_file(dngs, monkeypatch):
     expected = Metadata(datetime(2021, 7, 4, 9, 30, 15), None, None, "Acme R1")
     assert read_metadata(dngs["plain"]) == expected
     assert read_metadata(dngs["preview"]) == expected
-    # without exifread: LibRaw's own reading of the time (the camera then unknown)
+    # without exifread (as for CR3 and RAF, which are not TIFF-based): the preview's EXIF, else LibRaw's
+    # own reading of the time (the camera then unknown)
     real = metadata.optional
     monkeypatch.setattr(metadata, "optional", lambda name: None if name == "exifread" else real(name))
+    assert read_metadata(dngs["preview"]) == expected
     assert read_metadata(dngs["plain"]) == Metadata(datetime(2021, 7, 4, 9, 30, 15))
 
 

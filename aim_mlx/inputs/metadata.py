@@ -72,10 +72,13 @@ def _from_exif(exif: Image.Exif) -> Metadata:
 
 
 def _from_raw(path: Path) -> Metadata:
-    exifread = optional("exifread")
+    exifread, tags = optional("exifread"), {}
     if exifread is not None:
         with open(path, "rb") as f:
-            tags = exifread.process_file(f, details=False)
+            if f.read(2) in (b"II", b"MM"):  # TIFF-based; not CR3 or RAF, which exifread would log about
+                f.seek(0)
+                tags = exifread.process_file(f, details=False)
+    if tags:
 
         def get(*names):
             found = next((tags[n] for n in names if n in tags), None)
