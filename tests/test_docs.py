@@ -5,7 +5,8 @@ A line exits 0, or the code its trailing `# exit N` comment names. Lines repeate
 `aim-mlx serve ...` is started as a process on 127.0.0.1 with a free port, must answer /api/status, and is
 stopped with SIGINT. The hub ids the pages name come from a fake offline Hugging Face cache of tiny random
 checkpoints at the pinned revisions (AIMv1's as the published pickles); photo.jpg, ~/Pictures and
-~/imagenet/val are scikit-image photos; outputs land in a scratch folder.
+~/imagenet/val are scikit-image photos, photo.dng and clip.mp4 are written from them (tests/media.py); outputs
+land in a scratch folder.
 Two things are made small so that the file stays near a minute on two cores, the commands otherwise as
 written: bench gets `--num-trials 1 --warmup 0` and one batch size (its first, or 1), and --imagenet stands
 for ImageNet's first ten classes in LiT's prompts (the real 1000 x 80 would take the tiny text tower
@@ -34,6 +35,7 @@ from checkpoints import TINY, make_reference, write_checkpoint, write_processor
 from fakehub import add_folder, add_snapshot
 from huggingface_hub import constants
 from lit_checkpoints import make_lit_reference, write_lit_checkpoint
+from media import jpeg_bytes, write_dng, write_video
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -120,6 +122,8 @@ def add_photos(run: Path) -> None:
     Image.fromarray(skimage.data.coffee()).save(run / "photo.jpg")
     Image.fromarray(skimage.data.chelsea()).save(run / "cat.jpg")  # the Python blocks' photos
     Image.fromarray(skimage.data.astronaut()).save(run / "dog.png")
+    write_dng(run / "photo.dng", skimage.data.coffee(), preview=jpeg_bytes(skimage.data.coffee()))  # media.md
+    write_video(run / "clip.mp4", [skimage.data.astronaut(), skimage.data.chelsea()])
     for name in ("astronaut", "chelsea", "camera"):
         Image.fromarray(getattr(skimage.data, name)()).save(home / "Pictures" / f"{name}.png")
     # An ImageNet-layout validation set: class folders by WordNet id (tench, goldfish: classes 0 and 1).

@@ -224,12 +224,15 @@ def load(model: str, revision: str | None = None, dtype: DType | str | None = No
         return load_model(model, revision=revision, dtype=value(dtype), probe=value(probe))
 
 
-def image_paths(images: list[Path] | None) -> list[Path]:
+def image_paths(images: list[Path] | None, max_frames: int = 8) -> list[Path]:
+    """The images to read: files as given, folders walked; each video as up to `max_frames` of its frames."""
     from ..inputs.images import find_images
 
     if not images:
         raise ConfigError("no images given; pass image files or folders")
-    paths = find_images(images)
+    if max_frames < 1:
+        raise ConfigError(f"--max-frames must be at least 1, got {max_frames}")
+    paths = find_images(images, videos=True, max_frames=max_frames)
     if not paths:
         raise ConfigError(f"no images found in {', '.join(map(str, images))}")
     return paths

@@ -31,6 +31,7 @@ EXAMPLES = [
     "aim-mlx embed photo.jpg",
     "aim-mlx embed ~/Pictures -o embeddings.npz --batch-size 16",
     "aim-mlx embed a.jpg b.png --pool none -o tokens.npy",
+    "aim-mlx embed clip.mp4 --max-frames 4 -o frames.jsonl",
     'aim-mlx embed --text "a photo of a cat" -o cat.npy',
     "mlx.launch -n 2 --backend ring -- aim-mlx embed ~/Pictures -o e.npz",
 ]
@@ -63,15 +64,20 @@ def embed(
         typer.Option("--text", "-t", metavar="TEXT", help="Embed this text instead of images (repeatable)."),
     ] = None,
     probe: ProbeOpt = None,
+    max_frames: Annotated[
+        int, typer.Option(metavar="N", help="At most N frames of each video, one per scene.")
+    ] = 8,
 ):
     """Embed images, or texts with the LiT checkpoint.
 
-    IMAGES are image files and folders (walked recursively), embedded in that order. Unreadable images are
-    named on stderr and skipped; the others are still embedded (exit code 3). With the LiT checkpoint,
-    images and texts land in its shared image-text space. With an AIMv1 model (apple/aim-600M, ...), an
-    embedding is its features: the probed blocks' mean, pooled by its attention-probe head. Started by
-    `mlx.launch` on several ranks, the ranks share the images and rank 0 writes; each host must see the files
-    at the same path.
+    IMAGES are image files and folders (walked recursively), embedded in that order. RAW photos need the raw
+    extra. A video (the video extra) gives one embedding per frame chosen, one per scene, each named by its
+    time in seconds: clip.mp4#t=12.480 (in the summary and in the paths of .npz and .jsonl). Unreadable
+    images are named on stderr and skipped; the others are still embedded (exit code 3). With the LiT
+    checkpoint, images and texts land in its shared image-text space. With an AIMv1 model (apple/aim-600M,
+    ...), an embedding is its features: the probed blocks' mean, pooled by its attention-probe head. Started
+    by `mlx.launch` on several ranks, the ranks share the images and rank 0 writes; each host must see the
+    files at the same path.
     """
     if text and images:
         raise ConfigError("pass images or --text, not both; run embed once for each")
@@ -97,7 +103,8 @@ def embed(
         from ..tasks.embed import NATIVE_TOKENS
 
         raise ConfigError(NATIVE_TOKENS)  # known from the id alone: refused before loading
-    _embed_images(image_paths(images), model, revision, batch_size, dtype, pool, output, one_array, probe)
+    paths = image_paths(images, max_frames)
+    _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_array, probe)
 
 
 def _embed_images(paths, model, revision, batch_size, dtype, pool, output, one_array, probe) -> None:

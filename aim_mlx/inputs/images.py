@@ -1,7 +1,10 @@
 """Reading images safely: a file Pillow opens becomes an upright RGB image, or an ImageError says why not.
 
 iPhone photos are HEIC: Pillow reads them through pillow-heif (the `library` extra) when it is installed;
-without it such a file is skipped with a line naming the extra. AVIF is Pillow's own.
+without it such a file is skipped with a line naming the extra. AVIF is Pillow's own. RAW photos (DNG, CR2,
+NEF, ...) are read by inputs/raw.py through rawpy (the `raw` extra), and skipped the same way without it. A
+video (inputs/video.py, the `video` extra) reads as its first frame, and a frame's name (`clip.mp4#t=1.000`)
+as that frame.
 """
 
 import os
@@ -15,6 +18,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
 from ..extras import optional
+from .raw import RAW_SUFFIXES, read_raw
+from .video import MAX_FRAMES, VIDEO_SUFFIXES, expand_videos, is_video, parse_frame_name, read_frame
 
 ImageLike = str | os.PathLike | Image.Image
 HEIF_SUFFIXES = {".heic", ".heics", ".heif", ".heifs", ".hif"}
@@ -33,16 +38,20 @@ def heif_available() -> bool:
 
 def image_suffixes() -> set[str]:
     """File suffixes Pillow can open (used when walking folders; files named explicitly are always tried).
-    HEIC/HEIF count even without pillow-heif, so that such photos are reported, not silently passed over."""
+    HEIC/HEIF and RAW count even without their extras, so that such photos are reported, not silently passed
+    over."""
     heif_available()
-    return {suffix.lower() for suffix in Image.registered_extensions()} | HEIF_SUFFIXES
+    return {suffix.lower() for suffix in Image.registered_extensions()} | HEIF_SUFFIXES | RAW_SUFFIXES
 
 
-def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+def find_images(
+    paths: Iterable[str | os.PathLike], videos: bool = False, max_frames: int = MAX_FRAMES
+) -> list[Path]:
     """Expand the given paths: files are kept as given (in order), folders are walked recursively in sorted
     order for image files, skipping hidden files and folders. A path that does not exist is kept, so that
-    reading it reports the problem next to the other per-file failures."""
-    suffixes = image_suffixes()
+    reading it reports the problem next to the other per-file failures. With `videos`, folders' videos are
+    found too, and every video stands as its chosen frames (`clip.mp4#t=1.000`, at most `max_frames`)."""
+    suffixes = image_suffixes() | (VIDEO_SUFFIXES if videos else set())
     found = []
     for path in map(Path, paths):
         if not path.is_dir():
@@ -52,7 +61,7 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
             hidden = any(part.startswith(".") for part in child.relative_to(path).parts)
             if not hidden and child.suffix.lower() in suffixes and child.is_file():
                 found.append(child)
-    return found
+    return list(expand_videos(found, max_frames)) if videos else found
 
 
 def load_image(source: ImageLike) -> Image.Image:
@@ -66,12 +75,19 @@ def load_image(source: ImageLike) -> Image.Image:
         check_size(source, "image")
         return to_rgb(ImageOps.exif_transpose(source))
     path = Path(source)
+    frame = parse_frame_name(path)
+    if frame is not None:
+        return _upright(lambda: read_frame(*frame), str(path))
     if not path.exists():
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
         raise ImageError(f"{path}: is a folder, not an image")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: file is empty")
+    if path.suffix.lower() in RAW_SUFFIXES:  # Pillow would take a DNG for a TIFF it cannot decode
+        return _upright(lambda: read_raw(path), str(path))
+    if is_video(path):
+        return _upright(lambda: read_frame(path), str(path))
     return _open(path, str(path), heif=path.suffix.lower() in HEIF_SUFFIXES)
 
 
@@ -84,13 +100,26 @@ def load_image_bytes(data: bytes, name: str) -> Image.Image:
 
 def _open(file, name: str, heif: bool = False) -> Image.Image:
     heif_available()
+
+    def decode() -> Image.Image:
+        with Image.open(file) as image:
+            check_size(image, name)
+            image.load()
+            return ImageOps.exif_transpose(image)
+
+    return _upright(decode, name, heif)
+
+
+def _upright(decode, name: str, heif: bool = False) -> Image.Image:
+    """`decode()`'s upright image in RGB, within Pillow's decompression-bomb limit, or an ImageError."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(file) as image:
-                check_size(image, name)
-                image.load()
-                return to_rgb(ImageOps.exif_transpose(image))
+            image = decode()
+            check_size(image, name)
+            return to_rgb(image)
+    except ImageError:  # already one line naming the file (a ValueError too: not "corrupt" below)
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         limit = Image.MAX_IMAGE_PIXELS
         raise ImageError(
