@@ -10,20 +10,23 @@ Aimv2VisionModel; that torch module is exported to ONNX here (torch.onnx.export,
 exporter, a dynamic batch axis), and the ONNX file runs in ONNX Runtime (CPU EP, one intra-op thread per
 core, all graph optimisations) and in OpenVINO (CPU, f32 inference precision, LATENCY hint: one request
 takes the whole batch on every core, as the other engines do; THROUGHPUT would split the cores into streams
-that only parallel requests fill). All engines live side by side in this process; their calls are timed in
-turns, a reading of numpy's sgemm rate before each turn, and each round reverses the order. Each engine's
-outputs (last_hidden_state and the mean-pooled embedding) are checked against every other's; a maximum
-relative error above 1e-3 fails the run. Prints the kernels each engine runs, the median seconds per image
-per engine and batch size, the fraction of the sgemm rate, and ratios to aim-mlx.
+that only parallel requests fill). Each engine runs in its own process (in one, aim-mlx's OpenBLAS slowed
+torch down about 5x), one thread per core; the processes load at once, then their calls are timed in turns,
+a reading of numpy's sgemm rate before each turn, and each round reverses the order. Each engine's outputs
+(last_hidden_state and the mean-pooled embedding) are checked against every other's; a maximum relative
+error above 1e-3 fails the run. Prints the kernels each engine runs, the median seconds per image per
+engine and batch size, the fraction of the sgemm rate, and ratios to aim-mlx.
 """
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from turns import in_turns  # noqa: E402  (benchmarks/, the script's own folder)
 ENGINES = ("aim-mlx", "onnxruntime", "openvino", "torch")
 TOLERANCE = 1e-3  # max relative error between any two engines' outputs
 SIZES = {"large": (224, "LARGE"), "tiny": (56, "TINY")}  # image size, the dims in tests/checkpoints.py
+SGEMM_N = {"large": 2048, "tiny": 512}  # the sgemm reading's square: tiny only checks that the run works
 
 
 @dataclass
@@ -221,51 +225,88 @@ def cpu_isa() -> str:
     return " ".join(f for f in wanted if f in flags) or "none of AVX2/AVX-512"
 
 
-def load_engines(names: list[str], folder: Path, size: str, work: Path, profile: str | None = None) -> dict:
-    """The engines named, loaded one after the other (aim-mlx first: it loads its BLAS before mlx)."""
-    engines = {}
-    if "aim-mlx" in names:
-        engines["aim-mlx"] = aim_mlx_engine(folder)
-    if {"torch", "onnxruntime", "openvino"} & set(names):
-        module = load_torch_module(folder)
-        if {"onnxruntime", "openvino"} & set(names):
-            onnx_path = export_onnx(module, SIZES[size][0], work / "aimv2.onnx")
-        if "onnxruntime" in names:
-            engines["onnxruntime"] = onnxruntime_engine(onnx_path, profile)
-        if "openvino" in names:
-            engines["openvino"] = openvino_engine(onnx_path)
-        if "torch" in names:
-            engines["torch"] = torch_engine(module)
-    return {name: engines[name] for name in names}
+def load_engine(name: str, folder: Path, onnx: Path) -> Engine:
+    """One engine: aim-mlx and torch read the checkpoint folder, ONNX Runtime and OpenVINO the ONNX file."""
+    if name == "aim-mlx":
+        return aim_mlx_engine(folder)
+    if name == "torch":
+        return torch_engine(load_torch_module(folder))
+    return onnxruntime_engine(onnx) if name == "onnxruntime" else openvino_engine(onnx)
 
 
-def measure(engines: dict, size: str, batch_sizes, rounds: int, trials: int) -> dict:
-    """Outputs (from each batch size's warm-up call), every timed call, and the sgemm readings."""
+def child(name: str, folder: Path, onnx: Path, image_size: int, batch_sizes: list[int], out: Path) -> None:
+    """An engine's own process: load it, run each batch size once (its outputs saved in `out`), say which
+    kernels it ran, then one timed call per line read ("<batch>"), answering the seconds it took."""
     from aim_mlx.tasks.bench.harness import pixels
+
+    engine = load_engine(name, folder, onnx)
+    inputs = {b: engine.prepare(pixels(b, image_size)) for b in batch_sizes}
+    for batch in batch_sizes:  # the warm-up calls
+        hidden, pooled = engine.run(inputs[batch])
+        np.savez(out / f"{name}-{batch}.npz", last_hidden_state=hidden, pooled=pooled)
+    print(json.dumps({"kernels": engine.kernels()}), flush=True)
+    for line in sys.stdin:
+        start = time.perf_counter()
+        engine.run(inputs[int(line)])
+        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+
+
+def measure(names, folder: Path, onnx: Path, size: str, batch_sizes, rounds: int, trials: int) -> dict:
+    """Each engine in its own process, all loading at once; then their calls in turns, a reading of
+    numpy's sgemm rate before each turn. Returns each engine's kernels and warm-up outputs, every timed
+    call, and the sgemm readings."""
     from aim_mlx.tasks.bench.timing import sgemm_gflops
 
-    image_size = SIZES[size][0]
-    inputs = {b: {n: e.prepare(pixels(b, image_size)) for n, e in engines.items()} for b in batch_sizes}
-    outputs = {b: {n: e.run(inputs[b][n]) for n, e in engines.items()} for b in batch_sizes}  # warm-up
-    readings: list[float] = []
-    times: dict[tuple[str, int], list[float]] = {}
+    out = onnx.parent
+    with ExitStack() as stack:
+        procs = {}
+        for name in names:
+            command = [sys.executable, __file__, "--child", name, "--size", size, "--folder", str(folder)]
+            command += ["--onnx", str(onnx), "--batch-sizes", ",".join(map(str, batch_sizes))]
+            pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+            # Only aim-mlx's process loads aim-mlx's OpenBLAS: loaded with RTLD_GLOBAL, it made torch in the
+            # same process about 5x slower (measured: all four engines shared one process at first).
+            env = dict(os.environ, **({} if name == "aim-mlx" else {"AIM_MLX_BLAS": "0"}))
+            procs[name] = stack.enter_context(subprocess.Popen(command, env=env, **pipes))
+            stack.callback(procs[name].kill)
+        kernels = {name: _reply(proc, name)["kernels"] for name, proc in procs.items()}  # all loaded at once
+        readings: list[float] = []
+        times: dict[tuple[str, int], list[float]] = {}
+        for round_ in range(rounds):
+            for batch in batch_sizes:
 
-    def timed(batch):
-        def call(name):
-            start = time.perf_counter()
-            engines[name].run(inputs[batch][name])
-            return time.perf_counter() - start
+                def call(name, batch=batch):
+                    procs[name].stdin.write(f"{batch}\n")
+                    procs[name].stdin.flush()
+                    return _reply(procs[name], name)["seconds"]
 
-        return call
+                order = names if round_ % 2 == 0 else names[::-1]
+                between = lambda: readings.append(sgemm_gflops(n=SGEMM_N[size], trials=3))  # noqa: E731
+                for name, t in in_turns(order, trials, call, between).items():
+                    times.setdefault((name, batch), []).extend(t)
+    outputs = {
+        b: {
+            n: tuple(np.load(out / f"{n}-{b}.npz")[k] for k in ("last_hidden_state", "pooled")) for n in names
+        }
+        for b in batch_sizes
+    }
+    return {"kernels": kernels, "outputs": outputs, "times": times, "readings": readings}
 
-    names = list(engines)
-    for round_ in range(rounds):
-        for batch in batch_sizes:
-            order = names if round_ % 2 == 0 else names[::-1]
-            between = lambda: readings.append(sgemm_gflops(trials=3))  # noqa: E731
-            for name, t in in_turns(order, trials, timed(batch), between).items():
-                times.setdefault((name, batch), []).extend(t)
-    return {"outputs": outputs, "times": times, "readings": readings}
+
+def _reply(proc: subprocess.Popen, name: str) -> dict:
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"the {name} process ended early (exit status {proc.wait()}); its errors are above")
+    return json.loads(line)
+
+
+def agreement(outputs: dict[int, dict]) -> list[dict]:
+    """Every pair's relative errors at every batch size: {batch, engines, last_hidden_state, pooled}."""
+    return [
+        {"batch": batch, "engines": [a, b], "last_hidden_state": hidden, "pooled": pooled}
+        for batch, by_engine in outputs.items()
+        for (a, b), (hidden, pooled) in disagreements(by_engine).items()
+    ]
 
 
 def main(argv=None):
@@ -277,6 +318,9 @@ def main(argv=None):
     parser.add_argument("--trials", type=int, default=2, help="timed calls per engine, batch size and round")
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--json", type=Path, help="write the results here as well")
+    parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)  # an engine's own process
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--onnx", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     names = args.engines.split(",")
     if any(n not in ENGINES for n in names) or len(set(names)) != len(names):
@@ -287,16 +331,20 @@ def main(argv=None):
     from aim_mlx.tasks.bench.timing import flops_per_image, header, machine, summarize
 
     batch_sizes = parse_batch_sizes(args.batch_sizes)
+    image_size = SIZES[args.size][0]
+    if args.child:
+        return child(args.child, args.folder, args.onnx, image_size, batch_sizes, args.onnx.parent)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "checkpoint"
+        folder, onnx = Path(tmp) / "checkpoint", Path(tmp) / "aimv2.onnx"
         make_checkpoint(folder, args.size)
         config = VisionConfig.from_dict(json.loads((folder / "config.json").read_text()))
-        engines = load_engines(names, folder, args.size, Path(tmp))
-        done = measure(engines, args.size, batch_sizes, args.rounds, args.trials)
+        if {"onnxruntime", "openvino"} & set(names):
+            export_onnx(load_torch_module(folder), image_size, onnx)
+        done = measure(names, folder, onnx, args.size, batch_sizes, args.rounds, args.trials)
     info = machine()
     print(header(info))
-    for engine in engines.values():
-        print(f"# {engine.name}: {engine.kernels()}")
+    for name, kernels in done["kernels"].items():
+        print(f"# {name}: {kernels}")
     roofline = float(np.median(done["readings"]))
     print(
         f"# numpy sgemm rate: {roofline:.1f} GFLOP/s (median of {len(done['readings'])} readings between the "
@@ -326,21 +374,18 @@ def main(argv=None):
             print(f"batch {batch}: aim-mlx images/s over {ratios}")
 
     print("\nagreement: max relative error of last_hidden_state, pooled (the second engine as reference)")
-    agreement, worst = [], 0.0
-    for batch in batch_sizes:
-        for (a, b), (hidden, pooled) in disagreements(done["outputs"][batch]).items():
-            print(f"batch {batch}: {a:12} vs {b:12} {hidden:.2e} {pooled:.2e}")
-            agreement.append(
-                {"batch": batch, "engines": [a, b], "last_hidden_state": hidden, "pooled": pooled}
-            )
-            worst = max(worst, hidden, pooled)
+    agreed = agreement(done["outputs"])
+    for a in agreed:
+        first, second = a["engines"]
+        print(f"batch {a['batch']}: {first:12} vs {second:12} {a['last_hidden_state']:.2e} {a['pooled']:.2e}")
+    worst = max(max(a["last_hidden_state"], a["pooled"]) for a in agreed) if agreed else 0.0
     result = {
         "machine": info,
-        "kernels": {e.name: e.kernels() for e in engines.values()},
+        "kernels": done["kernels"],
         "sgemm_gflops": roofline,
         "sgemm_best_gflops": max(done["readings"]),
         "results": rows,
-        "agreement": agreement,
+        "agreement": agreed,
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -136,10 +136,10 @@ def main(argv=None):
         folder = Path(tmp) / "checkpoint"
         bench_peers.make_checkpoint(folder, args.size)
         config = VisionConfig.from_dict(json.loads((folder / "config.json").read_text()))
-        engines = bench_peers.load_engines(["aim-mlx", "torch"], folder, args.size, Path(tmp))
-        onnx = bench_peers.export_onnx(engines.pop("torch").native, config.image_size, Path(tmp) / "a.onnx")
+        ours = bench_peers.aim_mlx_engine(folder)
+        module = bench_peers.load_torch_module(folder)  # exported, never timed here
+        onnx = bench_peers.export_onnx(module, config.image_size, Path(tmp) / "aimv2.onnx")
         x = pixels(1, config.image_size)
-        ours = engines["aim-mlx"]
         ours.run(ours.prepare(x))  # warm-up
 
         def between():

@@ -1,6 +1,6 @@
-"""benchmarks/bench_peers.py on a tiny AIMv2: every engine (aim-mlx, ONNX Runtime, OpenVINO, torch) gives
-the outputs of transformers' reference model for the same checkpoint, and an engine that is wrong fails the
-run."""
+"""benchmarks/bench_peers.py on a tiny AIMv2: every engine (aim-mlx, ONNX Runtime, OpenVINO, torch), each in
+its own process, gives the outputs of transformers' reference model for the same checkpoint, and an engine
+whose outputs are wrong is caught."""
 
 import json
 import sys
@@ -41,26 +41,19 @@ def test_every_engine_matches_transformers_reference(tmp_path):
             assert bench_peers.rel_err(pooled, ref.mean(axis=1)) < 1e-5, name
 
 
-def test_a_wrong_engine_fails_the_run(monkeypatch):
+def test_a_wrong_engine_is_caught():
     # The comparison flags a perturbed output, and only in the pairs it is in.
     x = np.random.default_rng(0).standard_normal((2, 16, 8)).astype(np.float32)
     good, bad = (x, x.mean(axis=1)), (x * np.float32(1.002), x.mean(axis=1))
     found = bench_peers.disagreements({"a": good, "b": good, "c": bad})
     assert found[("a", "b")] == [0.0, 0.0]
-    assert found[("a", "c")][0] == pytest.approx(
-        0.002 / 1.002, rel=1e-4
-    )  # c is the reference and found[("a", "c")][1] == 0.0
+    c_is_ref = pytest.approx(0.002 / 1.002, rel=1e-4)
+    assert found[("a", "c")][0] == c_is_ref and found[("a", "c")][1] == 0.0
     assert found[("b", "c")][0] > bench_peers.TOLERANCE
 
-    # And a run in which one engine is off by 0.2 % exits, naming the disagreement.
-    real = bench_peers.aim_mlx_engine
-
-    def off_by_a_little(folder):
-        engine = real(folder)
-        run = engine.run
-        engine.run = lambda x: tuple(np.float32(1.002) * y for y in run(x))
-        return engine
-
-    monkeypatch.setattr(bench_peers, "aim_mlx_engine", off_by_a_little)
-    with pytest.raises(SystemExit, match="engines disagree"):
-        bench_peers.main([*FAST, "--engines", "aim-mlx,onnxruntime", "--batch-sizes", "1"])
+    # In the run's own table: one engine's pooled output off by 0.2 % shows in its pairs, at its batch size.
+    outputs = {1: {"aim-mlx": good, "onnxruntime": good, "openvino": (x, 1.002 * x.mean(axis=1))}}
+    rows = bench_peers.agreement(outputs)
+    wrong = {tuple(r["engines"]) for r in rows if r["pooled"] > bench_peers.TOLERANCE}
+    assert wrong == {("aim-mlx", "openvino"), ("onnxruntime", "openvino")}
+    assert all(r["last_hidden_state"] == 0.0 for r in rows)
