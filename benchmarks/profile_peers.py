@@ -4,14 +4,17 @@
 
 The checkpoint, the ONNX export and both engines are bench_peers.py's. The numpy backend is timed by wall
 clock around its pieces (numpy_blocks' projections, attention, norms and SwiGLU activation, wrapped here
-for the run); ONNX Runtime by its profiler (SessionOptions.enable_profiling), each node's kernel time. Calls
-alternate between the two after a warm-up; each bucket is the mean over the calls. "rest" is the call's wall
+for the run); ONNX Runtime by its profiler (SessionOptions.enable_profiling), each node's kernel time, in a
+process of its own. ONNX Runtime's calls come first, then aim-mlx's, each after a warm-up and with a reading
+of numpy's sgemm rate before each call; each bucket is the mean over the calls. "rest" is the call's wall
 time that no bucket holds: for aim-mlx the patch embedding and final norm in MLX, the copies between MLX and
 numpy and Python's own time; for ONNX Runtime its executor between nodes.
 """
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import bench_peers
+import turns
 
 GEMMS = ("qkv", "proj", "fc1", "fc3", "fc2")  # aim-mlx's projections, in a block's order
 # ONNX Runtime's node names (transformers' modules) -> the same projections; q, k and v are three there.
@@ -101,9 +105,7 @@ def profile_ort(path: Path, x, calls: int, between, prefix: str) -> list[dict[st
         engine.run(x)
         walls.append(time.perf_counter() - start)
     events = json.loads(Path(engine.native.end_profiling()).read_text())
-    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][
-        1:
-    ]  # not the warm-up
+    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][1:]  # no warm-up
     per_call = []
     for run, wall in zip(runs, walls, strict=True):
         spent: dict[str, float] = defaultdict(float)
@@ -125,6 +127,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--size", choices=list(bench_peers.SIZES), default="large")
     parser.add_argument("--calls", type=int, default=3, help="profiled calls per engine, after a warm-up")
+    parser.add_argument("--ort-child", type=Path, help=argparse.SUPPRESS)  # ONNX Runtime's own process
     args = parser.parse_args(argv)
 
     from aim_mlx.models.config import VisionConfig
@@ -132,22 +135,34 @@ def main(argv=None):
     from aim_mlx.tasks.bench.timing import header, machine, sgemm_gflops
 
     readings = []
+    image_size = bench_peers.SIZES[args.size][0]
+
+    def between():
+        readings.append(sgemm_gflops(n=bench_peers.SGEMM_N[args.size], trials=3))
+        time.sleep(turns.PAUSE_S)  # numpy's BLAS threads may spin a little after the reading
+
+    if args.ort_child:
+        prefix = str(args.ort_child.parent / "ort")
+        per_call = profile_ort(args.ort_child, pixels(1, image_size), args.calls, between, prefix)
+        print(json.dumps({"per_call": per_call, "readings": readings}))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "checkpoint"
+        folder, onnx = Path(tmp) / "checkpoint", Path(tmp) / "aimv2.onnx"
         bench_peers.make_checkpoint(folder, args.size)
         config = VisionConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        bench_peers.export_onnx(bench_peers.load_torch_module(folder), image_size, onnx)
+        # ONNX Runtime first, in a process of its own without aim-mlx's OpenBLAS (as bench_peers runs it).
+        command = [sys.executable, __file__, "--size", args.size, "--calls", str(args.calls)]
+        env = dict(os.environ, AIM_MLX_BLAS="0")
+        done = subprocess.run([*command, "--ort-child", str(onnx)], env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"the ONNX Runtime process failed:\n{done.stderr.strip()}")
+        child = json.loads(done.stdout.strip().splitlines()[-1])
+        theirs, readings = mean(child["per_call"]), child["readings"]
         ours = bench_peers.aim_mlx_engine(folder)
-        module = bench_peers.load_torch_module(folder)  # exported, never timed here
-        onnx = bench_peers.export_onnx(module, config.image_size, Path(tmp) / "aimv2.onnx")
-        x = pixels(1, config.image_size)
-        ours.run(ours.prepare(x))  # warm-up
-
-        def between():
-            time.sleep(0.25)
-            readings.append(sgemm_gflops(trials=3))
-
-        theirs = mean(profile_ort(onnx, x, args.calls, between, str(Path(tmp) / "ort")))
-        ours_t = mean(profile_numpy(ours, ours.prepare(x), args.calls, between))
+        x = ours.prepare(pixels(1, image_size))
+        ours.run(x)  # warm-up
+        ours_t = mean(profile_numpy(ours, x, args.calls, between))
     print(header(machine()))
     print(
         f"# batch 1, {config.num_hidden_layers} blocks; mean of {args.calls} calls each; numpy sgemm "
