@@ -150,13 +150,35 @@ def torch_engine(module) -> Engine:
             h, pooled = module(x)
         return h.numpy(), pooled.numpy()
 
-    mkl = torch.backends.mkl.is_available()
     kernels = (
         f"torch {torch.__version__}, ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"matmuls through {'MKL' if mkl else 'its BLAS'} (its ISA dispatch is not reported), "
-        f"oneDNN {'available' if torch.backends.mkldnn.is_available() else 'absent'}"
+        f"{mkl_sgemm() if torch.backends.mkl.is_available() else 'no MKL'}"
     )
     return Engine("torch", lambda x: torch.from_numpy(nchw(x)), run, lambda: kernels, module)
+
+
+def mkl_sgemm() -> str:
+    """What MKL's verbose mode says of one float32 matmul in torch: its version and the code path it took
+    (MKL names an ISA, e.g. AVX-512, only on the Intel CPUs it tunes for), and that the call is an SGEMM."""
+    import torch
+
+    with tempfile.TemporaryFile("w+") as log:
+        sys.stdout.flush()
+        saved = os.dup(1)  # MKL prints to the process's stdout, which carries this child's replies
+        os.dup2(log.fileno(), 1)
+        try:
+            with torch.backends.mkl.verbose(torch.backends.mkl.VERBOSE_ON):
+                torch.ones(64, 64) @ torch.ones(64, 64)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        lines = [line.removeprefix("MKL_VERBOSE ") for line in log.read().splitlines()]
+    if not lines:
+        return "MKL (its verbose mode printed nothing)"
+    version = lines[0].split(",")[0].replace(" Product build", ", build")
+    call = "SGEMM" if any(line.startswith("SGEMM") for line in lines[1:]) else "not an SGEMM"
+    return f"matmuls by MKL, {call}: {version}"
 
 
 def onnxruntime_engine(path: Path, profile: str | None = None) -> Engine:
