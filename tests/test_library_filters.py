@@ -254,3 +254,195 @@ def test_an_old_library_gains_the_columns_and_its_facts_on_the_next_run_without_
         version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
         assert int(version) == SCHEMA_VERSION
     assert json.loads(cli("index", root, "--db", db, "-m", lit, "--json").stdout)["refreshed"] == 0
+
+
+# Filters: each case is the CLI's flags and the same filter written over TABLE by hand.
+def local(name):
+    taken = EXPECTED[name][0]
+    return taken[:19] if taken else None  # the camera's clock, offset left out
+
+
+def case(flags, keep):
+    return pytest.param(flags, keep, id=" ".join(flags))
+
+
+CASES = [
+    case(["--after", "2023-06"], lambda n, f: local(n) and local(n) >= "2023-06-01T00:00:00"),
+    case(["--before", "2023-09"], lambda n, f: local(n) and local(n) < "2023-09-01T00:00:00"),
+    case(["--after", "2023-06-14"], lambda n, f: local(n) and local(n) >= "2023-06-14T00:00:00"),
+    case(["--before", "2023-06-14"], lambda n, f: local(n) and local(n) < "2023-06-14T00:00:00"),
+    case(["--after", "2023", "--before", "2024"], lambda n, f: local(n) and local(n)[:4] == "2023"),
+    case(["--before", "2020"], lambda n, f: local(n) and local(n) < "2020"),
+    case(["--in", "2023"], lambda n, f: f in ("2023", "2023/trip")),  # not 2023b: a path, not a prefix
+    case(["--in", "2023/trip", "--in", "old"], lambda n, f: f in ("2023/trip", "old")),
+    case(["--camera", "canon"], lambda n, f: EXPECTED[n][2] and "canon" in EXPECTED[n][2].lower()),
+    case(["--camera", "IPHONE"], lambda n, f: EXPECTED[n][2] and "iphone" in EXPECTED[n][2].lower()),
+    case(["--near", "48.8566,2.3522", "--within", "20"], lambda n, f: near(n, PARIS, 20)),
+    case(["--near", "48.8566,2.3522", "--within", "10"], lambda n, f: near(n, PARIS, 10)),
+    case(["--near", "-33.8688,151.2093", "--within", "30"], lambda n, f: near(n, SYDNEY, 30)),
+    case(
+        ["--after", "2023", "--camera", "canon", "--near", "48.85,2.35", "--within", "5"],
+        lambda n, f: (
+            local(n)
+            and local(n) >= "2023"
+            and "canon" in (EXPECTED[n][2] or "").lower()
+            and near(n, (48.85, 2.35), 5)
+        ),
+    ),
+]
+
+
+def near(name, place, km):
+    return EXPECTED[name][1] is not None and haversine(EXPECTED[name][1], place) <= km
+
+
+def stored(db):
+    """path -> the library's vector for it."""
+    with Library(db) as lib:
+        _, paths, matrix = lib.vectors(lib.models()[0]["id"])
+    return dict(zip(paths, matrix, strict=True))
+
+
+def text_vector(lit, text):
+    net, _ = aim_mlx.load(str(lit))
+    vector = np.asarray(net.encode_text([text]))[0].astype(np.float64)
+    return vector / np.linalg.norm(vector)
+
+
+@pytest.mark.parametrize("flags, keep", CASES)
+def test_each_filter_returns_what_a_brute_force_filter_of_the_table_does(lit, library, flags, keep):
+    root, paths, db = library
+    flags = [str(root / f) if flags[i - 1] == "--in" else f for i, f in enumerate(flags)]
+    expected = {str(paths[name]) for name, folder, *_ in TABLE if keep(name, folder)}
+    assert 0 < len(expected) < len(TABLE) or flags[:2] == ["--before", "2020"]  # each case picks some out
+    result = cli("search", "a photo", *flags, "--db", db, "--json", "-k", "20")
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)
+    assert {h["path"] for h in hits} == expected
+    # filtered before the top k: the best k of the rows that pass, in the order of numpy's cosine
+    vectors, query = stored(db), text_vector(lit, "a photo")
+    order = sorted(expected, key=lambda p: -(vectors[p] @ query) / np.linalg.norm(vectors[p]))
+    k = max(1, len(expected) - 1)
+    top = json.loads(cli("search", "a photo", *flags, "--db", db, "--json", "-k", k).stdout)
+    assert [h["path"] for h in top] == order[:k]
+    for hit in top:
+        cosine = vectors[hit["path"]] @ query / np.linalg.norm(vectors[hit["path"]])
+        assert hit["score"] == pytest.approx(cosine, abs=1e-4)
+        name = hit["path"].rsplit("/", 1)[1][:-4]
+        assert (hit["taken"], hit["camera"]) == (EXPECTED[name][0], EXPECTED[name][2])
+        place = EXPECTED[name][1]
+        assert (hit["lat"], hit["lon"]) == ((None, None) if place is None else pytest.approx(place, abs=1e-6))
+
+
+def test_min_score_keeps_the_scores_at_or_above_it(lit, library):
+    _, _, db = library
+    vectors, query = stored(db), text_vector(lit, "a photo")
+    scores = {p: v @ query / np.linalg.norm(v) for p, v in vectors.items()}
+    threshold = float(np.median(list(scores.values())))
+    result = cli("search", "a photo", "--min-score", f"{threshold:.6f}", "--db", db, "--json", "-k", "20")
+    hits = json.loads(result.stdout)
+    assert {h["path"] for h in hits} == {p for p, s in scores.items() if s >= round(threshold, 6)}
+    assert len(hits) == len(TABLE) // 2
+    result = cli("search", "a photo", "--min-score", "1", "--db", db)
+    assert result.exit_code == 0 and result.stdout == "" and "no photos matched" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--after", "2023-13"],
+            "Invalid value for '--after': expected a date as YYYY, YYYY-MM or YYYY-MM-DD",
+        ),
+        (
+            ["--before", "June"],
+            "Invalid value for '--before': expected a date as YYYY, YYYY-MM or YYYY-MM-DD",
+        ),
+        (["--after", "2023-02-30"], "Invalid value for '--after': expected a date"),
+        (
+            ["--near", "48.8", "--within", "5"],
+            "Invalid value for '--near': expected LAT,LON in decimal degrees",
+        ),
+        (["--near", "91,0", "--within", "5"], "Invalid value for '--near': expected LAT,LON"),
+        (["--near", "48.8,2.3"], "Invalid value for '--within': --near LAT,LON and --within KM go together"),
+        (["--within", "5"], "Invalid value for '--near': --near LAT,LON and --within KM go together"),
+        (["--near", "48.8,2.3", "--within", "0"], "Invalid value for '--within': expected a number above 0"),
+        (["--min-score", "2"], "Invalid value for '--min-score': expected a number from -1 to 1, not 2.0"),
+        (["--in", "/no/such/folder"], "Invalid value for '--in': /no/such/folder: no such folder"),
+        (
+            ["--camera", "leica"],
+            "Invalid value for '--camera': no photo here was taken with a camera matching",
+        ),
+    ],
+)
+def test_bad_filter_values_are_one_line_naming_the_flag_and_exit_2(library, flags, message):
+    _, _, db = library
+    result = cli("search", "a photo", *flags, "--db", db)
+    assert result.exit_code == 2, result.output
+    first, pointer = result.stderr.splitlines()  # the error, then Click's pointer to -h
+    assert first.startswith(f"error: {message}") and pointer == "Try 'aim-mlx search -h' for help."
+    if "--camera" in flags:  # an unknown camera says which cameras there are
+        assert "Apple iPhone 12" in first and "Canon EOS R5" in first
+
+
+def synthetic(n=6000, dim=32, seed=0):
+    """n random vectors with facts: a capture day in 2020-2023 (none for a tenth), a position in a box
+    around Paris (none for a fifth), a camera of four, a folder of ten."""
+    rng = np.random.default_rng(seed)
+    matrix = rng.standard_normal((n, dim)).astype(np.float32)
+    days = rng.integers(0, 4 * 365, n)
+    taken = [
+        None if i % 10 == 0 else f"{2020 + d // 365}-{d % 365 // 31 + 1:02d}-{d % 31 + 1:02d}T12:00:00"
+        for i, d in enumerate(days)
+    ]
+    taken = [t if t is None or t[5:7] <= "12" else t[:5] + "12" + t[7:] for t in taken]
+    lat = np.where(np.arange(n) % 5 == 0, np.nan, 48 + rng.random(n) * 2)
+    lon = np.where(np.arange(n) % 5 == 0, np.nan, 1 + rng.random(n) * 3)
+    cameras = [("Canon EOS R5", "Apple iPhone 12", "NIKON D750", None)[i % 4] for i in range(n)]
+    paths = [f"/photos/f{i % 10}/{i}.jpg" for i in range(n)]
+    facts = {"taken": taken, "lat": lat, "lon": lon, "camera": cameras}
+    return np.arange(1000, 1000 + n), paths, matrix, facts
+
+
+@pytest.mark.parametrize("approx_from", [None, 0], ids=["exact", "int8-first-pass"])
+@pytest.mark.parametrize(
+    "filters, keep",
+    [
+        (dict(after="2021-03", before="2023"), lambda t, la, lo, c, p: t and "2021-03" <= t[:7] < "2023"),
+        (dict(camera="iphone"), lambda t, la, lo, c, p: c == "Apple iPhone 12"),  # a quarter
+        (dict(folders=("/photos/f3",)), lambda t, la, lo, c, p: p.startswith("/photos/f3/")),  # a tenth
+        (
+            dict(near=(49.0, 2.5), within_km=15.0, camera="canon"),  # about 2%: the rows alone are scanned
+            lambda t, la, lo, c, p: (
+                c == "Canon EOS R5" and not math.isnan(la) and haversine((la, lo), (49, 2.5)) <= 15
+            ),
+        ),
+        (dict(min_score=0.1, after="2022"), lambda t, la, lo, c, p: t and t >= "2022"),
+    ],
+    ids=["dates", "camera", "folder", "near-and-camera", "min-score"],
+)
+def test_filtered_top_k_is_the_top_k_of_the_rows_that_pass(approx_from, filters, keep):
+    """On both paths: k results whenever k rows pass, exactly the best k of them (float64 brute force)."""
+    from aim_mlx.apps.library.search import Filters, Vectors
+
+    ids, paths, matrix, facts = synthetic()
+    vectors = Vectors(ids, paths, matrix, facts, approx_from=approx_from)
+    assert (vectors.codes is not None) == (approx_from == 0)
+    f = Filters(**filters)
+    passed = np.array(
+        [
+            bool(keep(facts["taken"][i], facts["lat"][i], facts["lon"][i], facts["camera"][i], paths[i]))
+            for i in range(len(ids))
+        ]
+    )
+    unit = matrix.astype(np.float64) / np.linalg.norm(matrix, axis=1, keepdims=True)
+    rng = np.random.default_rng(1)
+    for row in rng.integers(0, len(ids), 3):
+        query = matrix[row] + 0.5 * rng.standard_normal(matrix.shape[1]).astype(np.float32)
+        scores = unit @ (query / np.linalg.norm(query))
+        ok = passed & (scores >= (f.min_score if f.min_score is not None else -2))
+        expected = [i for i in np.argsort(-scores) if ok[i]][:10]
+        assert len(expected) == 10
+        hits = vectors.top_k(query, 10, filters=f)
+        assert [h.id for h in hits] == [int(ids[i]) for i in expected]
+        np.testing.assert_allclose([h.score for h in hits], scores[expected], atol=1e-5)
