@@ -446,3 +446,98 @@ def test_filtered_top_k_is_the_top_k_of_the_rows_that_pass(approx_from, filters,
         hits = vectors.top_k(query, 10, filters=f)
         assert [h.id for h in hits] == [int(ids[i]) for i in expected]
         np.testing.assert_allclose([h.score for h in hits], scores[expected], atol=1e-5)
+
+
+# Combined queries.
+def test_query_words_become_weighted_terms(tmp_path):
+    from aim_mlx.apps.library.search import Term, parse_query, parse_text
+
+    photo = tmp_path / "beach.png"
+    Image.fromarray(skimage.data.coffee()).save(photo)
+    words = ["2:a", "dog", "+", str(photo), "-", "people", "+", "0.5:id:12", "-", "missing.jpg"]
+    assert parse_query(words) == [
+        Term("text", "a dog", 2.0),
+        Term("image", str(photo), 1.0),
+        Term("text", "people", -1.0),
+        Term("photo", 12, 0.5),
+        Term(
+            "image", "missing.jpg", -1.0
+        ),  # named like an image: read as one (and said missing if not there)
+    ]
+    assert parse_query(["-", "people"]) == [Term("text", "people", -1.0)]
+    assert parse_text("a sunny beach -people +.5:id:3 - 3:a crowd") == [
+        Term("text", "a sunny beach", 1.0),
+        Term("text", "people", -1.0),
+        Term("photo", 3, 0.5),
+        Term("text", "a crowd", -3.0),
+    ]
+    assert parse_text("well-lit beach.jpg") == [
+        Term("text", "well-lit beach.jpg", 1.0)
+    ]  # no files from the web
+
+
+def test_a_combined_query_is_the_normalised_weighted_sum_of_normalised_term_vectors(lit, library):
+    """Against numpy on the model's own encode_text and encode_image, and the library's stored vector for
+    the id: term, which is left out of the results."""
+    import mlx.core as mx
+
+    _, paths, db = library
+    with Library(db) as lib:
+        ids = {path: i for i, path in lib.conn.execute("SELECT id, path FROM files")}
+    chelsea = ids[str(paths["chelsea"])]
+    net, processor = aim_mlx.load(str(lit))
+
+    def unit(vector):
+        vector = np.asarray(vector, np.float64).reshape(-1)
+        return vector / np.linalg.norm(vector)
+
+    vectors = stored(db)
+    query = (
+        2 * unit(net.encode_text(["a dog"]))
+        + unit(net.encode_image(mx.array(processor.preprocess_one(paths["rocket"])[None])))
+        - unit(net.encode_text(["people"]))
+        + 0.5 * unit(vectors[str(paths["chelsea"])])
+    )
+    query /= np.linalg.norm(query)
+    scores = {p: unit(v) @ query for p, v in vectors.items() if p != str(paths["chelsea"])}
+    expected = sorted(scores, key=lambda p: -scores[p])
+
+    words = ["2:a dog", "+", paths["rocket"], "-", "people", "+", f"0.5:id:{chelsea}"]
+    result = cli("search", *words, "--db", db, "--json", "-k", "20")
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)
+    assert [h["path"] for h in hits] == expected  # the id: photo left out
+    np.testing.assert_allclose([h["score"] for h in hits], [scores[p] for p in expected], atol=1e-4)
+
+    # --image and --like are terms too, and a combined query takes the filters
+    result = cli(
+        "search", "a dog", "--image", paths["rocket"], "--in", paths["rocket"].parent, "--db", db, "--json"
+    )
+    query = unit(net.encode_text(["a dog"])) + unit(
+        net.encode_image(mx.array(processor.preprocess_one(paths["rocket"])[None]))
+    )
+    hits = json.loads(result.stdout)
+    assert [h["path"] for h in hits] == [str(paths["rocket"])]
+    assert hits[0]["score"] == pytest.approx(unit(vectors[str(paths["rocket"])]) @ unit(query), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "words, message",
+    [
+        (["a dog", "+", "nowhere.jpg"], "error: nowhere.jpg: no such file"),
+        (["a dog", "+", "id:99999"], "error: id:99999: no indexed photo has id 99999"),
+        (["id:dog"], "error: id:dog: expected id:N, N an indexed photo's id"),
+        (["a dog", "+"], "error: nothing after '+' in the query; put a text, an image file or id:N there"),
+        (["a dog", "-", "+", "cat"], "error: nothing after '-' in the query"),
+        (["a dog", "-", "a dog"], "error: the query's terms cancel out"),
+        (["{notes}"], "error: {notes}: not an image file Pillow can read"),
+    ],
+)
+def test_a_term_that_cannot_be_read_is_one_line_naming_it(library, tmp_path, words, message):
+    _, _, db = library
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    words = [w.format(notes=notes) for w in words]
+    result = cli("search", *words, "--db", db)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(message.format(notes=notes)) and len(result.stderr.splitlines()) == 1
