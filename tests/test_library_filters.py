@@ -541,3 +541,76 @@ def test_a_term_that_cannot_be_read_is_one_line_naming_it(library, tmp_path, wor
     result = cli("search", *words, "--db", db)
     assert result.exit_code == 1, result.output
     assert result.stderr.startswith(message.format(notes=notes)) and len(result.stderr.splitlines()) == 1
+
+
+# The web API: the same filters and combined queries as the CLI.
+@pytest.fixture
+def client(library, tmp_path, monkeypatch):
+    from aim_mlx.apps.library.web import create_app
+    from starlette.testclient import TestClient
+
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    with TestClient(create_app(library[2]), base_url="http://127.0.0.1") as client:
+        yield client
+
+
+def cli_hits(db, *args):
+    result = cli("search", *args, "--db", db, "--json", "-k", "20")
+    assert result.exit_code == 0, result.output
+    return [
+        (h["id"], h["path"], h["taken"], h["lat"], h["lon"], h["camera"]) for h in json.loads(result.stdout)
+    ]
+
+
+def api_hits(response):
+    assert response.status_code == 200, response.text
+    return [
+        (h["id"], h["path"], h["taken"], h["lat"], h["lon"], h["camera"]) for h in response.json()["results"]
+    ]
+
+
+def test_the_api_filters_and_combines_as_the_cli_does(client, library):
+    root, paths, db = library
+    params = {"q": "a photo", "k": 20, "after": "2023-06", "before": "2023-09"}
+    assert api_hits(client.get("/api/search", params=params)) == cli_hits(
+        db, "a photo", "--after", "2023-06", "--before", "2023-09"
+    )
+    params = [("q", "a photo"), ("k", 20), ("in", str(root / "2023/trip")), ("in", str(root / "old"))]
+    found = api_hits(client.get("/api/search", params=params))
+    assert {h[1] for h in found} == {str(paths[n]) for n in ("chelsea", "camera", "coins")}
+    params = {"q": "a photo", "k": 20, "near": "48.8566,2.3522", "within": 20, "camera": "iphone"}
+    assert [h[1] for h in api_hits(client.get("/api/search", params=params))] == [str(paths["chelsea"])]
+    assert api_hits(client.get("/api/search", params={"q": "a dog -people +2:a cat", "k": 20})) == cli_hits(
+        db, "a dog", "-", "people", "+", "2:a cat"
+    )
+    # an uploaded image with text terms, and "more like this" with a filter
+    query = paths["rocket"].read_bytes()
+    response = client.post("/api/search/image?q=a+dog+-people&k=20&before=2023", content=query)
+    assert api_hits(response) == cli_hits(
+        db, "a dog", "-", "people", "+", paths["rocket"], "--before", "2023"
+    )
+    like = api_hits(client.get("/api/search", params={"q": "a photo"}))[0][0]
+    response = client.get(f"/api/similar/{like}", params={"k": 20, "camera": "canon"})
+    assert api_hits(response) == cli_hits(db, "--like", like, "--camera", "canon")
+    facts = client.get(f"/api/photo/{like}").json()
+    name = facts["name"][:-4]
+    place = EXPECTED[name][1]
+    assert (facts["taken"], facts["camera"]) == (EXPECTED[name][0], EXPECTED[name][2])
+    assert (facts["lat"], facts["lon"]) == ((None, None) if place is None else pytest.approx(place))
+
+
+@pytest.mark.parametrize(
+    "params, status, error",
+    [
+        ({"after": "2023-13"}, 400, "after: expected a date as YYYY, YYYY-MM or YYYY-MM-DD, not '2023-13'"),
+        ({"in": "/no/such/folder"}, 400, "in: /no/such/folder: no such folder"),
+        ({"near": "1,2"}, 400, "within: --near LAT,LON and --within KM go together; give both"),
+        ({"min_score": "x"}, 400, "min_score: expected a number from -1 to 1, not 'x'"),
+        ({"camera": "leica"}, 400, "camera: no photo here was taken with a camera matching 'leica'"),
+        ({"q": "a dog +"}, 400, "nothing after '+' in the query"),
+        ({"q": "id:99999"}, 404, "no indexed photo has id 99999"),
+    ],
+)
+def test_bad_api_parameters_are_one_line(client, params, status, error):
+    response = client.get("/api/search", params={"q": "a photo", **params})
+    assert response.status_code == status and response.json()["error"].startswith(error)
