@@ -392,10 +392,9 @@ def synthetic(n=6000, dim=32, seed=0):
     matrix = rng.standard_normal((n, dim)).astype(np.float32)
     days = rng.integers(0, 4 * 365, n)
     taken = [
-        None if i % 10 == 0 else f"{2020 + d // 365}-{d % 365 // 31 + 1:02d}-{d % 31 + 1:02d}T12:00:00"
+        None if i % 10 == 0 else f"{2020 + d // 365}-{d % 365 // 31 % 12 + 1:02d}-{d % 28 + 1:02d}T12:00:00"
         for i, d in enumerate(days)
     ]
-    taken = [t if t is None or t[5:7] <= "12" else t[:5] + "12" + t[7:] for t in taken]
     lat = np.where(np.arange(n) % 5 == 0, np.nan, 48 + rng.random(n) * 2)
     lon = np.where(np.arange(n) % 5 == 0, np.nan, 1 + rng.random(n) * 3)
     cameras = [("Canon EOS R5", "Apple iPhone 12", "NIKON D750", None)[i % 4] for i in range(n)]

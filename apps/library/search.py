@@ -199,7 +199,7 @@ class Vectors:
         self.lat = facts.get("lat", np.full(n, np.nan))
         self.lon = facts.get("lon", np.full(n, np.nan))
         self.camera = facts.get("camera") or [None] * n
-        self._columns: dict[str, np.ndarray] = {}  # filter columns as numpy arrays, made when first used
+        self._columns: dict = {}  # facts in the forms filters compare fast (see `column`)
         self.codes = None  # int8 copies for the first pass, above `approx_from` vectors
         if n >= (APPROX_FROM if approx_from is None else approx_from) and _usearch() is not None:
             self.codes = _int8(self.matrix)
@@ -229,40 +229,50 @@ class Vectors:
             self.camera[row],
         )
 
-    def column(self, name: str) -> np.ndarray:
-        """paths, the local capture times ("" where unknown) or the lower-cased cameras as a numpy string
-        array, for vectorised comparisons."""
+    def column(self, name: str):
+        """A fact in the form filters compare fast, made when first used: "taken" as datetime64 (NaT where
+        unknown, the offset left out: the camera's clock), "camera" and "folder" as (codes per row, the
+        distinct values; -1 where unknown), so that a text is matched once per distinct value."""
         if name not in self._columns:
-            if name == "paths":
-                values = self.paths
-            elif name == "taken":
-                values = [t[:19] if t else "" for t in self.taken]  # the local time, without the offset
+            if name == "taken":
+                local = [t[:19] if t else "NaT" for t in self.taken]
+                try:
+                    taken = np.array(local, dtype="datetime64[s]")
+                except ValueError:  # a time no camera can have (not one scan.py wrote): unknown
+                    taken = np.array([_datetime64(t) for t in local], dtype="datetime64[s]")
+                self._columns[name] = taken.reshape(-1)
             else:
-                values = [c.lower() if c else "" for c in self.camera]
-            self._columns[name] = np.array(values, dtype=str) if values else np.array([], dtype=str)
+                values = self.camera if name == "camera" else [os.path.dirname(p) for p in self.paths]
+                distinct: dict[str, int] = {}
+                codes = np.array([-1 if v is None else distinct.setdefault(v, len(distinct)) for v in values])
+                self._columns[name] = (codes.astype(np.int64).reshape(-1), list(distinct))
         return self._columns[name]
+
+    def matching(self, name: str, match) -> np.ndarray:
+        """The rows whose `name` value (see `column`) `match(value)` accepts."""
+        codes, values = self.column(name)
+        return np.isin(codes, [i for i, value in enumerate(values) if match(value)])
 
     def mask(self, filters: Filters) -> np.ndarray:
         """The rows that pass `filters` (all but the score threshold), as a boolean array."""
         keep = np.ones(len(self), dtype=bool)
         if filters.after or filters.before:
             taken = self.column("taken")
-            keep &= taken != ""
+            keep &= ~np.isnat(taken)
             if filters.after:
-                keep &= taken >= filters.after
+                keep &= taken >= np.datetime64(filters.after, "s")
             if filters.before:
-                keep &= taken < filters.before
+                keep &= taken < np.datetime64(filters.before, "s")
         if filters.folders:
-            paths = self.column("paths")
-            under = np.zeros(len(self), dtype=bool)
-            for folder in filters.folders:
-                under |= np.strings.startswith(paths, folder.rstrip(os.sep) + os.sep)
-            keep &= under
+            keep &= self.matching(
+                "folder",
+                lambda d: any(d == f or d.startswith(f.rstrip(os.sep) + os.sep) for f in filters.folders),
+            )
         if filters.camera:
-            cameras = self.column("camera")
-            matches = np.strings.find(cameras, filters.camera.lower()) >= 0
+            part = filters.camera.lower()
+            matches = self.matching("camera", lambda camera: part in camera.lower())
             if not matches.any():
-                known = sorted({c for c in self.camera if c})
+                known = sorted(self.column("camera")[1])
                 listed = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "") if known else "none"
                 raise FilterError(
                     "camera",
@@ -271,8 +281,14 @@ class Vectors:
                 )
             keep &= matches
         if filters.near is not None:
-            with np.errstate(invalid="ignore"):
-                keep &= haversine_km(self.lat, self.lon, *filters.near) <= filters.within_km  # NaN: False
+            lat0, lon0 = filters.near
+            with np.errstate(invalid="ignore"):  # NaN (no position) compares False
+                # a great circle is no shorter than its change in latitude (111.2 km a degree on this
+                # sphere): rows outside that band, with a margin, need no haversine
+                band = np.flatnonzero(keep & (np.abs(self.lat - lat0) <= filters.within_km / 110.5))
+                near = haversine_km(self.lat[band], self.lon[band], lat0, lon0) <= filters.within_km
+            keep = np.zeros(len(self), dtype=bool)
+            keep[band[near]] = True
         return keep
 
     def top_k(
@@ -332,6 +348,13 @@ class Vectors:
                 return kept[:count]
         rows = np.flatnonzero(mask)
         return rows[best(self.codes[rows], count)]
+
+
+def _datetime64(text: str) -> np.datetime64:
+    try:
+        return np.datetime64(text, "s")
+    except ValueError:
+        return np.datetime64("NaT")
 
 
 def _ids(exclude) -> list[int]:
