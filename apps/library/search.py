@@ -9,8 +9,8 @@ normalised term vectors, a - term's weight counted negative; a score is the cosi
 whatever the size of the library.
 
 Filters (capture date, folder, camera, distance, a minimum score) choose the rows before the top k are taken,
-so `k` filtered results come back whenever that many photos pass. Below APPROX_FROM vectors, or when fewer
-rows pass than would go on to re-ranking, the search is exact: one float32 matrix-vector product over the
+so `k` filtered results come back whenever that many photos pass. Below APPROX_FROM vectors, or when no
+more than EXACT_UPTO rows pass a filter, the search is exact: one float32 matrix-vector product over the
 rows. Above it, a first pass scores int8 copies of the vectors with usearch's SIMD kernels (a quarter of the
 memory traffic) and keeps the best CANDIDATES among the rows that pass; those are re-ranked with their
 float32 vectors, so every score returned is exact and only the choice of candidates is approximate
@@ -39,6 +39,7 @@ from .db import Library, LibraryError
 
 APPROX_FROM = 20_000  # vectors; see benchmarks/bench_library.py for where exact search gets slow
 CANDIDATES = 100  # at least this many (and 10 per result asked for) go on to exact re-ranking
+EXACT_UPTO = 5_000  # rows passing a filter that are scored exactly, without the int8 pass (15 MB to gather)
 EARTH_KM = 6371.0088  # the mean Earth radius, for great-circle distances
 DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 WEIGHT = re.compile(r"(\d+(?:\.\d*)?|\.\d+):(.+)", re.S)  # "2:a dog", "0.5:beach.jpg"
@@ -188,6 +189,7 @@ class Vectors:
         matrix: np.ndarray,
         facts: dict | None = None,
         approx_from: int | None = None,
+        exact_upto: int | None = None,
     ):
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)
         self.ids, self.paths = ids, paths
@@ -201,6 +203,7 @@ class Vectors:
         self.camera = facts.get("camera") or [None] * n
         self._columns: dict = {}  # facts in the forms filters compare fast (see `column`)
         self.codes = None  # int8 copies for the first pass, above `approx_from` vectors
+        self.exact_upto = EXACT_UPTO if exact_upto is None else exact_upto
         if n >= (APPROX_FROM if approx_from is None else approx_from) and _usearch() is not None:
             self.codes = _int8(self.matrix)
 
@@ -309,7 +312,7 @@ class Vectors:
         if k <= 0:
             return []
         count = max(CANDIDATES, 10 * k)
-        if self.codes is not None and len(rows) > count:
+        if self.codes is not None and len(rows) > (count if mask is None else max(count, self.exact_upto)):
             rows = self.candidates(query, count, mask)
             scores = self.matrix[rows] @ query  # exact re-ranking
         elif len(rows) > len(self) // 4:  # most rows: one product over all, then the rows picked
