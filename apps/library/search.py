@@ -314,11 +314,11 @@ class Vectors:
         count = max(CANDIDATES, 10 * k)
         if self.codes is not None and len(rows) > (count if mask is None else max(count, self.exact_upto)):
             rows = self.candidates(query, count, mask)
-            scores = self.matrix[rows] @ query  # exact re-ranking
+            scores = _product(self.matrix[rows], query)  # exact re-ranking
         elif len(rows) > len(self) // 4:  # most rows: one product over all, then the rows picked
-            scores = (self.matrix @ query)[rows]
+            scores = _product(self.matrix, query)[rows]
         else:
-            scores = self.matrix[rows] @ query
+            scores = _product(self.matrix[rows], query)
         if filters.min_score is not None:
             passed = scores >= filters.min_score
             rows, scores = rows[passed], scores[passed]
@@ -351,6 +351,12 @@ class Vectors:
                 return kept[:count]
         rows = np.flatnonzero(mask)
         return rows[best(self.codes[rows], count)]
+
+
+def _product(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """rows @ query; for a few thousand rows without BLAS, whose threads cost more to wake than such a
+    product (a 16 ms floor on a busy 2-core machine against 0.7 ms for 5 000 x 768 on one core)."""
+    return np.einsum("ij,j->i", rows, query) if len(rows) <= EXACT_UPTO else rows @ query
 
 
 def _datetime64(text: str) -> np.datetime64:
