@@ -214,6 +214,10 @@ def test_an_old_library_gains_the_columns_and_its_facts_on_the_next_run_without_
     with sqlite3.connect(db) as conn:
         before = dict(conn.execute("SELECT hash, vector FROM vectors"))
 
+    result = cli("index", root, "--db", db, "-m", lit, "--dry-run", "--json")  # a dry run changes nothing
+    assert result.exit_code == 0 and json.loads(result.stdout)["refresh"] == len(TABLE), result.output
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
     with Library.reader(db) as reader:  # a search's connection brings it forward...
         facts = reader.conn.execute("SELECT taken, lat, lon, camera, facts FROM files").fetchall()
     assert facts == [(None, None, None, None, 0)] * len(TABLE)  # ...its facts not read yet

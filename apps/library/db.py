@@ -112,17 +112,17 @@ class Library:
             raise _database_error(self.path, exc) from None
 
     @classmethod
-    def reader(cls, path: str | Path, timeout: float = 10.0) -> "Library":
+    def reader(cls, path: str | Path, timeout: float = 10.0, migrate: bool = True) -> "Library":
         """A read-only connection (a server's): it never waits for an index run's write lock, as opening
         with `Library()` (which may migrate) would, and may be used from another thread than its creator's
         as long as one thread uses it at a time. A library of an older schema is brought forward first
-        (once, under the write lock)."""
+        (once, under the write lock), unless `migrate` is False (a dry run, which reads it as it is)."""
         self = cls.__new__(cls)
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise LibraryError(f"{self.path}: no library here yet; run `aim-mlx index FOLDER` first")
         version = self._open_reader(timeout)
-        if version is not None and version < SCHEMA_VERSION:
+        if migrate and version is not None and version < SCHEMA_VERSION:
             self.conn.close()
             Library(self.path, create=False, timeout=timeout).close()
             version = self._open_reader(timeout)
@@ -211,8 +211,10 @@ class Library:
 
     def known_files(self, model_id: int) -> dict[str, tuple[int, int, str, int]]:
         """path -> (size, mtime_ns, hash, facts version) of every file `model_id` indexed."""
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(files)")}
+        facts = "facts" if "facts" in columns else "0"  # schema 1, read by a dry run as it is
         rows = self.conn.execute(
-            "SELECT path, size, mtime_ns, hash, facts FROM files WHERE model_id=?", (model_id,)
+            f"SELECT path, size, mtime_ns, hash, {facts} FROM files WHERE model_id=?", (model_id,)
         )
         return {p: (s, m, h, v) for p, s, m, h, v in rows}
 

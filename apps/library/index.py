@@ -155,7 +155,7 @@ def dry_run(roots: list[str | os.PathLike], db_path: str | os.PathLike, model: s
         return None
     _check_roots(roots)
     if Path(db_path).exists():
-        with Library.reader(db_path) as library:
+        with Library.reader(db_path, migrate=False) as library:  # a dry run writes nothing
             folder = Path(model).expanduser()
             source = str(folder.resolve()) if folder.is_dir() else model
             ids = [m["id"] for m in library.models() if m["info"]["source"] == source]
