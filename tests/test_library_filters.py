@@ -365,6 +365,10 @@ def test_min_score_keeps_the_scores_at_or_above_it(lit, library):
         ),
         (["--after", "2023-02-30"], "Invalid value for '--after': expected a date"),
         (
+            ["--after", "2023-06", "--before", "2023-06"],
+            "Invalid value for '--before': '2023-06' is not later",
+        ),
+        (
             ["--near", "48.8", "--within", "5"],
             "Invalid value for '--near': expected LAT,LON in decimal degrees",
         ),

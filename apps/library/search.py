@@ -89,9 +89,12 @@ class Filters:
             raise FilterError(missing_one, "--near LAT,LON and --within KM go together; give both")
         if camera is not None and not camera.strip():
             raise FilterError("camera", "expected a part of a camera's make or model, not an empty text")
+        start, end = _date("after", after), _date("before", before)
+        if start and end and start >= end:
+            raise FilterError("before", f"{before!r} is not later than --after {after!r}: no date is between")
         return cls(
-            after=_date("after", after),
-            before=_date("before", before),
+            after=start,
+            before=end,
             folders=tuple(_folder(f) for f in folders or ()),
             camera=camera.strip() if camera else None,
             near=near_at,
