@@ -474,6 +474,7 @@ def test_query_words_become_weighted_terms(tmp_path):
         ),  # named like an image: read as one (and said missing if not there)
     ]
     assert parse_query(["-", "people"]) == [Term("text", "people", -1.0)]
+    assert parse_query(["", "  "]) == []  # (find says to give a query)
     assert parse_text("a sunny beach -people +.5:id:3 - 3:a crowd") == [
         Term("text", "a sunny beach", 1.0),
         Term("text", "people", -1.0),

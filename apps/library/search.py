@@ -431,7 +431,9 @@ def parse_query(words: list[str], files: bool = True) -> list[Term]:
     `files=False`, as for the web API, reads every other term as text), or a text; `W:` before it weights it
     (default 1)."""
     groups: list[tuple[str, list[str]]] = []
-    for word in words:
+    for word in map(str.strip, words):
+        if not word:
+            continue
         sign = word[:1] if word[:1] in ("+", "-") else None
         if sign is not None:
             groups.append((sign, []))
