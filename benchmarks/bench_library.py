@@ -179,7 +179,11 @@ def bench_search(sizes: list[int], queries: int = 50) -> list[dict]:
     return rows
 
 
-def bench_filters(n: int = 100_000, queries: int = 50) -> list[dict]:
+def bench_filters(n: int = 100_000, queries: int = 50, in_memory: bool = False) -> list[dict]:
+    """Filtered search over n photos: written to a library by Library.put and read back by Vectors.load,
+    or, `in_memory`, the same rows handed to Vectors directly (a 3 GB file at 1 000 000 is not worth
+    writing to a shared disk)."""
+    import copy
     from types import SimpleNamespace
 
     from aim_mlx.apps.library.db import FileFacts, Library
@@ -191,38 +195,53 @@ def bench_filters(n: int = 100_000, queries: int = 50) -> list[dict]:
     data = centres[rng.integers(0, 1000, n)] + 0.8 * rng.standard_normal((n, dim), dtype=np.float32)
     data /= np.linalg.norm(data, axis=1, keepdims=True)
     cameras = ["Apple iPhone 12", "Apple iPhone 15 Pro", "Canon EOS R5", "NIKON D750", "SONY ILCE-7M3"]
-    info = SimpleNamespace(
-        key="bench-768", files={}, dims={"embed_dim": dim}, to_dict=lambda: {"source": "b"}
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        db = Path(tmp) / "library.sqlite"
-        start = time.perf_counter()
-        with Library(db) as library:
-            model_id = library.model_id(info)
-            with library.transaction():
-                for i in range(n):  # ten years of photos in 100 folders; a place for four in five
-                    day = int(rng.integers(0, 3650))
-                    taken = f"{2015 + day // 365}-{day % 365 // 31 % 12 + 1:02d}-{day % 28 + 1:02d}T12:00:00"
-                    placed = i % 5 != 0
-                    facts = FileFacts(
-                        f"/photos/{i % 100:02d}/{i:06d}.jpg",
-                        1,
-                        i,
-                        f"{i:064x}",
-                        4032,
-                        3024,
-                        taken if i % 20 else None,
-                        float(rng.uniform(35, 60)) if placed else None,
-                        float(rng.uniform(-10, 30)) if placed else None,
-                        cameras[i % 5] if i % 10 else None,
-                    )
-                    library.put(model_id, facts, data[i])
-        built = time.perf_counter() - start
-        with Library.reader(db) as library:
+    days = rng.integers(0, 3650, n)  # ten years of photos in 100 folders; a place for four in five
+    rows = [
+        FileFacts(
+            f"/photos/{i % 100:02d}/{i:07d}.jpg",
+            1,
+            i,
+            f"{i:064x}",
+            4032,
+            3024,
+            f"{2015 + d // 365}-{d % 365 // 31 % 12 + 1:02d}-{d % 28 + 1:02d}T12:00:00" if i % 20 else None,
+            float(lat) if i % 5 else None,
+            float(lon) if i % 5 else None,
+            cameras[i % 5] if i % 10 else None,
+        )
+        for i, (d, lat, lon) in enumerate(
+            zip(days, rng.uniform(35, 60, n), rng.uniform(-10, 30, n), strict=True)
+        )
+    ]
+    built = loaded = None
+    if in_memory:
+        facts = {
+            "taken": [r.taken for r in rows],
+            "lat": np.array([np.nan if r.lat is None else r.lat for r in rows]),
+            "lon": np.array([np.nan if r.lon is None else r.lon for r in rows]),
+            "camera": [r.camera for r in rows],
+        }
+        approx = Vectors(np.arange(1, n + 1), [r.path for r in rows], data, facts)
+    else:
+        info = SimpleNamespace(
+            key="bench-768", files={}, dims={"embed_dim": dim}, to_dict=lambda: {"source": "b"}
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            db = Path(tmp) / "library.sqlite"
             start = time.perf_counter()
-            approx = Vectors.load(library, model_id)  # as search loads them: int8 codes above APPROX_FROM
-            loaded = time.perf_counter() - start
-            exact = Vectors(*library.search_rows(model_id), approx_from=n + 1)
+            with Library(db) as library:
+                model_id = library.model_id(info)
+                with library.transaction():
+                    for i, row in enumerate(rows):
+                        library.put(model_id, row, data[i])
+            built = time.perf_counter() - start
+            with Library.reader(db) as library:
+                start = time.perf_counter()
+                approx = Vectors.load(library, model_id)  # as search loads them: int8 codes above APPROX_FROM
+                loaded = time.perf_counter() - start
+    del rows
+    exact = copy.copy(approx)  # the same rows and matrix, without the int8 codes: the exact path
+    exact.codes, exact._columns = None, {}
     assert approx.codes is not None, "usearch is needed (pip install 'aim-mlx[library]')"
     print(json.dumps({"filters_db_build_s": built, "load_s": loaded, "n": n}), flush=True)
     cases = {
@@ -280,6 +299,9 @@ def main():
     parser.add_argument("--parts", default="index,rerun,search,filters")
     parser.add_argument("--rounds", type=int, default=2, help="index: rounds of (model, index) in turns")
     parser.add_argument("--sizes", default="10000,20000,50000,100000,1000000", help="search: vector counts")
+    parser.add_argument(
+        "--filter-sizes", default="100000", help="filters: photo counts (above 100 000 held in memory only)"
+    )
     args = parser.parse_args()
     from aim_mlx.tasks.bench.timing import header, machine
 
@@ -289,7 +311,11 @@ def main():
     if "search" in parts:
         out["search"] = bench_search([int(s) for s in args.sizes.split(",")])
     if "filters" in parts:
-        out["filters"] = bench_filters()
+        out["filters"] = [
+            row
+            for n in args.filter_sizes.split(",")
+            for row in bench_filters(int(n), in_memory=int(n) > 100_000)
+        ]
     if "rerun" in parts:
         out["rerun"] = bench_rerun()
         print(json.dumps({"rerun": out["rerun"]}), flush=True)
