@@ -44,7 +44,7 @@ EXPECTED = {
     "coffee": ("2023-06-01T00:00:00", None, "Apple iPhone 12"),
     "chelsea": ("2023-08-31T23:59:59-04:00", VERSAILLES, "Apple iPhone 12"),
     "rocket": ("2023-09-01T00:00:00", SYDNEY, "Canon EOS 5D"),
-    "camera": ("2019-12-31T23:00:00", NEW_YORK, "NIKON CORPORATION NIKON D750"),
+    "camera": ("2019-12-31T23:00:00", NEW_YORK, "NIKON D750"),  # the make once: its first word leads
     "coins": (None, None, None),
     "hubble_deep_field": ("2022-02-02T02:02:02", (-33.80, 151.28), None),
     "immunohistochemistry": (None, None, "Canon"),  # IFD0's DateTime is when the file changed: not used

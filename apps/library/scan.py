@@ -13,19 +13,16 @@ warning naming the extra (a companion needs nothing: it is never decoded).
 """
 
 import hashlib
-import math
 import os
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from PIL import Image
 
 from aim_mlx.extras import missing, optional
 from aim_mlx.inputs.images import image_suffixes
-from aim_mlx.inputs.metadata import read_metadata
+from aim_mlx.inputs.metadata import from_exif, read_metadata
 from aim_mlx.inputs.raw import RAW_SUFFIXES, raw_size
 from aim_mlx.inputs.video import VIDEO_SUFFIXES, video_size
 from aim_mlx.log import logger
@@ -37,11 +34,7 @@ BUNDLES = {".app", ".photoslibrary", ".aplibrary", ".bundle", ".framework", ".pk
 # The developed image a RAW is paired with, and the still a Live Photo's .mov belongs to, in preference order
 PAIRED = (".jpg", ".jpeg", ".heic", ".heif", ".hif")
 LIVE_PHOTOS = (".heic", ".heif", ".jpg", ".jpeg")
-# EXIF tags: IFD0's orientation, make, model and the two sub-IFDs; the Exif IFD's times; the GPS IFD's
-# position (1 LatitudeRef, 2 Latitude, 3 LongitudeRef, 4 Longitude).
-_ORIENTATION, _MAKE, _MODEL, _EXIF_IFD, _GPS_IFD = 0x0112, 0x010F, 0x0110, 0x8769, 0x8825
-_DATETIME_ORIGINAL, _DATETIME_DIGITIZED, _OFFSET_ORIGINAL, _OFFSET_DIGITIZED = 0x9003, 0x9004, 0x9011, 0x9012
-_OFFSET = re.compile(r"[+-]\d\d:\d\d")
+_ORIENTATION = 0x0112  # EXIF, IFD0
 
 
 @dataclass(frozen=True)
@@ -165,75 +158,25 @@ def facts(path: Path, stat: os.stat_result) -> FileFacts:
 def header(found: FileFacts) -> FileFacts:
     """`found` with the file's upright pixel size, capture time, GPS position and camera filled in (headers
     only: no pixels are decoded, but for a video's size, from its first frame; a RAW's and a video's through
-    LibRaw or FFmpeg and read_metadata). What the file does not say stays None: the capture time is never
-    the file's mtime. Unreadable headers leave everything empty; the model's reading of the file reports
-    the error."""
-    suffix = Path(found.path).suffix.lower()
+    LibRaw or FFmpeg). The facts are inputs.metadata's: what the file does not say stays None, and the
+    capture time is never the file's mtime. Unreadable headers leave everything empty; the model's reading
+    of the file reports the error."""
+    path = Path(found.path)
+    suffix = path.suffix.lower()
     if suffix in RAW_SUFFIXES or suffix in VIDEO_SUFFIXES:  # not Pillow's
-        path = Path(found.path)
         size = raw_size(path) if suffix in RAW_SUFFIXES else video_size(path)
         meta = read_metadata(path)
-        found.width, found.height = size or (None, None)
-        found.taken = meta.taken.isoformat() if meta.taken else None
-        found.lat, found.lon, found.camera = meta.latitude, meta.longitude, meta.camera
-        return found
-    try:
-        with Image.open(found.path) as image:
-            exif = image.getexif()
-            width, height = image.size
-            if exif.get(_ORIENTATION) in (5, 6, 7, 8):  # EXIF orientations that rotate by 90 degrees
-                width, height = height, width
-            found.width, found.height = width, height
-            found.taken = capture_time(exif)
-            found.lat, found.lon = position(exif)
-            found.camera = camera(exif)
-    except Exception:  # a header Pillow cannot parse: decoding the file will say why
-        pass
-    return found
-
-
-def capture_time(exif: Image.Exif) -> str | None:
-    """DateTimeOriginal, else DateTimeDigitized, as ISO 8601 local time, with the matching OffsetTime tag's
-    +HH:MM when there is one. (IFD0's DateTime is when the file was last changed, not when it was taken.)"""
-    tags = exif.get_ifd(_EXIF_IFD)
-    for when, offset in ((_DATETIME_ORIGINAL, _OFFSET_ORIGINAL), (_DATETIME_DIGITIZED, _OFFSET_DIGITIZED)):
+    else:
         try:
-            taken = datetime.strptime(_text(tags.get(when))[:19], "%Y:%m:%d %H:%M:%S").isoformat()
-        except ValueError:  # absent, blank ("    :  :  ") or zero ("0000:00:00 ...")
-            continue
-        zone = _text(tags.get(offset))
-        return taken + zone if _OFFSET.fullmatch(zone) else taken
-    return None
-
-
-def position(exif: Image.Exif) -> tuple[float | None, float | None]:
-    """The GPS IFD's latitude and longitude in decimal degrees (south and west negative), or (None, None)."""
-    gps = exif.get_ifd(_GPS_IFD)
-    try:
-        lat = _degrees(gps[2]) * (-1 if _text(gps.get(1)).upper() == "S" else 1)
-        lon = _degrees(gps[4]) * (-1 if _text(gps.get(3)).upper() == "W" else 1)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        return None, None
-    if not (math.isfinite(lat) and math.isfinite(lon) and abs(lat) <= 90 and abs(lon) <= 180):
-        return None, None
-    return lat, lon
-
-
-def camera(exif: Image.Exif) -> str | None:
-    """Make and Model, the make left out when the model already starts with it ("Canon Canon EOS R5")."""
-    make, model = _text(exif.get(_MAKE)), _text(exif.get(_MODEL))
-    if make and model.lower().startswith(make.lower()):
-        make = ""
-    return " ".join(part for part in (make, model) if part) or None
-
-
-def _degrees(value) -> float:
-    """Degrees from EXIF's (degrees, minutes, seconds) rationals (some writers give one number)."""
-    parts = [float(v) for v in (value if isinstance(value, tuple | list) else (value,))]
-    return sum(part / 60**i for i, part in enumerate(parts[:3]))
-
-
-def _text(value) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return "" if value is None else str(value).strip("\x00 ")
+            with Image.open(path) as image:
+                exif = image.getexif()
+                width, height = image.size
+                if exif.get(_ORIENTATION) in (5, 6, 7, 8):  # EXIF orientations that rotate by 90 degrees
+                    width, height = height, width
+                size, meta = (width, height), from_exif(exif)
+        except Exception:  # a header Pillow cannot parse: decoding the file will say why
+            return found
+    found.width, found.height = size or (None, None)
+    found.taken, found.camera = meta.taken_iso(), meta.camera
+    found.lat, found.lon = meta.latitude, meta.longitude
+    return found
