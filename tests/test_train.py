@@ -14,17 +14,21 @@ import pytest
 import skimage.data
 import torch
 from checkpoints import TINY, make_reference, write_checkpoint, write_processor
+from lit_checkpoints import make_lit_reference, write_lit_checkpoint
 from PIL import Image
 from safetensors.numpy import load_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix, precision_score, recall_score
+from typer.testing import CliRunner
 
 import aim_mlx
+from aim_mlx.cli import app
 from aim_mlx.errors import AimMlxError, ConfigError
 from aim_mlx.tasks import train as tr
 
 PHOTOS = ("astronaut", "coffee", "chelsea")  # class i is photo i
 CHANCE = 100 / len(PHOTOS)
+runner = CliRunner()
 
 
 def jittered_crops(name: str, count: int, rng: np.random.Generator) -> list[Image.Image]:
@@ -369,3 +373,77 @@ def test_a_missing_base_is_the_usual_error(linear_head, tmp_path):
     (tmp_path / "head" / "config.json").write_text(json.dumps(config))
     with pytest.raises(AimMlxError):
         aim_mlx.load(str(tmp_path / "head"))
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_train_classify_and_eval_folder_on_the_command_line(base, data, tmp_path):
+    out = tmp_path / "birds-head"
+    result = cli(
+        "train", data, "-o", out, "-m", base, "--epochs", "40", "--lr", "1e-2", "--val-split", "0.25"
+    )
+    assert result.exit_code == 0, result.output
+    assert "precision  recall" in result.stdout and f"wrote {out}" in result.stdout
+    result = cli("train", data, "-o", out, "-m", base, "--json")
+    assert result.exit_code == 1 and "already exists; pass --force" in result.stderr
+    result = cli(
+        "train",
+        data,
+        "-o",
+        out,
+        "-m",
+        base,
+        "--epochs",
+        "40",
+        "--lr",
+        "1e-2",
+        "--val-split",
+        "0.25",
+        "--json",
+        "--force",
+    )
+    report = json.loads(result.stdout)
+    assert report["forward_images"] == 0 and report["val_images"] == 12
+
+    # eval folder on the held-out split gives the report's validation figures
+    _, val = split_paths(data)
+    held_out = tmp_path / "held-out"
+    for path, target in zip(val.paths, val.targets, strict=True):
+        (held_out / val.labels[target]).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, held_out / val.labels[target] / path.name)
+    result = cli("eval", "folder", "--data", held_out, "-m", out, "--json")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert figures["top1"] == pytest.approx(report["val_accuracy"])
+    assert figures["confusion"] == report["confusion"] and figures["top5"] == 100
+    assert [c["recall"] for c in figures["per_class"]] == [c["recall"] for c in report["per_class"]]
+
+    photo = sorted((data / "coffee").glob("*.jpg"))[0]
+    result = cli("classify", photo, "-m", out, "--json", "--top-k", "3")
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+    assert sorted(p["label"] for p in row["predictions"]) == sorted(PHOTOS)
+    result = cli("classify", photo, "-m", out, "--labels", "cat,dog")
+    assert result.exit_code == 1
+    assert "trained head over its 3 classes (astronaut, chelsea, coffee)" in result.stderr
+    assert "zero-shot labels need a LiT model" in result.stderr
+
+    (held_out / "rocket").mkdir()
+    result = cli("eval", "folder", "--data", held_out, "-m", out)
+    assert (
+        result.exit_code == 1
+        and "'rocket' in" in result.stderr
+        and "not one of the head's classes" in result.stderr
+    )
+
+
+def test_a_head_on_a_lit_model_names_both_ways_of_classifying(data, tmp_path):
+    lit = write_processor(write_lit_checkpoint(make_lit_reference(seed=5), tmp_path / "lit"))
+    out = tmp_path / "lit-head"
+    assert cli("train", data, "-o", out, "-m", lit, "--epochs", "1").exit_code == 0
+    photo = sorted((data / "coffee").glob("*.jpg"))[0]
+    result = cli("classify", photo, "-m", out, "--labels", "cat,dog")
+    assert result.exit_code == 1
+    assert f"or classify zero-shot with its base model: -m {lit.resolve()} --labels ..." in result.stderr

@@ -48,6 +48,30 @@ def distinct_head_labels(model) -> list[str]:
     return [f"{label} ({i})" if label in repeated else label for label, i in zip(labels, ids, strict=True)]
 
 
+IMAGENET_HEAD_AND_LABELS = (
+    "{model} classifies into the ImageNet-1k classes of its trained head; drop --labels, --labels-file, "
+    "--imagenet and --template(s), which are for zero-shot (LiT) models"
+)
+
+
+def labels_conflict(model, name: str) -> str:
+    """The error for zero-shot labels given with a head: what each of the two ways classifies, and how."""
+    if FAMILIES[model.family].classes != OWN_LABELS:
+        return IMAGENET_HEAD_AND_LABELS.format(model=name)
+    labels = head_labels(model)
+    shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
+    base = model.base.info.source if model.base.info is not None else "its base model"
+    zero_shot = (
+        f"classify zero-shot with its base model: -m {base} --labels ..."
+        if FAMILIES[model.base.family].text
+        else "zero-shot labels need a LiT model (apple/aimv2-large-patch14-224-lit)"
+    )
+    return (
+        f"{name} is a trained head over its {len(labels)} classes ({shown}): drop --labels, --labels-file, "
+        f"--imagenet and --template(s) to classify into them, or {zero_shot}"
+    )
+
+
 def classify(model, pixels: mx.array, top_k: int = 5) -> list[Prediction]:
     """Top-k labels with softmax probabilities for a batch of preprocessed (B, H, W, 3) pixels."""
     labels = head_labels(model)
