@@ -447,3 +447,42 @@ def test_a_head_on_a_lit_model_names_both_ways_of_classifying(data, tmp_path):
     result = cli("classify", photo, "-m", out, "--labels", "cat,dog")
     assert result.exit_code == 1
     assert f"or classify zero-shot with its base model: -m {lit.resolve()} --labels ..." in result.stderr
+
+
+@pytest.mark.parametrize("probe", ["linear", "attentive"])
+def test_export_coreml_gives_a_classifier_of_the_heads_labels(model, data, tmp_path, monkeypatch, probe):
+    """image -> classLabel over the head's labels; --check runs the package in the numpy MIL evaluator
+    against the MLX head and passes within the export's bounds (the attentive head over a mean of blocks)."""
+    from aim_mlx.convert.coreml.evaluator import classifier_classes, load_program
+
+    net, processor = model
+    out = tmp_path / "birds-head"
+    blocks = None if probe == "linear" else [0, 1]
+    tr.train(net, processor, data, out, probe=probe, blocks=blocks, epochs=3, val_split=0.25)
+    monkeypatch.chdir(tmp_path)
+    result = cli("export", "coreml", "-m", out, "--check")
+    assert result.exit_code == 0, result.output
+    assert "check:" in result.stdout and "top-1 as MLX's on 4 of 4 photos" in result.stdout
+    package = tmp_path / "BirdsHeadClassifier.mlpackage"
+    spec, program = load_program(package)
+    assert classifier_classes(program) == sorted(PHOTOS)
+    meta = dict(spec.description.metadata.userDefined)
+    assert meta["probe"] == probe and meta["source_model"] == net.info.source and meta["head"] == "birds-head"
+    result = cli("export", "coreml", "-m", out, "--labels", "a,b", "-o", tmp_path / "x.mlpackage")
+    assert result.exit_code == 1 and "its labels are its own classes" in result.stderr
+
+
+def test_augmentation_runs_the_model_on_every_training_image_each_epoch(model, data, tmp_path, monkeypatch):
+    net, processor = model
+    kwargs = dict(probe="attentive", augment=True, epochs=2, val_split=0.25, seed=3)
+    calls = []
+    run = net.forward_intermediates
+    monkeypatch.setattr(net, "forward_intermediates", lambda x, **kw: calls.append(len(x)) or run(x, **kw))
+    first = tr.train(net, processor, data, tmp_path / "a", **kwargs)
+    assert first.forward_images == sum(calls)
+    calls.clear()
+    again = tr.train(net, processor, data, tmp_path / "b", **kwargs)  # nothing left to cache: crops alone
+    assert sum(calls) == again.forward_images == 2 * 36  # each epoch, every training image as a crop
+    assert [e.train_loss for e in again.epochs] == [e.train_loss for e in first.epochs]  # seeded crops
+    crops = [tr.augment_image(data / "coffee" / "00.jpg", np.random.default_rng(i)) for i in range(8)]
+    assert len({c.size for c in crops}) > 1 and all(c.width <= 80 and c.height <= 80 for c in crops)
