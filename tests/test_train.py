@@ -486,3 +486,33 @@ def test_augmentation_runs_the_model_on_every_training_image_each_epoch(model, d
     assert [e.train_loss for e in again.epochs] == [e.train_loss for e in first.epochs]  # seeded crops
     crops = [tr.augment_image(data / "coffee" / "00.jpg", np.random.default_rng(i)) for i in range(8)]
     assert len({c.size for c in crops}) > 1 and all(c.width <= 80 and c.height <= 80 for c in crops)
+
+
+def test_a_head_on_a_quantized_base(base, data, tmp_path):
+    """convert -q 8: the head records the quantized base's identity, and loads on it as trained."""
+    from aim_mlx.convert.convert import convert
+
+    quantized = tmp_path / "q8"
+    convert(str(base), quantized, quantize=True, q_bits=8, q_group_size=32)
+    net, processor = aim_mlx.load(str(quantized))
+    out = tmp_path / "head"
+    tr.train(net, processor, data, out, epochs=2, val_split=0.25)
+    config = json.loads((out / "config.json").read_text())
+    assert config["base_model"]["quantization"]["bits"] == 8 and config["base_model"]["key"] == net.info.key
+    head, _ = aim_mlx.load(str(out))
+    pixels = processor(sorted((data / "astronaut").glob("*.jpg"))[:2])
+    expected = numpy_linear_logits(out, np.asarray(net.encode_image(pixels)))
+    np.testing.assert_allclose(np.asarray(head.classify(pixels)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unreadable_images_exit_3_after_training(base, tmp_path):
+    data = class_folders(tmp_path / "data", {"coffee": 4, "chelsea": 4})
+    (data / "coffee" / "broken.jpg").write_bytes(b"not a jpeg")
+    result = cli("train", data, "-o", tmp_path / "head", "-m", base, "--epochs", "1", "--val-split", "0.25")
+    assert result.exit_code == 3, result.output
+    assert (
+        "skipped " in result.stderr
+        and "broken.jpg" in result.stderr
+        and "1 of 9 images failed" in result.stderr
+    )
+    assert (tmp_path / "head" / "model.safetensors").is_file()

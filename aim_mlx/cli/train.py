@@ -17,6 +17,7 @@ from .common import (
     force_option,
     load,
     model_option,
+    partial,
     plural,
     progress,
     rate_column,
@@ -87,7 +88,8 @@ def train(
     DATA holds one folder per class (ImageFolder layout); a stratified share of each class (--val-split) is
     held out for validation, unless --val gives a set. Features are computed once per image and cached
     (AIM_MLX_CACHE), so training again with other settings runs no model. The head folder (a few MB:
-    model.safetensors + config.json) then classifies: aim-mlx classify photo.jpg -m DIR.
+    model.safetensors + config.json) then classifies: aim-mlx classify photo.jpg -m DIR. Unreadable images
+    are named on stderr and skipped (exit code 3, the head written).
     """
     if data is None or output is None:
         raise ConfigError("give the class folders and the head folder to write: aim-mlx train DATA -o DIR")
@@ -124,6 +126,8 @@ def train(
         typer.echo(json_module.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
         typer.echo(summary(report))
+    if report.failed:  # the head was trained on the others
+        raise partial(report.failed, report.failed + report.train_images + report.val_images)
 
 
 def _blocks(text: str | None) -> list[int] | None:
