@@ -516,3 +516,13 @@ def test_unreadable_images_exit_3_after_training(base, tmp_path):
         and "1 of 9 images failed" in result.stderr
     )
     assert (tmp_path / "head" / "model.safetensors").is_file()
+
+
+def test_the_confusion_matrix_as_an_image(linear_head, data, tmp_path):
+    out, _ = linear_head
+    result = cli("eval", "folder", "--data", data, "-m", out, "--plot", tmp_path / "cm.png", "--json")
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "cm.png") as image:
+        assert image.format == "PNG" and min(image.size) >= 300
+    result = cli("eval", "folder", "--data", data, "-m", out, "--plot", tmp_path / "cm.txt")
+    assert result.exit_code == 1 and "use a .png, .svg or .pdf file name" in result.stderr

@@ -197,6 +197,10 @@ def folder(
         typer.Option("--output", "-o", metavar="FILE", help="Write the JSON report to FILE."),
     ] = None,
     force: Annotated[bool, force_option("report")] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help="The confusion matrix as a .png/.svg/.pdf (the plot extra)."),
+    ] = None,
 ):
     """Measure a trained head on labelled class folders.
 
@@ -208,10 +212,13 @@ def folder(
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from ..tasks.evaluate import evaluate_folder
+    from ..tasks.metrics import check_plot, plot_confusion
     from .train import class_table
 
     if output is not None:
         output = check_output(output, force, "-o")
+    if plot is not None:
+        plot = check_plot(check_output(plot, True, "--plot"))
     net, processor = load(model, None, dtype)
     columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), rate_column("images"))
     with progress(*columns, TimeRemainingColumn()) as bar:
@@ -232,6 +239,8 @@ def folder(
     if output is not None:
         with atomic_file(output) as tmp:
             tmp.write_text(text + "\n", encoding="utf-8")
+    if plot is not None:
+        plot_confusion(report.confusion, report.labels, plot, f"{Path(model).name} on {data}")
     if json:
         typer.echo(text)
     else:

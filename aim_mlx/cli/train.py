@@ -80,6 +80,10 @@ def train(
     ] = 2.0,
     revision: Revision = None,
     dtype: DTypeOpt = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help="The confusion matrix as a .png/.svg/.pdf (the plot extra)."),
+    ] = None,
     json: Json = False,
     force: Annotated[bool, force_option("head folder")] = False,
 ):
@@ -94,6 +98,10 @@ def train(
     if data is None or output is None:
         raise ConfigError("give the class folders and the head folder to write: aim-mlx train DATA -o DIR")
     output = check_output(output, force, "-o", folder=True)
+    if plot is not None:
+        from ..tasks.metrics import check_plot
+
+        plot = check_plot(check_output(plot, True, "--plot"))
     if val is not None and val_split is not None:
         raise ConfigError("give --val-split or --val, not both")
     from ..tasks.train import train as train_head
@@ -122,6 +130,12 @@ def train(
         )
     for _, reason in report.failures:
         say(f"skipped {reason}")
+    if plot is not None:
+        from ..tasks.metrics import plot_confusion
+
+        plot_confusion(
+            report.confusion, report.labels, plot, f"{Path(report.output).name}: {report.evaluated_on}"
+        )
     if json:
         typer.echo(json_module.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
