@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 import aim_mlx
 from aim_mlx.cli import app
 from aim_mlx.errors import AimMlxError, ConfigError
+from aim_mlx.tasks import features
 from aim_mlx.tasks import train as tr
 
 PHOTOS = ("astronaut", "coffee", "chelsea")  # class i is photo i
@@ -93,12 +94,12 @@ def linear_head(model, data, tmp_path_factory):
 
 def cached(net, processor, paths, kind="pooled") -> np.ndarray:
     """The cached features of `paths`, read from the cache files by content hash (as the cache is keyed)."""
-    folder = tr.cache_folder(net, processor, kind)
-    return np.stack([np.load(folder / f"{tr.file_hash(p)}.npy") for p in paths])
+    folder = features.cache_folder(net, processor, kind)
+    return np.stack([np.load(folder / f"{features.file_hash(p)}.npy") for p in paths])
 
 
 def split_paths(data, seed=0, val_split=0.25):
-    return tr.split(tr.find_classes(data), val_split, seed)
+    return features.split(features.find_classes(data), val_split, seed)
 
 
 def numpy_linear_logits(head_folder, features: np.ndarray) -> np.ndarray:
@@ -484,7 +485,7 @@ def test_augmentation_runs_the_model_on_every_training_image_each_epoch(model, d
     again = tr.train(net, processor, data, tmp_path / "b", **kwargs)  # nothing left to cache: crops alone
     assert sum(calls) == again.forward_images == 2 * 36  # each epoch, every training image as a crop
     assert [e.train_loss for e in again.epochs] == [e.train_loss for e in first.epochs]  # seeded crops
-    crops = [tr.augment_image(data / "coffee" / "00.jpg", np.random.default_rng(i)) for i in range(8)]
+    crops = [features.augment_image(data / "coffee" / "00.jpg", np.random.default_rng(i)) for i in range(8)]
     assert len({c.size for c in crops}) > 1 and all(c.width <= 80 and c.height <= 80 for c in crops)
 
 

@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..inputs.images import find_images
 from ..registry import FAMILIES
 from .embed import collect, counting, iter_embeddings
+from .features import find_classes
 from .heads import has_head, head_labels
 from .metrics import confusion_matrix, per_class, top_k_accuracy
 from .zeroshot import imagenet_classes, imagenet_wnids, text_classifier
@@ -215,8 +216,6 @@ class FolderReport:
 def evaluate_folder(model, processor, root: Path, batch_size: int = 8, progress: Progress | None = None):
     """A trained head (`aim-mlx train`'s, or AIMv1's) on class folders named by its labels: top-1, top-5,
     per-class precision and recall, and the confusion matrix. A folder may hold a subset of the classes."""
-    from .train import find_classes  # the same ImageFolder rules as training
-
     if not has_head(model):
         source = model.info.source if model.info is not None else "this model"
         raise ConfigError(f"{source} has no trained head; eval folder takes a head folder from aim-mlx train")
