@@ -527,3 +527,27 @@ def test_the_confusion_matrix_as_an_image(linear_head, data, tmp_path):
         assert image.format == "PNG" and min(image.size) >= 300
     result = cli("eval", "folder", "--data", data, "-m", out, "--plot", tmp_path / "cm.txt")
     assert result.exit_code == 1 and "use a .png, .svg or .pdf file name" in result.stderr
+
+
+def test_a_validation_folder_instead_of_a_split(model, data, tmp_path):
+    net, processor = model
+    val = class_folders(tmp_path / "val", dict.fromkeys(PHOTOS, 2), seed=9)
+    report = tr.train(net, processor, data, tmp_path / "head", val_dir=val, epochs=2)
+    assert report.train_images == 48 and report.val_images == 6
+    assert [c["support"] for c in report.per_class] == [2, 2, 2]
+    config = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert config["training"]["val_dir"] == str(val.resolve()) and config["training"]["val_split"] is None
+    (val / "rocket").mkdir()
+    with pytest.raises(ConfigError, match="'rocket' in .* is not one of the head's classes"):
+        tr.train(net, processor, data, tmp_path / "other", val_dir=val, epochs=1)
+
+
+def test_command_line_option_errors(base, data, tmp_path):
+    out = tmp_path / "head"
+    result = cli("train", data, "-o", out, "-m", base, "--val", data, "--val-split", "0.2")
+    assert result.exit_code == 1 and "give --val-split or --val, not both" in result.stderr
+    result = cli("train", data, "-o", out, "-m", base, "--probe", "attentive", "--blocks", "1,x")
+    assert result.exit_code == 1 and "--blocks '1,x': give block indices" in result.stderr
+    result = cli("train", data, "-m", base)
+    assert result.exit_code == 1 and "aim-mlx train DATA -o DIR" in result.stderr
+    assert not out.exists()
