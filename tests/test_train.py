@@ -431,6 +431,11 @@ def test_train_classify_and_eval_folder_on_the_command_line(base, data, tmp_path
     assert "trained head over its 3 classes (astronaut, chelsea, coffee)" in result.stderr
     assert "zero-shot labels need a LiT model" in result.stderr
 
+    imagenet = tmp_path / "imagenet" / "n01440764"
+    imagenet.mkdir(parents=True)
+    shutil.copyfile(val.paths[0], imagenet / "a.jpg")
+    result = cli("eval", "imagenet", "--data", imagenet.parent, "-m", out)
+    assert result.exit_code == 1 and "measure it with aim-mlx eval folder" in result.stderr
     (held_out / "rocket").mkdir()
     result = cli("eval", "folder", "--data", held_out, "-m", out)
     assert (

@@ -18,7 +18,7 @@ import numpy as np
 from ..checkpoints.variants import AIMV1_TOP1, aimv1_probe_layers, aimv1_size, find_variant
 from ..errors import ConfigError
 from ..inputs.images import find_images
-from ..registry import FAMILIES
+from ..registry import FAMILIES, OWN_LABELS
 from .embed import collect, counting, iter_embeddings
 from .features import find_classes
 from .heads import has_head, head_labels
@@ -98,6 +98,11 @@ def method(model) -> str:
 
 def check_family(family: str, source: str) -> str:
     """How a model `family` classifies ImageNet: "head" or "zero-shot"; neither is a ConfigError."""
+    if FAMILIES[family].classes == OWN_LABELS:
+        raise ConfigError(
+            f"{source} is a head trained on its own classes, not ImageNet's; measure it with "
+            "aim-mlx eval folder"
+        )
     if FAMILIES[family].classes is not None:
         return "head"
     if FAMILIES[family].text:
