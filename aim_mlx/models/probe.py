@@ -87,12 +87,13 @@ class AttentiveProbe(AttentionPoolingHead):
         x = self.bn(x)
         b, n, d = x.shape
         h = self.num_heads
-        q = self.cls_token.reshape(h, 1, d // h)  # (H, 1, hd)
-        query = (q @ self.k.weight.reshape(h, d // h, d)).reshape(h, d)  # (H, D): W_kᵀ q per head
+        q = self.cls_token.reshape(h, d // h)  # (H, hd)
+        query = mx.einsum("hc,hcd->hd", q, self.k.weight.reshape(h, d // h, d))  # (H, D): W_kᵀ q per head
         # k's bias adds q·b_k to every token's score alike, which the softmax cancels
         attn = mx.softmax((x @ query.T) * (d // h) ** -0.5, axis=1)  # (B, N, H) over the tokens
-        mixed = attn.transpose(0, 2, 1) @ x  # (B, H, D): each head's weighted mean of the tokens
-        out = (mixed[:, :, None, :] @ self.v.weight.reshape(h, d // h, d).swapaxes(1, 2)).reshape(b, d)
+        # einsum rather than batched matmuls of transposes, whose gradients MLX's CPU computes 100x slower
+        mixed = mx.einsum("bnh,bnd->bhd", attn, x)  # (B, H, D): each head's weighted mean of the tokens
+        out = mx.einsum("bhd,hcd->bhc", mixed, self.v.weight.reshape(h, d // h, d)).reshape(b, d)
         return out + self.v.bias if "bias" in self.v else out  # (B, D), head-major
 
 
