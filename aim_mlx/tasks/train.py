@@ -170,7 +170,6 @@ def train(
         head,
         epoch_batches,
         score,
-        tr,
         va,
         epochs=epochs,
         steps=epochs * math.ceil(len(tr) / batch_size),
@@ -276,15 +275,17 @@ class Fitted:
     seconds: float
 
 
-def fit(head, epoch_batches, score, tr, va, *, epochs, steps, lr, weight_decay, weight, on_epoch) -> Fitted:
+def fit(head, epoch_batches, score, va, *, epochs, steps, lr, weight_decay, weight, on_epoch) -> Fitted:
     """AdamW with weight decay on a cosine schedule over `steps` steps, the class-weighted cross-entropy, each
-    epoch's batches from `epoch_batches(epoch)`; after each epoch `score(rows)` (loss, accuracy, predictions)
-    on the training and validation rows. Stops when the validation loss has not improved for PATIENCE
-    epochs, and leaves `head` with the best epoch's weights (by training loss without validation)."""
+    epoch's batches from `epoch_batches(epoch)`. The training loss and accuracy are those of the epoch's
+    batches as they were trained on; after each epoch `score(va)` (loss, accuracy, predictions) scores the
+    validation rows. Stops when the validation loss has not improved for PATIENCE epochs, and leaves `head`
+    with the best epoch's weights (by training loss without validation)."""
     optimizer = optim.AdamW(learning_rate=optim.cosine_decay(lr, steps), weight_decay=weight_decay)
 
     def loss_fn(x, y, w):
-        return nn.losses.cross_entropy(head(x), y, weights=w, reduction="mean")
+        logits = head(x)
+        return nn.losses.cross_entropy(logits, y, weights=w, reduction="mean"), logits
 
     step = nn.value_and_grad(head, loss_fn)
     history: list[Epoch] = []
@@ -292,14 +293,19 @@ def fit(head, epoch_batches, score, tr, va, *, epochs, steps, lr, weight_decay, 
     rows, stopped_early, start = 0, False, time.perf_counter()
     for epoch in range(1, epochs + 1):
         t0, rate = time.perf_counter(), float(optimizer.learning_rate)
+        loss_sum = hits = seen = 0
         for x, y in epoch_batches(epoch):
-            rows += len(y)
-            loss, grads = step(
-                mx.array(x, dtype=mx.float32), mx.array(y), mx.array(weight[y], dtype=mx.float32)
+            target = mx.array(y)
+            (loss, logits), grads = step(
+                mx.array(x, dtype=mx.float32), target, mx.array(weight[y], dtype=mx.float32)
             )
             optimizer.update(head, grads)
-            mx.eval(head.parameters(), optimizer.state)
-        train_loss, train_accuracy, _ = score(tr)
+            mx.eval(head.parameters(), optimizer.state, loss, logits)
+            loss_sum += float(loss) * len(y)
+            hits += int((logits.argmax(axis=1) == target).sum())
+            seen += len(y)
+        rows += seen
+        train_loss, train_accuracy = loss_sum / seen, 100 * hits / seen
         val_loss, val_accuracy, _ = score(va) if va else (None, None, None)
         stats = Epoch(
             epoch, train_loss, train_accuracy, val_loss, val_accuracy, rate, time.perf_counter() - t0
