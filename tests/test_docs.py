@@ -6,8 +6,8 @@ A line exits 0, or the code its trailing `# exit N` comment names. Lines repeate
 stopped with SIGINT. The hub ids the pages name come from a fake offline Hugging Face cache of tiny random
 checkpoints at the pinned revisions (AIMv1's as the published pickles); photo.jpg, ~/Pictures and
 ~/imagenet/val are scikit-image photos, photo.dng and clip.mp4 are written from them (tests/media.py), and so
-are the class folders ~/data/birds and ~/data/birds-test (docs/train.md: each class one photo under random
-crops and flips); outputs land in a scratch folder.
+are the class folders ~/data/birds (also ./birds) and ~/data/birds-test (docs/train.md: each class one photo
+under random crops and flips); outputs land in a scratch folder.
 Two things are made small so that the file stays near a minute on two cores, the commands otherwise as
 written: bench gets `--num-trials 1 --warmup 0` and one batch size (its first, or 1), and --imagenet stands
 for ImageNet's first ten classes in LiT's prompts (the real 1000 x 80 would take the tiny text tower
@@ -146,6 +146,7 @@ def add_photos(run: Path) -> None:
                 if rng.random() < 0.5:
                     crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 crop.save(home / "data" / folder / name / f"{i}.jpg")
+    (run / "birds").symlink_to(home / "data" / "birds")  # docs/train.md's Python trains on ./birds
 
 
 @pytest.fixture(scope="module")
