@@ -634,6 +634,42 @@ def test_zero_shot_scores_images_against_labels_as_the_cli_does(server, hub, tmp
         assert words in response.json()["error"]["message"]
 
 
+def test_classify_without_labels_gives_a_trained_heads_classes_as_the_python_api_does(
+    hub, tmp_path, monkeypatch
+):
+    """A head `aim-mlx train` made (on the tiny vision model): /v1/classify with no labels scores its classes
+    as tasks.heads.classify does; zero-shot labels sent to it are a 400 saying which to use."""
+    from aim_mlx.tasks import heads
+    from aim_mlx.tasks.train import train
+
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "kinds"
+    for name in ("coffee", "rocket"):
+        (data / name).mkdir(parents=True)
+        photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        for i in range(4):
+            photo.rotate(5 * i).save(data / name / f"{i}.jpg")
+    head = tmp_path / "kinds-head"
+    train(*aim_mlx.load(str(hub.vision)), data, head, val_split=0.25, epochs=5, batch_size=8, seed=0)
+    model, processor = aim_mlx.load(str(head))
+    names = ["coffee", "rocket", "chelsea"]
+    expected = heads.classify(model, processor([hub.photos[n] for n in names]), top_k=2)
+    with TestClient(create_app(Models([str(head)])), base_url="http://127.0.0.1") as api:
+        body = {"model": str(head), "input": [{"image": data_uri(hub.photos[n])} for n in names], "top_k": 2}
+        answer = api.post("/v1/classify", json=body)
+        assert answer.status_code == 200, answer.text
+        for row, prediction in zip(answer.json()["data"], expected, strict=True):
+            assert [t["label"] for t in row["top"]] == prediction.labels
+            np.testing.assert_allclose([t["prob"] for t in row["top"]], prediction.probs, atol=1e-5)
+        refused = api.post("/v1/classify", json={**body, "labels": ["cat", "dog"]})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "labels"
+        assert "trained head" in refused.json()["error"]["message"]
+    with TestClient(create_app(Models([str(hub.vision)])), base_url="http://127.0.0.1") as api:
+        body = {"model": str(hub.vision), "input": [{"image": data_uri(hub.photos["coffee"])}]}
+        refused = api.post("/v1/classify", json=body)
+        assert refused.status_code == 400 and "no classification head" in refused.json()["error"]["message"]
+
+
 def test_serve_says_what_is_wrong_in_one_line(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("AIM_MLX_DATA", str(tmp_path / "data"))
     runner = CliRunner()

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from aim_mlx.tasks.zeroshot import predict
+from aim_mlx.tasks.zeroshot import predict, top_k_softmax
 
 from .batcher import Full
 from .models import Held, Models
@@ -80,13 +80,23 @@ def create_app(
         wanted = parse_classify(body, max_items)
         held = models.find(wanted.model)
         await held.ready()
-        labels, templates = held.zero_shot_set(wanted.labels, wanted.templates)
-        loop = asyncio.get_running_loop()
-        classifier, scale = await loop.run_in_executor(models.executor, held.classifier, labels, templates)
-        answer = await admitted(request, models, held, EmbeddingsRequest(held.id, wanted.items))
-        if answer is None:
-            return Response(status_code=499)
-        predictions = predict(np.stack(answer[0]), classifier, labels, scale, wanted.top_k)
+        images = EmbeddingsRequest(held.id, wanted.items)
+        if wanted.labels is None:  # the classes of the model's trained head
+            labels = held.head_labels()
+            answer = await admitted(request, models, held, images, kind="head")
+            if answer is None:
+                return Response(status_code=499)
+            predictions = top_k_softmax(np.stack(answer[0]), labels, wanted.top_k)
+        else:
+            labels, templates = held.zero_shot_set(wanted.labels, wanted.templates)
+            loop = asyncio.get_running_loop()
+            classifier, scale = await loop.run_in_executor(
+                models.executor, held.classifier, labels, templates
+            )
+            answer = await admitted(request, models, held, images)
+            if answer is None:
+                return Response(status_code=499)
+            predictions = predict(np.stack(answer[0]), classifier, labels, scale, wanted.top_k)
         data = [
             {"object": "classification", "index": i, "top": prediction.to_list()}
             for i, prediction in enumerate(predictions)
@@ -152,18 +162,21 @@ def create_app(
     )
 
 
-async def admitted(request: Request, models: Models, held: Held, wanted: EmbeddingsRequest):
-    """`embed` within room reserved for the request's inputs (429 without it); None if the client left."""
+async def admitted(request: Request, models: Models, held: Held, wanted: EmbeddingsRequest, kind=None):
+    """`embed` within room reserved for the request's inputs (429 without it); None if the client left.
+    `kind` "head": images give their head's logits, not embeddings."""
     count = len(wanted.items)
     held.check_texts(wanted.items)
     admit(held, count)
     try:
-        return await unless_gone(request, embed(models, held, wanted))
+        return await unless_gone(request, embed(models, held, wanted, kind))
     finally:
         held.batcher.release(count)
 
 
-async def embed(models: Models, held: Held, wanted: EmbeddingsRequest) -> tuple[list[np.ndarray], int]:
+async def embed(
+    models: Models, held: Held, wanted: EmbeddingsRequest, kind=None
+) -> tuple[list[np.ndarray], int]:
     """Each item decoded on the decoding pool, then batched: its rows in input order, and the token count.
     On the first bad item the others are cancelled and its error is raised."""
     loop = asyncio.get_running_loop()
@@ -172,7 +185,7 @@ async def embed(models: Models, held: Held, wanted: EmbeddingsRequest) -> tuple[
     async def one(index, item):
         nonlocal put
         data, tokens = await loop.run_in_executor(models.decoders, held.prepare, item, index, wanted.truncate)
-        future = held.batcher.put(item.kind, data)
+        future = held.batcher.put(kind or item.kind, data)
         put += 1
         return await future, tokens
 

@@ -18,13 +18,13 @@ import numpy as np
 
 @dataclass
 class Job:
-    kind: str  # "text" or "image"
+    kind: str  # "text", "image", or "head" (an image for its head's logits)
     data: np.ndarray  # (L,) token ids or (H, W, 3) pixels
     future: asyncio.Future
 
     @property
     def group(self) -> tuple:
-        return self.kind, self.data.shape if self.kind == "image" else None
+        return self.kind, self.data.shape if self.kind != "text" else None
 
 
 class Full(Exception):

@@ -114,8 +114,14 @@ class Held:
 
     def zero_shot_set(self, labels: list[str], templates) -> tuple[list[str], list[str]]:
         """The labels and prompt templates of a zero-shot request, checked as the CLI checks them."""
+        from aim_mlx.tasks.heads import has_head, labels_conflict
         from aim_mlx.tasks.zeroshot import DEFAULT_TEMPLATE, check_labels, check_templates, imagenet_templates
 
+        if has_head(self.model):
+            message = labels_conflict(self.model, self.id).replace(
+                "--labels, --labels-file, --imagenet and --template(s)", '"labels" and "templates"'
+            )
+            raise ApiError(400, message, "labels")
         try:
             require_text(self.model, "classify zero-shot")
         except ConfigError as exc:
@@ -129,6 +135,15 @@ class Held:
             return labels, check_templates(chosen)
         except ConfigError as exc:
             raise ApiError(400, str(exc), "templates") from None
+
+    def head_labels(self) -> list[str]:
+        """The classes of the model's trained head (an AIMv1 head, or one `aim-mlx train` made), or a 400."""
+        from aim_mlx.tasks.heads import head_labels
+
+        try:
+            return head_labels(self.model)
+        except ConfigError as exc:
+            raise ApiError(400, f'{exc} ("labels")', "labels") from None
 
     def classifier(self, labels: list[str], templates: list[str]) -> tuple[np.ndarray, float]:
         """The labels' (L, P) text embeddings and the logit scale. On the model thread: kept in memory,
@@ -144,11 +159,15 @@ class Held:
         return self.classifiers[key]
 
     def forward(self, kind: str, arrays: list[np.ndarray]) -> np.ndarray:
-        """(B, D) float32 embeddings, as encode_image / encode_text give them. On the model thread."""
+        """(B, D) float32 rows, as encode_image / encode_text give them, or a head's logits (kind "head":
+        classify). On the model thread."""
         import mlx.core as mx
 
         batch = np.stack(arrays)  # (B, H, W, 3) pixels or (B, L) token ids
-        out = self.model.encode_image(mx.array(batch)) if kind == "image" else self.model.encode_text(batch)
+        if kind == "text":
+            out = self.model.encode_text(batch)
+        else:
+            out = (self.model.classify if kind == "head" else self.model.encode_image)(mx.array(batch))
         return np.asarray(out.astype(mx.float32))
 
 

@@ -163,20 +163,20 @@ def image_bytes(source: str, where: str) -> bytes:
 class ClassifyRequest:
     model: str
     items: list[Item]  # images only
-    labels: list[str]
+    labels: list[str] | None  # None: a head model's own classes
     templates: list[str] | str | None  # prompts with {} for the label, or "imagenet" (CLIP's 80)
     top_k: int = 5
 
 
 def parse_classify(body: bytes, max_items: int) -> ClassifyRequest:
-    """A zero-shot request: `model`, `input` (images, in any item shape), `labels`, optional `templates`
-    and `top_k`; or an ApiError (400)."""
+    """A classification request: `model`, `input` (images, in any item shape), `labels` (zero-shot; left
+    out for a model with a trained head), optional `templates` and `top_k`; or an ApiError (400)."""
     data = load_json(body)
     wanted = fields({"model": data.get("model"), "input": data.get("input")}, max_items)
     if texts := [i for i, item in enumerate(wanted.items) if item.kind != "image"]:
         raise ApiError(400, f"input[{texts[0]}] is a text; zero-shot classification takes images", "input")
     labels = data.get("labels")
-    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+    if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
         raise ApiError(400, '"labels" must be a list of strings, e.g. ["cat", "dog"]', "labels")
     templates = data.get("templates")
     if templates not in (None, "imagenet") and (
