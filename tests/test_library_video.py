@@ -6,10 +6,12 @@ a run killed mid-way."""
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from io import BytesIO
 from types import SimpleNamespace
@@ -211,3 +213,84 @@ def test_a_run_killed_mid_way_leaves_a_valid_library_with_whole_videos(lit, tmp_
         paths = [p for (p,) in library.conn.execute("SELECT path FROM files WHERE video IS NULL")]
         assert sorted(paths) == [str(root / f"{i:02d}.mp4") for i in range(total)]
         assert library.check() == "ok"
+
+
+def test_the_page_plays_a_video_from_its_best_frame_in_chromium(lit, tmp_path):
+    """A real `aim-mlx serve` and headless Chromium: an image search shows the video's card with its best
+    frame's time; opened, the <video> has that frame as poster and starts at that time. (VP9 in WebM: what
+    any Chromium build plays.)"""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    root = tmp_path / "Pictures"
+    root.mkdir()
+    Image.fromarray(photo("astronaut")).save(root / "astronaut.jpg")
+    write_video(root / "walk.webm", [photo(n) for n in SCENES], size=SIZE, codec="libvpx-vp9")
+    query = tmp_path / "chelsea.png"
+    Image.fromarray(photo("chelsea")).resize(SIZE).save(query)
+    db = tmp_path / "library.sqlite"
+    assert cli("index", root, "--db", db, "-m", lit[1]).exit_code == 0
+    env = {**os.environ, "AIM_MLX_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "aim_mlx", "serve", "--db", str(db), "--port", "0"]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--autoplay-policy=no-user-gesture-required",
+    ):
+        options.add_argument(flag)
+    browser = None
+    try:
+        line = next(line for line in process.stderr if line.startswith("serving "))
+        url = line.split(" at ")[1].split()[0].rstrip("/")
+        threading.Thread(target=process.stderr.read, daemon=True).start()  # its log never fills the pipe
+        browser = webdriver.Chrome(options=options, service=Service(driver))
+        browser.get(url + "/")
+        until(browser, "document.getElementById('status').textContent.includes('indexed with')")
+        browser.find_element(By.ID, "file").send_keys(str(query))
+        until(browser, "window.aimTimings.length === 1")
+        cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
+        assert [c.get_attribute("title") for c in cards] == [
+            str(root / "walk.webm"),
+            str(root / "astronaut.jpg"),
+        ]
+        assert cards[0].text == f"{cards[0].text.split()[0]} · ▶ 0:01.0"
+        cards[0].click()
+        until(
+            browser,
+            "document.getElementById('viewer').open && document.getElementById('full-video').readyState >= 1",
+        )
+        video = browser.execute_script(
+            "const v = document.getElementById('full-video'); "
+            "return {hidden: v.hidden, img: document.getElementById('full').hidden, poster: v.poster, "
+            "src: v.currentSrc, at: v.currentTime, duration: v.duration}"
+        )
+        assert video["hidden"] is False and video["img"] is True
+        source, at = video["src"].split("#t=")
+        assert source.startswith(url + "/photo/") and float(at) == pytest.approx(1)
+        assert video["poster"] == source.replace("/photo/", "/thumb/")  # the best frame
+        assert video["at"] == pytest.approx(1, abs=0.05) and video["duration"] == pytest.approx(3, abs=0.2)
+        assert "video, best at 0:01.0" in browser.find_element(By.ID, "full-facts").text
+    finally:
+        if browser is not None:
+            browser.quit()
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def until(browser, script, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if browser.execute_script(f"return {script}"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(
+        f"timed out waiting for {script}; status: {browser.find_element('id', 'status').text}"
+    )
