@@ -129,6 +129,20 @@ def test_reruns_skip_an_unchanged_video_reuse_a_renamed_one_and_forget_a_deleted
         assert db.check() == "ok"
 
 
+def test_duplicates_count_a_video_once_and_find_its_copy(lit, library):
+    copy = library.root / "copy.mp4"
+    shutil.copy(library.video, copy)
+    result = cli("index", library.root, "--db", library.db, "-m", lit[1], "--json")
+    assert json.loads(result.stdout)["reused"] == 1  # the copy's frames are the video's
+    result = cli("duplicates", "--db", library.db, "-m", lit[1], "--json")
+    (group,) = json.loads(result.stdout)  # its frames are not duplicates of each other
+    assert sorted(group["paths"]) == sorted([str(library.video), str(copy)]) and group["exact"]
+    result = cli("duplicates", "--db", library.db, "-m", lit[1], "--json", "--threshold", -1)
+    (group,) = json.loads(result.stdout)  # everything linked: each file once, a video as itself
+    expected = [str(library.root / f"{n}.jpg") for n in STILLS] + [str(library.video), str(copy)]
+    assert sorted(group["paths"]) == sorted(expected) and not group["exact"]
+
+
 def test_the_web_page_shows_the_frame_as_poster_and_serves_the_video_with_ranges(
     lit, library, tmp_path, monkeypatch
 ):
