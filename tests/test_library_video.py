@@ -148,6 +148,7 @@ def test_the_web_page_shows_the_frame_as_poster_and_serves_the_video_with_ranges
 ):
     monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
     with TestClient(create_app(library.db), base_url="http://127.0.0.1") as client:
+        assert client.get("/api/status").json()["photos"] == len(STILLS) + 1  # the video once, not 3 frames
         with open(library.queries / "chelsea.png", "rb") as f:
             found = client.post("/api/search/image", content=f.read()).json()["results"]
         (hit,) = [h for h in found if h["kind"] == "video"]

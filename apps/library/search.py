@@ -227,6 +227,10 @@ class Vectors:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def files(self) -> int:
+        """How many photos and videos the rows are (a video's frames count once)."""
+        return int((self.video < 0).sum()) + len(np.unique(self.video[self.video >= 0]))
+
     def vector(self, file_id: int) -> np.ndarray:
         if file_id not in self.row:
             raise ConfigError(f"no indexed photo has id {file_id}")

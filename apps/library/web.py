@@ -97,7 +97,7 @@ class Service:
 
     def status(self) -> dict:
         return {
-            "photos": len(self.current()),
+            "photos": self.current().files(),  # a video counts once
             "model": self.entry["info"]["source"],
             "text": self.model.info.text,
         }
