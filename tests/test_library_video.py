@@ -98,6 +98,8 @@ def test_filters_apply_to_a_video_as_to_photos(lit, library):
     (hit,) = search(library.db, lit[1], query, "--in", library.root / "clips")
     assert hit["time"] == pytest.approx(1)
     assert len(search(library.db, lit[1], query, k=1)) == 1  # -k 1: one video, not its three frames
+    like = search(library.db, lit[1], f"id:{hit['id']}")  # more like its frame: not the video again
+    assert len(like) == len(STILLS) and all(h["kind"] == "photo" for h in like)
     assert search(library.db, lit[1], query, "--min-score", min(hit["score"] + 1e-3, 1)) == []
 
 
@@ -113,12 +115,21 @@ def test_reruns_skip_an_unchanged_video_reuse_a_renamed_one_and_forget_a_deleted
     summary = json.loads(result.stdout)
     assert summary["unchanged"] == 4 and summary["embedded"] == summary["reused"] == summary["removed"] == 0
 
+    monkeypatch.undo()
+    write_video(library.video, [photo(n) for n in reversed(SCENES)], size=SIZE)  # edited: coins first
+    result = cli("index", library.root, "--db", library.db, "-m", lit[1], "--json")
+    summary = json.loads(result.stdout)
+    assert (summary["changed"], summary["embedded"], summary["unchanged"]) == (1, 1, 3)
+    with Library(library.db) as db:  # the old frames and their vectors are gone
+        assert db.conn.execute("SELECT COUNT(*) FROM files WHERE video IS NOT NULL").fetchone()[0] == 3
+        assert db.conn.execute("SELECT COUNT(*) FROM vectors").fetchone()[0] == len(STILLS) + 3
+    monkeypatch.setattr(index_module, "video_frames", no_decoding)
     moved = library.video.rename(library.root / "walk.mp4")
     result = cli("index", library.root, "--db", library.db, "-m", lit[1], "--json")
     summary = json.loads(result.stdout)
     assert (summary["new"], summary["reused"], summary["removed"], summary["embedded"]) == (1, 1, 1, 0)
     (hit,) = search(library.db, lit[1], library.queries / "coins.png", "--after", "2023")
-    assert hit["path"] == str(moved) and hit["time"] == pytest.approx(2)
+    assert hit["path"] == str(moved) and hit["time"] == pytest.approx(0)
 
     moved.unlink()
     result = cli("index", library.root, "--db", library.db, "-m", lit[1], "--json")
