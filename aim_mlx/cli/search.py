@@ -99,7 +99,8 @@ def search(
         typer.echo(json_module.dumps([h.to_dict() for h in hits]))
     else:
         for hit in hits:
-            typer.echo(f"{hit.score:.4f}  {hit.path}")
+            at = "" if hit.time is None else f"  (video, at {hit.time:.3f} s)"
+            typer.echo(f"{hit.score:.4f}  {hit.path}{at}")
         if not hits:
             say("no photos matched" if filters else "no photos in the library")
     if open and hits:

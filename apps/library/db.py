@@ -7,6 +7,11 @@
 - `models`: each model identity (`model.info.key`) that indexed something, with what `load()` needs to load
   it again. `vectors`: one embedding per (model, content hash), so a renamed, moved or copied photo reuses
   its vector, a second model adds rows beside the first, and search never mixes spaces.
+- A video is a `files` row without a vector of its own, and one row per chosen frame: the frame's name as
+  its path (`clip.mp4#t=1.000`, see aim_mlx.inputs.video), `video` the video's row id, `time` its seconds,
+  the video's facts and a hash of its own (the video's hash and the time), so that a frame's vector is
+  found, reused and pruned as a photo's is. The video's row and its frames are written, refreshed and
+  removed together, in one transaction.
 - `failures`: files that could not be read, with the reason, until they are fixed or gone.
 - `meta`: the schema version; `MIGRATIONS` take an older database forward, a newer one is refused.
 
@@ -17,14 +22,15 @@ transaction, which SQLite guarantees whatever the moment of the kill.
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from aim_mlx.errors import AimMlxError
+from aim_mlx.inputs.video import frame_name
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FACTS_VERSION = 1  # scan.header's; rows from schema 1 have 0 (they lack GPS and camera)
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,9 +55,12 @@ CREATE TABLE files (
     lon REAL,
     camera TEXT,                    -- EXIF Make and Model
     facts INTEGER NOT NULL DEFAULT 0,  -- FACTS_VERSION of the reader that filled taken..camera
+    video INTEGER REFERENCES files(id) ON DELETE CASCADE,  -- a frame's video (NULL for a photo or video)
+    time REAL,                      -- a frame's time in its video, seconds
     UNIQUE (model_id, path)
 );
 CREATE INDEX files_hash ON files (hash);
+CREATE INDEX files_video ON files (video);
 CREATE TABLE vectors (
     model_id INTEGER NOT NULL REFERENCES models(id),
     hash TEXT NOT NULL,
@@ -70,7 +79,14 @@ CREATE TABLE failures (
 MIGRATIONS: dict[int, str] = {
     1: "ALTER TABLE files ADD COLUMN lat REAL; ALTER TABLE files ADD COLUMN lon REAL; "
     "ALTER TABLE files ADD COLUMN camera TEXT; ALTER TABLE files ADD COLUMN facts INTEGER NOT NULL DEFAULT 0",
+    2: "ALTER TABLE files ADD COLUMN video INTEGER REFERENCES files(id) ON DELETE CASCADE; "
+    "ALTER TABLE files ADD COLUMN time REAL; CREATE INDEX files_video ON files (video)",
 }
+
+
+def frame_hash(video_hash: str, time_s: float) -> str:
+    """A frame's key in `vectors`: its video's content hash and its time."""
+    return f"{video_hash}#t={time_s:.3f}"
 
 
 class LibraryError(AimMlxError):
@@ -210,11 +226,12 @@ class Library:
     # files and vectors
 
     def known_files(self, model_id: int) -> dict[str, tuple[int, int, str, int]]:
-        """path -> (size, mtime_ns, hash, facts version) of every file `model_id` indexed."""
+        """path -> (size, mtime_ns, hash, facts version) of every file `model_id` indexed (not frames)."""
         columns = {row[1] for row in self.conn.execute("PRAGMA table_info(files)")}
         facts = "facts" if "facts" in columns else "0"  # schema 1, read by a dry run as it is
+        videos = " AND video IS NULL" if "video" in columns else ""  # frames are not files
         rows = self.conn.execute(
-            f"SELECT path, size, mtime_ns, hash, {facts} FROM files WHERE model_id=?", (model_id,)
+            f"SELECT path, size, mtime_ns, hash, {facts} FROM files WHERE model_id=?{videos}", (model_id,)
         )
         return {p: (s, m, h, v) for p, s, m, h, v in rows}
 
@@ -226,17 +243,26 @@ class Library:
         rows = self.conn.execute("SELECT id, hash FROM files WHERE model_id=?", (model_id,))
         return dict(rows.fetchall())
 
-    def put(self, model_id: int, facts: FileFacts, vector: np.ndarray | None = None) -> None:
-        """Record a file (replacing its row), with its vector when that is new; inside a transaction."""
+    def put(
+        self,
+        model_id: int,
+        facts: FileFacts,
+        vector: np.ndarray | None = None,
+        video: int | None = None,
+        time_s: float | None = None,
+    ) -> int:
+        """Record a file (replacing its row), with its vector when that is new; inside a transaction. A
+        frame's row names its `video`'s row id and its time. Returns the row's id."""
         if vector is not None:
             blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
             self.conn.execute(
                 "INSERT OR REPLACE INTO vectors (model_id, hash, vector) VALUES (?, ?, ?)",
                 (model_id, facts.hash, blob),
             )
-        self.conn.execute(
+        cur = self.conn.execute(
             "INSERT OR REPLACE INTO files (path, model_id, size, mtime_ns, hash, width, height, taken, "
-            "indexed_at, lat, lon, camera, facts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "indexed_at, lat, lon, camera, facts, video, time) VALUES "
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 facts.path,
                 model_id,
@@ -251,15 +277,43 @@ class Library:
                 facts.lon,
                 facts.camera,
                 FACTS_VERSION,
+                video,
+                time_s,
             ),
         )
         self.conn.execute("DELETE FROM failures WHERE path=?", (facts.path,))
+        return cur.lastrowid
+
+    def put_video(self, model_id: int, facts: FileFacts, frames: list[tuple[float, object]]) -> None:
+        """Record a video (replacing its row and frames) with its frames, (seconds, vector or None: reuse)
+        each; inside a transaction."""
+        self._drop_frames(model_id, facts.path)
+        video = self.put(model_id, facts)
+        for when, vector in frames:
+            frame = replace(facts, path=str(frame_name(facts.path, when)), hash=frame_hash(facts.hash, when))
+            self.put(model_id, frame, vector, video, when)
+
+    def frames(self, model_id: int, video_hash: str) -> list[float]:
+        """The times of the frames indexed for a video of this content, if one was (a rename reuses them)."""
+        rows = self.conn.execute(
+            "SELECT f.time FROM files f JOIN files v ON f.video = v.id "
+            "WHERE v.model_id=? AND v.hash=? AND v.id = (SELECT MIN(id) FROM files "
+            "WHERE model_id=? AND hash=? AND video IS NULL) ORDER BY f.time",
+            (model_id, video_hash, model_id, video_hash),
+        )
+        return [t for (t,) in rows]
+
+    def _drop_frames(self, model_id: int, path: str) -> None:
+        self.conn.execute(
+            "DELETE FROM files WHERE video IN (SELECT id FROM files WHERE model_id=? AND path=?)",
+            (model_id, path),
+        )
 
     def refresh(self, model_id: int, facts: FileFacts) -> None:
         """Replace an unchanged file's header facts (its hash and vector stay); inside a transaction."""
         self.conn.execute(
-            "UPDATE files SET width=?, height=?, taken=?, lat=?, lon=?, camera=?, facts=? "
-            "WHERE model_id=? AND path=?",
+            "UPDATE files SET width=?, height=?, taken=?, lat=?, lon=?, camera=?, facts=? WHERE model_id=? "
+            "AND (path=? OR video IN (SELECT id FROM files WHERE model_id=? AND path=?))",  # and its frames
             (
                 facts.width,
                 facts.height,
@@ -268,6 +322,8 @@ class Library:
                 facts.lon,
                 facts.camera,
                 FACTS_VERSION,
+                model_id,
+                facts.path,
                 model_id,
                 facts.path,
             ),
@@ -284,8 +340,10 @@ class Library:
         return list(self.conn.execute("SELECT path, reason FROM failures ORDER BY path"))
 
     def remove(self, model_id: int, paths: list[str]) -> None:
-        """Forget files that are gone (and their failures)."""
+        """Forget files that are gone (a video with its frames, and their failures)."""
         with self.transaction():
+            for path in paths:
+                self._drop_frames(model_id, path)
             self.conn.executemany(
                 "DELETE FROM files WHERE model_id=? AND path=?", [(model_id, p) for p in paths]
             )
@@ -306,9 +364,11 @@ class Library:
 
     def search_rows(self, model_id: int) -> tuple[np.ndarray, list[str], np.ndarray, dict]:
         """`vectors` and, in the same order and from the same snapshot, the facts filters use: a dict of
-        taken (list of ISO strings or None), lat, lon (float64 arrays, NaN where unknown), camera (list)."""
+        taken (list of ISO strings or None), lat, lon (float64 arrays, NaN where unknown), camera (list), and
+        for a video's frames their video's row id (-1 for a photo) and time (NaN for a photo)."""
         rows = self.conn.execute(
-            "SELECT f.id, f.path, v.vector, f.taken, f.lat, f.lon, f.camera FROM files f JOIN vectors v "
+            "SELECT f.id, f.path, v.vector, f.taken, f.lat, f.lon, f.camera, f.video, f.time FROM files f "
+            "JOIN vectors v "
             "ON v.model_id = f.model_id AND v.hash = f.hash WHERE f.model_id=? ORDER BY f.id",
             (model_id,),
         ).fetchall()
@@ -320,6 +380,8 @@ class Library:
             "lat": np.array([np.nan if r[4] is None else r[4] for r in rows], dtype=np.float64),
             "lon": np.array([np.nan if r[5] is None else r[5] for r in rows], dtype=np.float64),
             "camera": [r[6] for r in rows],
+            "video": np.array([-1 if r[7] is None else r[7] for r in rows], dtype=np.int64),
+            "time": np.array([np.nan if r[8] is None else r[8] for r in rows], dtype=np.float64),
         }
         return ids, [r[1] for r in rows], matrix, facts
 

@@ -8,6 +8,9 @@ walks the folders and compares each file with the database (path, size, mtime):
   (a rename, a move, a copy, an edit undone) reuses that vector; any other is embedded through
   aim_mlx.tasks.embed.iter_embeddings, which decodes ahead on its own threads while the model runs;
 - gone (under a folder walked, but not found): removed, with vectors no file uses any more.
+A video (with the video extra) is a file as a photo is, whose vectors are a few frames' (inputs/video.py's
+video_frames, MAX_FRAMES at most): the frames chosen are embedded by their names (`clip.mp4#t=1.000`), and
+the video is recorded with all of them at once; a renamed or copied video reuses the frames already known.
 Writes are committed a batch at a time, each file with its vector in one transaction: a run killed at any
 moment leaves a valid database holding every batch committed, and the next run does the rest. Started by
 `mlx.launch`, rank 0 alone reads and writes the library; the other ranks embed shares of its images.
@@ -21,14 +24,15 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from aim_mlx.errors import ConfigError
+from aim_mlx.errors import ConfigError, ImageError
+from aim_mlx.inputs.video import MAX_FRAMES, frame_name, video_frames
 from aim_mlx.loading import default_dtype, origin
 from aim_mlx.loading import load as load_checkpoint
 from aim_mlx.tasks import distributed
 from aim_mlx.tasks.embed import iter_embeddings
 
-from .db import FACTS_VERSION, FileFacts, Library
-from .scan import facts, header, walk
+from .db import FACTS_VERSION, FileFacts, Library, frame_hash
+from .scan import facts, header, items
 
 
 @dataclass
@@ -36,13 +40,14 @@ class Plan:
     """What a run would do, from the walk and the database alone (nothing opened)."""
 
     todo: list[tuple[Path, os.stat_result, str]] = field(default_factory=list)  # (path, stat, new|changed)
+    videos: list[tuple[Path, os.stat_result, str]] = field(default_factory=list)  # ... of the videos
     unchanged: int = 0
     stale: list[Path] = field(default_factory=list)  # unchanged, their header read by an older aim-mlx
     gone: list[str] = field(default_factory=list)
     missing: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): named but unreadable
 
     def counts(self) -> dict:
-        kinds = [kind for _, _, kind in self.todo]
+        kinds = [kind for _, _, kind in self.todo + self.videos]
         return {
             "new": kinds.count("new"),
             "changed": kinds.count("changed"),
@@ -109,7 +114,7 @@ def update(
     with Library(db_path) as library:  # a re-run with nothing to do loads no model
         known = known_model(library, found, dtype or default_dtype())
         todo = plan(library, known, roots) if known is not None else None
-    nothing = todo is not None and not (todo.todo or todo.gone or todo.missing)
+    nothing = todo is not None and not (todo.todo or todo.videos or todo.gone or todo.missing)
     group = distributed.world()
     if group is not None:
         distributed.start(group, None if nothing else {"batch_size": batch_size, "pool": "mean"})
@@ -124,7 +129,7 @@ def update(
         model_id = library.model_id(net.info)
         if model_id != known:
             todo = plan(library, model_id, roots)
-        total = len(todo.todo) + todo.unchanged + len(todo.missing)
+        total = len(todo.todo) + len(todo.videos) + todo.unchanged + len(todo.missing)
         done = 0
 
         def on_file(kind: str) -> None:
@@ -161,7 +166,11 @@ def dry_run(roots: list[str | os.PathLike], db_path: str | os.PathLike, model: s
             ids = [m["id"] for m in library.models() if m["info"]["source"] == source]
             if ids:
                 return plan(library, ids[-1], roots)
-    return Plan(todo=[(p, None, "new") for p in walk(roots)])  # no index for this model yet
+    found = list(items(roots))  # no index for this model yet
+    return Plan(
+        todo=[(i.path, None, "new") for i in found if i.kind == "photo"],
+        videos=[(i.path, None, "new") for i in found if i.kind == "video"],
+    )
 
 
 def _check_roots(roots) -> None:
@@ -177,13 +186,15 @@ def _files(count: int) -> str:
 
 
 def plan(library: Library, model_id: int, roots: Iterable[str | os.PathLike]) -> Plan:
-    """Walk `roots` and sort every image file into unchanged, new or changed; list indexed files gone."""
+    """Walk `roots` and sort every photo and video into unchanged, new or changed; list indexed files gone
+    (a video's frames are not files: they come and go with it)."""
     roots = [Path(r).expanduser().resolve() for r in roots]
     known = library.known_files(model_id)
     hashes = library.known_hashes(model_id)
     result = Plan()
     seen = set()
-    for path in walk(roots):
+    for item in items(roots):
+        path = item.path
         seen.add(str(path))
         try:
             stat = path.stat()
@@ -191,14 +202,16 @@ def plan(library: Library, model_id: int, roots: Iterable[str | os.PathLike]) ->
             result.missing.append((str(path), f"{path}: {exc.strerror or exc}"))
             continue
         row = known.get(str(path))
+        todo = result.videos if item.kind == "video" else result.todo
         if row is None:
-            result.todo.append((path, stat, "new"))
-        elif row[:2] == (stat.st_size, stat.st_mtime_ns) and row[2] in hashes:
+            todo.append((path, stat, "new"))
+        # a video's row has no vector of its own, and exists only with its frames'
+        elif row[:2] == (stat.st_size, stat.st_mtime_ns) and (row[2] in hashes or item.kind == "video"):
             result.unchanged += 1
             if row[3] < FACTS_VERSION:
                 result.stale.append(path)
         else:
-            result.todo.append((path, stat, "changed"))
+            todo.append((path, stat, "changed"))
     for path in known:
         if path not in seen and _under(path, roots):
             result.gone.append(path)
@@ -241,6 +254,8 @@ def index(
     summary = Summary(new=counts["new"], changed=counts["changed"], unchanged=todo.unchanged)
     hashes = library.known_hashes(model_id)
     writes: list[tuple[FileFacts, object]] = []  # (facts, vector or None: reuse) waiting for a commit
+    videos: list[tuple[FileFacts, list]] = []  # (facts, [(seconds, vector or None)]) waiting for a commit
+    frame_of: dict[str, dict] = {}  # a frame's name -> its video being embedded (see to_embed)
     failures: list[tuple[str, str, int | None, int | None]] = []
     waiting: dict[str, list[FileFacts]] = {}  # a hash being embedded -> files with the same content
     facts_of: dict[str, FileFacts] = {}
@@ -253,9 +268,12 @@ def index(
         with library.transaction():
             for item, vector in writes:
                 library.put(model_id, item, vector)
+            for item, frames in videos:
+                library.put_video(model_id, item, frames)
             for path, reason, size, mtime in failures:
                 library.fail(path, reason, size, mtime)
         writes.clear()
+        videos.clear()
         failures.clear()
 
     def fail(path: str, reason: str, size=None, mtime=None) -> None:
@@ -278,6 +296,45 @@ def index(
                 waiting[found.hash] = []
                 facts_of[str(path)] = found
                 yield path
+        for (path, stat, _), found in _hashed(todo.videos):
+            if isinstance(found, str):
+                fail(str(path), found, stat.st_size, stat.st_mtime_ns)
+                continue
+            known = library.frames(model_id, found.hash)  # a copy or a rename of a video indexed already
+            if known and all(frame_hash(found.hash, t) in hashes for t in known):
+                videos.append((found, [(t, None) for t in known]))
+                summary.reused += 1
+                done("reused")
+                continue
+            try:
+                times = sorted({round(f.time, 3) for f in video_frames(path, MAX_FRAMES)})
+            except ImageError as exc:
+                fail(str(path), str(exc), stat.st_size, stat.st_mtime_ns)
+                continue
+            entry = {"facts": found, "frames": [], "left": len(times), "error": None}
+            for t in times:
+                name = frame_name(path, t)
+                frame_of[str(name)] = entry
+                yield name
+
+    def frame_done(item) -> None:
+        """A frame embedded: its video is recorded once all its frames are."""
+        entry = frame_of.pop(str(item.path))
+        if item.error is not None:
+            entry["error"] = entry["error"] or item.error
+        else:
+            entry["frames"].append((float(str(item.path).rsplit("#t=", 1)[1]), item.embedding))
+        entry["left"] -= 1
+        if entry["left"]:
+            return
+        found = entry["facts"]
+        if entry["error"] is not None:
+            fail(found.path, entry["error"], found.size, found.mtime_ns)
+            return
+        videos.append((found, entry["frames"]))
+        hashes.update(frame_hash(found.hash, t) for t, _ in entry["frames"])
+        summary.embedded += 1
+        done("embedded")
 
     try:
         for path, reason in todo.missing:
@@ -287,6 +344,11 @@ def index(
         else:
             results = distributed.embeddings(group, model, processor, to_embed(), batch_size)
         for item in results:
+            if str(item.path) in frame_of:
+                frame_done(item)
+                if len(writes) + len(videos) >= batch_size:
+                    commit()
+                continue
             found = facts_of.pop(str(item.path))
             same = waiting.pop(found.hash)
             if item.error is not None:
@@ -301,7 +363,7 @@ def index(
                 writes.append((f, None))
                 summary.reused += 1
                 done("reused")
-            if len(writes) >= batch_size:
+            if len(writes) + len(videos) >= batch_size:
                 commit()
         commit()
     except (KeyboardInterrupt, distributed.RankLost):

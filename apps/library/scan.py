@@ -68,7 +68,7 @@ def items(roots: Iterable[str | os.PathLike]) -> Iterator[Item]:
 
 
 def walk(roots: Iterable[str | os.PathLike]) -> Iterator[Path]:
-    """The photos `items` finds (their indexed files), for the photo index; videos are left out."""
+    """The photos `items` finds (their indexed files); videos are left out."""
     return (item.path for item in items(roots) if item.kind == "photo")
 
 

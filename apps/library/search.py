@@ -9,11 +9,12 @@ normalised term vectors, a - term's weight counted negative; a score is the cosi
 whatever the size of the library.
 
 Filters (capture date, folder, camera, distance, a minimum score) choose the rows before the top k are taken,
-so `k` filtered results come back whenever that many photos pass. Below APPROX_FROM vectors, or when no
-more than EXACT_UPTO rows pass a filter, the search is exact: one float32 matrix-vector product over the
-rows. Above it, a first pass scores int8 copies of the vectors with usearch's SIMD kernels (a quarter of the
-memory traffic) and keeps the best CANDIDATES among the rows that pass; those are re-ranked with their
-float32 vectors, so every score returned is exact and only the choice of candidates is approximate
+so `k` filtered results come back whenever that many photos pass. A video is searched by its frames' vectors
+and returned once, at its best frame (its time in the Hit), counting once towards `k`. Below APPROX_FROM
+vectors, or when no more than EXACT_UPTO rows pass a filter, the search is exact: one float32 matrix-vector
+product over the rows. Above it, a first pass scores int8 copies of the vectors with usearch's SIMD kernels
+(a quarter of the memory traffic) and keeps the best CANDIDATES among the rows that pass; those are re-ranked
+with their float32 vectors, so every score returned is exact and only the choice of candidates is approximate
 (recall@10 against exact search: benchmarks/RESULTS.md). There is no graph index to build or keep in step
 with the library: HNSW builds took minutes per 100 000 vectors on a 2-core machine, which every re-index
 would pay.
@@ -168,11 +169,18 @@ class Hit:
     lat: float | None = None
     lon: float | None = None
     camera: str | None = None
+    time: float | None = None  # a video's best frame: seconds from its start (None for a photo)
+
+    @property
+    def kind(self) -> str:
+        return "photo" if self.time is None else "video"
 
     def to_dict(self) -> dict:
         return {
             "id": self.id,
             "path": self.path,
+            "kind": self.kind,
+            "time": self.time,
             "score": round(self.score, 6),
             "taken": self.taken,
             "lat": self.lat,
@@ -204,6 +212,8 @@ class Vectors:
         self.lat = facts.get("lat", np.full(n, np.nan))
         self.lon = facts.get("lon", np.full(n, np.nan))
         self.camera = facts.get("camera") or [None] * n
+        self.video = facts.get("video", np.full(n, -1, dtype=np.int64))  # a frame's video's id, else -1
+        self.time = facts.get("time", np.full(n, np.nan))
         self._columns: dict = {}  # facts in the forms filters compare fast (see `column`)
         self.codes = None  # int8 copies for the first pass, above `approx_from` vectors
         self.exact_upto = EXACT_UPTO if exact_upto is None else exact_upto
@@ -217,6 +227,10 @@ class Vectors:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def files(self) -> int:
+        """How many photos and videos the rows are (a video's frames count once)."""
+        return int((self.video < 0).sum()) + len(np.unique(self.video[self.video >= 0]))
+
     def vector(self, file_id: int) -> np.ndarray:
         if file_id not in self.row:
             raise ConfigError(f"no indexed photo has id {file_id}")
@@ -225,14 +239,16 @@ class Vectors:
     def hit(self, row: int, score: float) -> Hit:
         lat, lon = float(self.lat[row]), float(self.lon[row])
         known = not (math.isnan(lat) or math.isnan(lon))
+        frame = self.video[row] >= 0
         return Hit(
             int(self.ids[row]),
-            self.paths[row],
+            self.paths[row].rsplit("#t=", 1)[0] if frame else self.paths[row],  # a frame: its video
             score,
             self.taken[row],
             lat if known else None,
             lon if known else None,
             self.camera[row],
+            float(self.time[row]) if frame else None,
         )
 
     def column(self, name: str):
@@ -307,6 +323,8 @@ class Vectors:
         filters = filters or Filters()
         mask = self.mask(filters) if filters else None
         skip = [self.row[i] for i in _ids(exclude) if i in self.row]
+        for video in {int(self.video[r]) for r in skip} - {-1}:  # "more like" a frame: not its video
+            skip.extend(np.flatnonzero(self.video == video).tolist())
         if skip:
             mask = np.ones(len(self), dtype=bool) if mask is None else mask
             mask[skip] = False
@@ -328,9 +346,22 @@ class Vectors:
             k = min(k, len(rows))
             if k <= 0:
                 return []
+        if (self.video[rows] >= 0).any():
+            rows, scores = self.best_frames(rows, scores)
+            k = min(k, len(rows))
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
         return [self.hit(int(rows[t]), float(scores[t])) for t in top]
+
+    def best_frames(self, rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`rows` and their `scores` with each video's frames but its best left out."""
+        order = np.argsort(-scores, kind="stable")
+        keys = np.where(self.video[rows] >= 0, self.video[rows], -1 - rows)[
+            order
+        ]  # photos: keys of their own
+        _, first = np.unique(keys, return_index=True)
+        keep = order[np.sort(first)]
+        return rows[keep], scores[keep]
 
     def candidates(self, query: np.ndarray, count: int, mask: np.ndarray | None = None) -> np.ndarray:
         """Rows of the `count` best int8 scores among the rows `mask` passes (usearch's exact scan of the

@@ -7,7 +7,9 @@
   image files are never named in a request, only uploaded;
 - `GET /thumb/{id}`: a JPEG thumbnail, made once and kept in aim-mlx's cache folder under the photo's content
   hash and the thumbnail size; `GET /photo/{id}`: the photo itself (as JPEG when browsers cannot show its
-  format, e.g. HEIC).
+  format, e.g. HEIC). A video's result is one of its frames: its thumbnail is that frame (the poster), and
+  `/photo/{id}` is the video, as it is (with Range requests, which browsers seek with), so that the page's
+  <video> plays it from `/photo/{id}#t=SECONDS`.
 
 Threads: one worker, the library thread, owns the read-only database connection, the model and the vectors,
 so neither SQLite nor MLX is shared between threads; handlers await it. The model is loaded once, at start;
@@ -63,6 +65,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")  # Host header names (Star
 MAX_UPLOAD = 20 * 1024 * 1024  # bytes; a phone's photo is 2-12 MB
 MAX_K = 200
 THUMB_SIZE = 384  # px, the longer side: sharp in a grid cell on a 2x screen
+VIDEO_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm"}
+VIDEO_TYPES[".mkv"] = "video/x-matroska"
 WEB_FORMATS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".avif", ".bmp"}  # served as they are
 PARAMS = {"folders": "in"}  # Filters' fields named otherwise in a request
 HEADERS = [
@@ -93,7 +97,7 @@ class Service:
 
     def status(self) -> dict:
         return {
-            "photos": len(self.current()),
+            "photos": self.current().files(),  # a video counts once
             "model": self.entry["info"]["source"],
             "text": self.model.info.text,
         }
@@ -137,10 +141,15 @@ class Service:
         return [{**hit.to_dict(), "name": Path(hit.path).name} for hit in hits]
 
 
+def served(row: dict) -> str:
+    """The file a row stands for: a frame's is its video (whose size and mtime the frame's row holds)."""
+    return row["path"].rsplit("#t=", 1)[0] if row.get("video") is not None else row["path"]
+
+
 def on_disk(row: dict) -> os.stat_result:
     """The indexed file's stat, if it is still the file that was indexed; 410 otherwise."""
     try:
-        stat = os.stat(row["path"])
+        stat = os.stat(served(row))
     except OSError:
         raise HTTPException(410, f"photo {row['id']} is no longer on disk; run `aim-mlx index`") from None
     if (stat.st_size, stat.st_mtime_ns) != (row["size"], row["mtime_ns"]):
@@ -220,8 +229,11 @@ def create_app(db: str | Path, model: str | None = None, hosts=LOOPBACK) -> Star
 
     async def photo_info(request: Request):
         row = await run(service.photo, request.path_params["id"])
-        keys = ("id", "path", "size", "width", "height", "taken", "lat", "lon", "camera", "indexed_at")
-        return JSONResponse({**{key: row[key] for key in keys}, "name": Path(row["path"]).name})
+        keys = ("id", "size", "width", "height", "taken", "lat", "lon", "camera", "indexed_at", "time")
+        path, kind = served(row), "photo" if row["video"] is None else "video"
+        return JSONResponse(
+            {**{key: row[key] for key in keys}, "path": path, "name": Path(path).name, "kind": kind}
+        )
 
     async def thumb(request: Request):
         row = await run(service.photo, request.path_params["id"])
@@ -231,6 +243,9 @@ def create_app(db: str | Path, model: str | None = None, hosts=LOOPBACK) -> Star
     async def photo(request: Request):
         row = await run(service.photo, request.path_params["id"])
         stat = on_disk(row)
+        video = VIDEO_TYPES.get(Path(served(row)).suffix.lower())
+        if video is not None:  # a frame's or a video's row: the video itself
+            return FileResponse(served(row), stat_result=stat, media_type=video)
         if Path(row["path"]).suffix.lower() in WEB_FORMATS:
             kind = mimetypes.guess_type(row["path"])[0] or "application/octet-stream"
             return FileResponse(row["path"], stat_result=stat, media_type=kind)

@@ -70,7 +70,7 @@ def build(
         from aim_mlx.apps.library.web import create_app as library_app
 
         fallback = library_app(db, choose(db, models or []), hosts=hosts)
-        photos = len(fallback.state.service.vectors)  # no query: the library thread owns the database
+        photos = fallback.state.service.vectors.files()  # no query: the library thread owns the database
         library_model = fallback.state.service.entry["info"]["source"]
     else:
         fallback = Starlette(routes=[Route("/", index_page)])

@@ -40,6 +40,16 @@ function card(photo, caption) {
   return button;
 }
 
+// A result's caption: its score, and for a video the time of its best frame (its poster).
+function caption(hit) {
+  return hit.kind === "video" ? `${hit.score.toFixed(3)} · ▶ ${clock(hit.time)}` : hit.score.toFixed(3);
+}
+
+function clock(seconds) {
+  const minutes = Math.floor(seconds / 60);
+  return `${minutes}:${(seconds - 60 * minutes).toFixed(1).padStart(4, "0")}`;
+}
+
 function showResults() {
   $("duplicates").hidden = true;
   grid.hidden = false;
@@ -63,7 +73,7 @@ async function search(label, url, options = {}) {
   }
   if (seq !== state.seq) return;
   const timing = { label, fetchMs: performance.now() - start };
-  grid.replaceChildren(...body.results.map((hit) => card(hit, hit.score.toFixed(3))));
+  grid.replaceChildren(...body.results.map((hit) => card(hit, caption(hit))));
   await painted();
   timing.paintMs = performance.now() - start;
   const count = body.results.length;
@@ -137,11 +147,23 @@ async function view(id) {
     return;
   }
   state.photo = photo;
-  $("full").src = `/photo/${id}`;
+  const video = photo.kind === "video";
+  $("full").hidden = video;
+  $("full-video").hidden = !video;
+  if (video) {  // played from its best frame's time (a media fragment), that frame as poster
+    $("full").removeAttribute("src");
+    $("full-video").poster = `/thumb/${id}`;
+    $("full-video").src = `/photo/${id}#t=${photo.time}`;
+  } else {
+    $("full-video").pause();
+    $("full-video").removeAttribute("src");
+    $("full").src = `/photo/${id}`;
+  }
   $("full").alt = photo.name;
   $("full-open").href = `/photo/${id}`;
   $("full-path").textContent = photo.path;
-  const taken = photo.taken ? `Taken ${photo.taken.replace("T", " ")}` : "No capture date";
+  const taken = (photo.taken ? `Taken ${photo.taken.replace("T", " ")}` : "No capture date") +
+    (video ? ` · video, best at ${clock(photo.time)}` : "");
   const size = photo.width ? ` · ${photo.width} × ${photo.height}` : "";
   const camera = photo.camera ? ` · ${photo.camera}` : "";
   const place = photo.lat !== null && photo.lat !== undefined ? ` · ${photo.lat.toFixed(5)}, ${photo.lon.toFixed(5)}` : "";
@@ -217,6 +239,7 @@ async function start() {
   $("show-duplicates").addEventListener("click", showDuplicates);
   $("more").addEventListener("click", moreLikeThis);
   $("close").addEventListener("click", () => $("viewer").close());
+  $("viewer").addEventListener("close", () => $("full-video").pause());
   $("viewer").addEventListener("click", (event) => event.target === $("viewer") && $("viewer").close());
   addEventListener("dragover", (event) => {
     event.preventDefault();
