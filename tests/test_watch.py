@@ -324,4 +324,7 @@ def test_watch_refuses_a_file_and_a_missing_folder_in_one_line(lit, root, tmp_pa
         result.exit_code == 1
         and result.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such file or folder"
     )
+    result = cli("index", root, "--watch", "--dry-run", "--db", db, "-m", lit)
+    assert result.exit_code == 1, result.output
+    assert result.stderr == "error: --watch and --dry-run: choose one\n"
     assert not db.exists()

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from ..checkpoints.variants import DEFAULT_TEXT_MODEL
+from ..errors import ConfigError
 from .common import (
     BatchSize,
     Db,
@@ -81,6 +82,8 @@ def index(
     from aim_mlx.apps.library import index as library_index
 
     path = library_path(db)
+    if watch and dry_run:
+        raise ConfigError("--watch and --dry-run: choose one")
     if watch:
         return _watch(
             folders or [], path, model, revision, value(dtype), batch_size, debounce_ms, settle_ms, json
