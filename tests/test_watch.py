@@ -150,7 +150,7 @@ def watcher(lit, root, tmp_path):
 
 
 def test_a_new_photo_and_one_written_slowly_are_each_embedded_once_whole(lit, root, tmp_path, watcher):
-    w = watcher()
+    w = watcher(debounce=0.1, settle=0.6)  # the settle wait alone must hold the slow file back
     first = w.wait(1)[0]
     assert (first.new, first.embedded) == (3, 3)
 
@@ -162,7 +162,7 @@ def test_a_new_photo_and_one_written_slowly_are_each_embedded_once_whole(lit, ro
         vectors(tmp_path / "library.sqlite")[str(new)], indexed_alone(lit, new, tmp_path), atol=1e-5
     )
 
-    # Written in eight chunks, 0.15 s apart (less than `settle`): read once, after the last chunk.
+    # Written in eight chunks 0.25 s apart, longer than `debounce` but not `settle`: read once, whole.
     full = tmp_path / "camera.jpg"
     photo("camera").save(full, quality=92)
     data = full.read_bytes()
@@ -171,7 +171,7 @@ def test_a_new_photo_and_one_written_slowly_are_each_embedded_once_whole(lit, ro
         for i in range(8):
             f.write(data[i * len(data) // 8 : (i + 1) * len(data) // 8])
             f.flush()
-            time.sleep(0.15)
+            time.sleep(0.25)
     summaries = w.wait(3)[2:]
     w.quiet(1.0)  # and no second batch for it
     summaries = [s for s, _ in w.batches[2:]]
