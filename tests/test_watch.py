@@ -139,8 +139,8 @@ class Watcher:
 def watcher(lit, root, tmp_path):
     started = []
 
-    def start(**options) -> Watcher:
-        started.append(Watcher(lit, root, tmp_path / "library.sqlite", **options))
+    def start(db: Path | None = None, **options) -> Watcher:
+        started.append(Watcher(lit, root, db or tmp_path / "library.sqlite", **options))
         return started[-1]
 
     yield start
@@ -204,28 +204,35 @@ def test_a_burst_of_30_copies_is_one_or_two_batches(root, tmp_path, watcher):
     w.stop()
 
 
-def test_a_move_reuses_its_vector_and_a_delete_leaves_search(lit, root, tmp_path, watcher):
-    db = tmp_path / "library.sqlite"
-    w = watcher()
+def test_a_move_reuses_its_vector_and_a_delete_leaves_search(lit, root, tmp_path, watcher, monkeypatch):
+    from aim_mlx.apps.library.web import create_app
+    from starlette.testclient import TestClient
+
+    db = root / "library.sqlite"  # in the folder watched: its writes must start no batch
+    w = watcher(db)
     before = vectors(db)
-    moved = root / "trip" / "my coffee.jpg"
-    (root / "coffee.jpg").rename(moved)
-    summary = w.wait(2)[1]
-    assert (summary.new, summary.embedded, summary.reused, summary.removed) == (1, 0, 1, 1)
-    after = vectors(db)
-    assert str(root / "coffee.jpg") not in after
-    np.testing.assert_array_equal(after[str(moved)], before[str(root / "coffee.jpg")])
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    with TestClient(create_app(db), base_url="http://127.0.0.1") as server:  # serving all along
+        assert server.get("/api/status").json()["photos"] == 3
+        moved = root / "trip" / "my coffee.jpg"
+        (root / "coffee.jpg").rename(moved)
+        summary = w.wait(2)[1]
+        assert (summary.new, summary.embedded, summary.reused, summary.removed) == (1, 0, 1, 1)
+        after = vectors(db)
+        assert str(root / "coffee.jpg") not in after
+        np.testing.assert_array_equal(after[str(moved)], before[str(root / "coffee.jpg")])
 
-    (root / "chelsea.jpg").unlink()
-    summary = w.wait(3)[2]
-    assert (summary.removed, summary.embedded) == (1, 0)
-    result = cli("search", "a cat", "--db", db, "-m", lit, "-k", "10", "--json")
-    assert result.exit_code == 0, result.output
-    assert sorted(h["path"] for h in json.loads(result.stdout)) == sorted(
-        [str(root / "astronaut.jpg"), str(moved)]
-    )
+        (root / "chelsea.jpg").unlink()
+        summary = w.wait(3)[2]
+        assert (summary.removed, summary.embedded) == (1, 0)
+        result = cli("search", "a cat", "--db", db, "-m", lit, "-k", "10", "--json")
+        assert result.exit_code == 0, result.output
+        left = sorted([str(root / "astronaut.jpg"), str(moved)])
+        assert sorted(h["path"] for h in json.loads(result.stdout)) == left
+        hits = server.get("/api/search?q=a+cat").json()["results"]  # the web page sees it without a restart
+        assert sorted(h["name"] for h in hits) == ["astronaut.jpg", "my coffee.jpg"]
 
-    # Hidden files, other kinds of file and the library's own files start no batch.
+    # Nor do hidden files and other kinds of file.
     (root / ".cache").mkdir()
     photo("rocket").save(root / ".cache" / "thumb.jpg")
     (root / "notes.txt").write_text("not a photo")
