@@ -16,7 +16,7 @@ killed at any moment leaves a valid library, which the next run (or watcher) com
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from aim_mlx.errors import ConfigError
@@ -67,7 +67,7 @@ class _Pending:
 
     key: tuple | None
     since: float  # when it last changed (an event, or a new size or mtime)
-    first: float = field(default=0.0)  # when its first event came
+    first: float  # when its first event came
 
 
 def watch(
