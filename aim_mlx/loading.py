@@ -3,7 +3,7 @@
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -84,6 +84,10 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None,
         )
     found = origin(path_or_id, revision)
     folder, raw, variant, family = found.folder, found.raw, found.variant, found.family
+    if family.on_base:
+        if probe is not None:
+            raise ConfigError(f"{path_or_id} is a trained probe head; --probe applies to AIMv1 models")
+        return load_head(found, dtype)
     if probe is not None:  # checked on config.json, before any weights are read
         if family.check_probe is None:
             raise ConfigError(f"{path_or_id} has no attention-probe head; --probe applies to AIMv1 models")
@@ -98,6 +102,26 @@ def load(path_or_id: str, revision: str | None = None, dtype: str | None = None,
     del state
     malloc.release_freed_memory()  # the checkpoint's load-time copies (e.g. before an upcast) are garbage now
     logger.info("loaded %s (%s, %s, %s backend)", path_or_id, folder, dtype, info.backend)
+    return model, processor
+
+
+def load_head(found: "Origin", dtype: str):
+    """A head folder `aim-mlx train` wrote: its base model, loaded by the source and revision its config.json
+    records and refused unless its identity (ModelInfo.key, compared in the dtype it was trained in) is the
+    recorded one, then the probe's weights, strictly loaded, in float32."""
+    config = found.family.config(found.raw, {}, None)
+    base_record = config.base
+    base, processor = load(base_record["source"], revision=base_record.get("revision"), dtype=dtype)
+    if replace(base.info, dtype=base_record["dtype"]).key != base_record["key"]:
+        raise ConfigError(
+            f"{found.folder}: its base model {base_record['source']} is not the one the head was trained on "
+            "(its identity changed: other weights, files or revision); train the head again on this model"
+        )
+    info = found.info(dict(base.dims, num_classes=config.num_classes), dtype, backend=base.info.backend)
+    model = found.family.model(config, base=base, info=info)
+    weights.load_into(model.head, weights.read_folder(found.folder), source=str(found.folder))
+    mx.eval(model.head.parameters())
+    logger.info("loaded the %s probe %s on %s", config.probe, found.folder, base_record["source"])
     return model, processor
 
 

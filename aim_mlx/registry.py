@@ -29,6 +29,10 @@ from .models.aimv1 import AIMv1
 from .models.aimv2 import AIMv2VisionEncoder
 from .models.config import AIMv1Config, LiTConfig, VisionConfig
 from .models.lit import AIMv2LiT
+from .models.probe import ProbeClassifier, ProbeConfig
+
+PROBE_TYPE = "aim-mlx-probe"  # the model_type of a head folder `aim-mlx train` writes
+OWN_LABELS = "own"  # `classes` of a family whose checkpoints carry their labels (config.json `labels`)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class Family:
     # (config.json, "best" | "last", variant): raises unless the checkpoint's head probes those blocks; None
     # for families without an attention-probe head (load(probe=...) is then an error)
     check_probe: Callable[[dict, str, Variant | None], None] | None = None
+    # a head trained on another model's features (aim-mlx train): load() loads that base model first, by
+    # the identity config.json records, and builds model(config, base=, info=)
+    on_base: bool = False
 
 
 def _vision_config(raw: dict, state: dict, variant: Variant | None) -> VisionConfig:
@@ -113,6 +120,15 @@ FAMILIES = {
         _lit_processor,
         text=True,
     ),
+    "aimv2-probe": Family(
+        "aimv2-probe",
+        lambda raw, state, variant: ProbeConfig.from_dict(raw),
+        ProbeClassifier,
+        lambda state, channels: state,  # written by aim-mlx in the probe's own names
+        lambda folder, config, variant: None,  # the base model's processor
+        classes=OWN_LABELS,
+        on_base=True,
+    ),
 }
 
 
@@ -120,6 +136,8 @@ def family_of(raw: dict, variant: Variant | None = None) -> Family:
     """The family of a checkpoint: its variant's, else what its config.json describes."""
     if variant is not None:
         return FAMILIES[variant.family]
+    if raw.get("model_type") == PROBE_TYPE:
+        return FAMILIES["aimv2-probe"]
     if isinstance(raw.get("text_config"), dict):  # LiT: a text tower beside the vision one
         return FAMILIES["aimv2-lit"]
     if "embed_dim" in raw and "num_blocks" in raw:  # ml-aim's AIMv1 constructor arguments

@@ -11,6 +11,10 @@
 - search: per-query latency of exact float32 search and of the int8 first pass + exact re-ranking over
           N x 768 unit vectors (a mixture of 1000 clusters, queries near stored vectors), at N from 10 000 to
           1 000 000, and recall@10 of the second against the first. Target: <= 10 ms at 100 000.
+- filters: the same two paths with search filters (dates, a camera, a folder, a place, and all four), with
+          the time of the filter alone, at 100 000 photos in a library built by its own code (Library.put
+          with EXIF-like facts, Vectors.load), and at the --filter-sizes above that in memory; recall@10 of
+          the int8 pass against exact search under the same filter.
 """
 
 import argparse
@@ -176,13 +180,129 @@ def bench_search(sizes: list[int], queries: int = 50) -> list[dict]:
     return rows
 
 
+def bench_filters(n: int = 100_000, queries: int = 50, in_memory: bool = False) -> list[dict]:
+    """Filtered search over n photos: written to a library by Library.put and read back by Vectors.load,
+    or, `in_memory`, the same rows handed to Vectors directly (a 3 GB file at 1 000 000 is not worth
+    writing to a shared disk)."""
+    import copy
+    from types import SimpleNamespace
+
+    from aim_mlx.apps.library.db import FileFacts, Library
+    from aim_mlx.apps.library.search import Filters, Vectors
+
+    rng = np.random.default_rng(0)
+    dim = 768
+    centres = rng.standard_normal((1000, dim)).astype(np.float32)
+    data = centres[rng.integers(0, 1000, n)] + 0.8 * rng.standard_normal((n, dim), dtype=np.float32)
+    data /= np.linalg.norm(data, axis=1, keepdims=True)
+    cameras = ["Apple iPhone 12", "Apple iPhone 15 Pro", "Canon EOS R5", "NIKON D750", "SONY ILCE-7M3"]
+    days = rng.integers(0, 3650, n)  # ten years of photos in 100 folders; a place for four in five
+    rows = [
+        FileFacts(
+            f"/photos/{i % 100:02d}/{i:07d}.jpg",
+            1,
+            i,
+            f"{i:064x}",
+            4032,
+            3024,
+            f"{2015 + d // 365}-{d % 365 // 31 % 12 + 1:02d}-{d % 28 + 1:02d}T12:00:00" if i % 20 else None,
+            float(lat) if i % 5 else None,
+            float(lon) if i % 5 else None,
+            cameras[i % 5] if i % 10 else None,
+        )
+        for i, (d, lat, lon) in enumerate(
+            zip(days, rng.uniform(35, 60, n), rng.uniform(-10, 30, n), strict=True)
+        )
+    ]
+    built = loaded = None
+    if in_memory:
+        facts = {
+            "taken": [r.taken for r in rows],
+            "lat": np.array([np.nan if r.lat is None else r.lat for r in rows]),
+            "lon": np.array([np.nan if r.lon is None else r.lon for r in rows]),
+            "camera": [r.camera for r in rows],
+        }
+        approx = Vectors(np.arange(1, n + 1), [r.path for r in rows], data, facts)
+    else:
+        info = SimpleNamespace(
+            key="bench-768", files={}, dims={"embed_dim": dim}, to_dict=lambda: {"source": "b"}
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            db = Path(tmp) / "library.sqlite"
+            start = time.perf_counter()
+            with Library(db) as library:
+                model_id = library.model_id(info)
+                with library.transaction():
+                    for i, row in enumerate(rows):
+                        library.put(model_id, row, data[i])
+            built = time.perf_counter() - start
+            with Library.reader(db) as library:
+                start = time.perf_counter()
+                approx = Vectors.load(library, model_id)  # as search loads them: int8 codes above APPROX_FROM
+                loaded = time.perf_counter() - start
+    del rows
+    exact = copy.copy(approx)  # the same rows and matrix, without the int8 codes: the exact path
+    exact.codes, exact._columns = None, {}
+    assert approx.codes is not None, "usearch is needed (pip install 'aim-mlx[library]')"
+    print(json.dumps({"filters_db_build_s": built, "load_s": loaded, "n": n}), flush=True)
+    cases = {
+        "none": Filters(),
+        "dates (summer 2019)": Filters(after="2019-06-01T00:00:00", before="2019-09-01T00:00:00"),
+        "camera (iphone)": Filters(camera="iphone"),
+        "folder (1 of 100)": Filters(folders=("/photos/07",)),
+        "near (300 km)": Filters(near=(48.85, 2.35), within_km=300.0),
+        "all four": Filters(  # 2016-2023, iPhones, ten folders, within 800 km of Paris
+            after="2016-01-01T00:00:00",
+            before="2024-01-01T00:00:00",
+            camera="iphone",
+            folders=tuple(f"/photos/0{d}" for d in range(10)),
+            near=(48.85, 2.35),
+            within_km=800.0,
+        ),
+    }
+    queries_at = rng.integers(0, n, queries)
+    qs = data[queries_at] + 0.5 * rng.standard_normal((queries, dim), dtype=np.float32)
+    paths = {"exact": exact, "int8+rerank": approx}
+    times = {(name, path): [] for name in cases for path in paths}
+    found = {key: [] for key in times}
+    for key in times:  # warm-up (and the filter columns made once)
+        paths[key[1]].top_k(qs[0], 10, filters=cases[key[0]])
+    for q in qs:  # every case and path in turns, query by query: the machine's noise falls on all alike
+        for name, path in times:
+            start = time.perf_counter()
+            hits = paths[path].top_k(q, 10, filters=cases[name])
+            times[name, path].append(time.perf_counter() - start)
+            found[name, path].append({h.id for h in hits})
+    rows = []
+    for name, chosen in cases.items():
+        result = {"filter": name, "n": n, "pass": int(exact.mask(chosen).sum())}
+        masks = []
+        for _ in range(20):  # the filter alone: which rows pass
+            start = time.perf_counter()
+            exact.mask(chosen)
+            masks.append(time.perf_counter() - start)
+        result["mask_ms_p50"] = 1e3 * float(np.median(masks))
+        for path in paths:
+            result[f"{path}_ms_p50"] = 1e3 * float(np.median(times[name, path]))
+            result[f"{path}_ms_p95"] = 1e3 * float(np.percentile(times[name, path], 95))
+        pairs = zip(found[name, "exact"], found[name, "int8+rerank"], strict=True)
+        result["recall_at_10"] = float(np.mean([len(a & b) / max(len(a), 1) for a, b in pairs]))
+        result["fewest_results"] = min(len(h) for h in found[name, "exact"])
+        rows.append(result)
+        print(json.dumps(result), flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--parts", default="index,rerun,search")
+    parser.add_argument("--parts", default="index,rerun,search,filters")
     parser.add_argument("--rounds", type=int, default=2, help="index: rounds of (model, index) in turns")
     parser.add_argument("--sizes", default="10000,20000,50000,100000,1000000", help="search: vector counts")
+    parser.add_argument(
+        "--filter-sizes", default="100000", help="filters: photo counts (above 100 000 held in memory only)"
+    )
     args = parser.parse_args()
     from aim_mlx.tasks.bench.timing import header, machine
 
@@ -191,6 +311,12 @@ def main():
     out = {}
     if "search" in parts:
         out["search"] = bench_search([int(s) for s in args.sizes.split(",")])
+    if "filters" in parts:
+        out["filters"] = [
+            row
+            for n in args.filter_sizes.split(",")
+            for row in bench_filters(int(n), in_memory=int(n) > 100_000)
+        ]
     if "rerun" in parts:
         out["rerun"] = bench_rerun()
         print(json.dumps({"rerun": out["rerun"]}), flush=True)

@@ -16,13 +16,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+
+from turns import in_turns  # noqa: E402  (benchmarks/, the script's own folder)
 
 # The child: load the folder with the aim_mlx on its path, then one timed encode_image per "go" line.
 CHILD = """
@@ -54,15 +55,13 @@ def timed_in_turns(trees: dict[str, Path], folder: str, batch: int, trials: int)
             where = json.loads(procs[name].stdout.readline())["aim_mlx"]
             if not where.startswith(str(tree)):
                 raise SystemExit(f"{name}: imported aim_mlx from {where}, not from {tree}")
-        times = {name: [] for name in trees}
-        names = list(trees)
-        for turn in range(trials):
-            for name in names if turn % 2 == 0 else names[::-1]:
-                time.sleep(0.25)  # the previous call's idle BLAS threads may spin a little longer
-                procs[name].stdin.write("go\n")
-                procs[name].stdin.flush()
-                times[name].append(json.loads(procs[name].stdout.readline())["seconds"])
-        return times
+
+        def call(name: str) -> float:
+            procs[name].stdin.write("go\n")
+            procs[name].stdin.flush()
+            return json.loads(procs[name].stdout.readline())["seconds"]
+
+        return in_turns(list(trees), trials, call)
     finally:
         for proc in procs.values():
             proc.kill()

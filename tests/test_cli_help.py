@@ -52,7 +52,7 @@ def test_help_is_plain_with_one_usage_style(command):
     usage = text.splitlines()[0]
     assert re.fullmatch(
         r"Usage: aim-mlx( [a-z]+)* \[OPTIONS\]"
-        r"( COMMAND \[ARGS\]\.\.\.| \[(IMAGES|FOLDERS)\]\.\.\.| \[TEXT\])?",
+        r"( COMMAND \[ARGS\]\.\.\.| \[(IMAGES|FOLDERS|QUERY)\]\.\.\.| \[DATA\]| \[TEXT\])?",
         usage,
     )
 

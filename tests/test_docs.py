@@ -5,8 +5,9 @@ A line exits 0, or the code its trailing `# exit N` comment names. Lines repeate
 `aim-mlx serve ...` is started as a process on 127.0.0.1 with a free port, must answer /api/status, and is
 stopped with SIGINT. The hub ids the pages name come from a fake offline Hugging Face cache of tiny random
 checkpoints at the pinned revisions (AIMv1's as the published pickles); photo.jpg, ~/Pictures and
-~/imagenet/val are scikit-image photos, photo.dng and clip.mp4 are written from them (tests/media.py); outputs
-land in a scratch folder.
+~/imagenet/val are scikit-image photos, photo.dng and clip.mp4 are written from them (tests/media.py), and so
+are the class folders ~/data/birds (also ./birds) and ~/data/birds-test (docs/train.md: each class one photo
+under random crops and flips); outputs land in a scratch folder.
 Two things are made small so that the file stays near a minute on two cores, the commands otherwise as
 written: bench gets `--num-trials 1 --warmup 0` and one batch size (its first, or 1), and --imagenet stands
 for ImageNet's first ten classes in LiT's prompts (the real 1000 x 80 would take the tiny text tower
@@ -25,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import skimage.data
 from aimv1_checkpoints import TINY as AIMV1_TINY
@@ -130,6 +132,21 @@ def add_photos(run: Path) -> None:
     for wnid, name in (("n01440764", "coffee"), ("n01443537", "rocket")):
         (home / "imagenet" / "val" / wnid).mkdir(parents=True)
         Image.fromarray(getattr(skimage.data, name)()).save(home / "imagenet" / "val" / wnid / f"{name}.jpg")
+    # Class folders for `aim-mlx train` (docs/train.md): each class one photo under random crops and flips.
+    rng = np.random.default_rng(0)
+    for name in ("astronaut", "chelsea", "coffee"):
+        photo = Image.fromarray(getattr(skimage.data, name)())
+        for folder, count in (("birds", 6), ("birds-test", 2)):
+            (home / "data" / folder / name).mkdir(parents=True)
+            for i in range(count):
+                w, h = photo.size
+                cw, ch = int(w * rng.uniform(0.5, 0.9)), int(h * rng.uniform(0.5, 0.9))
+                left, top = int(rng.integers(0, w - cw)), int(rng.integers(0, h - ch))
+                crop = photo.crop((left, top, left + cw, top + ch)).resize((64, 64))
+                if rng.random() < 0.5:
+                    crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                crop.save(home / "data" / folder / name / f"{i}.jpg")
+    (run / "birds").symlink_to(home / "data" / "birds")  # docs/train.md's Python trains on ./birds
 
 
 @pytest.fixture(scope="module")

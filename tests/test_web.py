@@ -490,6 +490,22 @@ def test_the_page_in_chromium_search_view_more_like_this_duplicates(browser, ser
     browser.save_screenshot(str(tmp_path / "phone.png"))
     browser.set_window_size(1280, 860)
 
+    # The image picked stays a term beside the text until its x clears it.
+    assert browser.find_element(By.ID, "status").text.startswith("9 photos like rocket.jpg and “coins”")
+    browser.find_element(By.ID, "image-clear").click()
+    wait(browser, f"{searches} === 5")
+    assert browser.find_element(By.ID, "status").text.startswith("9 photos for “coins”")
+    assert not browser.find_element(By.ID, "image-term").is_displayed()
+
+    # A folder filter searches again, among that folder's photos only; Clear lifts it.
+    browser.find_element(By.ID, "in").send_keys(str(library.photos / "trip"))
+    wait(browser, f"{searches} === 6")
+    titles = [c.get_attribute("title") for c in browser.find_elements(By.CSS_SELECTOR, "#results .card")]
+    assert titles == [str(library.photos / "trip" / "coffee copy.jpg")]
+    browser.find_element(By.CSS_SELECTOR, "#filters button[type=reset]").click()
+    wait(browser, f"{searches} === 7")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#results .card")) == 9
+
 
 def save_small(png: bytes, path: str, bottom: int) -> None:
     """A screenshot small enough for a README: cut below the results, in 128 colours."""

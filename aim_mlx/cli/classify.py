@@ -31,6 +31,7 @@ from .common import (
 EXAMPLES = [
     "aim-mlx classify photo.jpg --labels 'cat,dog,horse'",
     "aim-mlx classify photo.jpg -m apple/aim-600M",
+    "aim-mlx classify photo.jpg -m birds-head  # a head from aim-mlx train",
     "aim-mlx classify ~/Pictures --imagenet --top-k 3 --json",
     "aim-mlx classify a.jpg --labels-file labels.txt --template 'a {} drawing'",
 ]
@@ -63,8 +64,8 @@ def classify(
     model: Annotated[
         str,
         model_option(
-            "A zero-shot (LiT) checkpoint or an AIMv1 classifier (apple/aim-600M, ...): hub id or local "
-            "folder.",
+            "A zero-shot (LiT) checkpoint, an AIMv1 classifier (apple/aim-600M, ...) or a head folder "
+            "from aim-mlx train: hub id or local folder.",
             DEFAULT_TEXT_MODEL,
         ),
     ] = DEFAULT_TEXT_MODEL,
@@ -74,32 +75,34 @@ def classify(
     json: Json = False,
     probe: ProbeOpt = None,
 ):
-    """Classify images zero-shot (LiT) or with an AIMv1 ImageNet head.
+    """Classify images zero-shot (LiT) or with a trained head.
 
     IMAGES are image files and folders (walked recursively); each gets its top-k labels with their
     probabilities. Zero-shot label embeddings are cached on disk (AIM_MLX_CACHE, default ~/.cache/aim-mlx),
     so a repeated label set costs about one image forward. An AIMv1 model (-m apple/aim-600M) scores the
-    1000 ImageNet-1k classes of its attention-probe head and takes no labels. Unreadable images are named on
+    1000 ImageNet-1k classes of its attention-probe head and takes no labels; so does a head folder from
+    `aim-mlx train`, over its own classes. Unreadable images are named on
     stderr and skipped; the others are still classified (exit code 3), and --json lists them with their error.
     """
     from ..checkpoints.variants import find_variant
     from ..registry import FAMILIES
-    from ..tasks.heads import has_head
+    from ..tasks.heads import IMAGENET_HEAD_AND_LABELS, has_head
 
     label_options = (labels, labels_file, imagenet or None, template, templates)
     zero_shot = any(option is not None for option in label_options)
     variant = None if Path(model).expanduser().is_dir() else find_variant(model)
     head = variant is not None and FAMILIES[variant.family].classes is not None
     if head and zero_shot:
-        raise ConfigError(HEAD_AND_LABELS.format(model=model))
+        raise ConfigError(IMAGENET_HEAD_AND_LABELS.format(model=model))
     # Known to be zero-shot (labels given, or a known id without a head): check the labels before loading.
     asked = _labels(*label_options) if not head and (zero_shot or variant) else None
     paths = image_paths(images)
     net, processor = load(model, revision, dtype, probe)
     if has_head(net):
+        from ..tasks.heads import classify_files, labels_conflict
+
         if zero_shot:
-            raise ConfigError(HEAD_AND_LABELS.format(model=model))
-        from ..tasks.heads import classify_files
+            raise ConfigError(labels_conflict(net, model))
 
         with _image_bar(len(paths)) as advance:
             predictions, failures = classify_files(net, processor, paths, top_k, batch_size, advance)
@@ -139,12 +142,6 @@ def in_input_order(paths, predictions, failures) -> list[dict]:
             rows.append({"path": str(path), "predictions": next_done[1].to_list()})
             next_done = next(done, None)
     return rows
-
-
-HEAD_AND_LABELS = (
-    "{model} classifies into the ImageNet-1k classes of its trained head; drop --labels, --labels-file, "
-    "--imagenet and --template(s), which are for zero-shot (LiT) models"
-)
 
 
 def _labels(labels, labels_file, imagenet, template, templates) -> tuple[list[str], list[str]]:

@@ -1,4 +1,5 @@
-"""`aim-mlx eval imagenet`: top-1 / top-5 on an ImageNet-layout folder, over aim_mlx.tasks.evaluate."""
+"""`aim-mlx eval imagenet`: top-1 / top-5 on an ImageNet-layout folder; `aim-mlx eval folder`: a trained
+head on class folders named by its labels; both over aim_mlx.tasks.evaluate."""
 
 import json as json_module
 from pathlib import Path
@@ -32,6 +33,10 @@ EXAMPLES = [
     "aim-mlx eval imagenet --data ~/imagenet/val -m apple/aim-600M",
     "aim-mlx eval imagenet --data val --templates imagenet --json",
     "aim-mlx eval imagenet --data val -m apple/aim-1B -o report.json",
+]
+FOLDER_EXAMPLES = [
+    "aim-mlx eval folder --data ~/data/birds-test -m birds-head",
+    "aim-mlx eval folder --data ~/data/birds-test -m birds-head --json",
 ]
 
 
@@ -168,3 +173,79 @@ def summary(report) -> str:
             f"{report.seconds:.1f} s, {report.images_per_s:.1f} images/s",
         ]
     )
+
+
+def folder(
+    data: Annotated[
+        Path,
+        typer.Option(metavar="DIR", help="The test set: one folder per class, named by the head's labels."),
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            metavar="MODEL",
+            help="A head folder from aim-mlx train (or an AIMv1 classifier).",
+        ),
+    ],
+    batch_size: BatchSize = 8,
+    dtype: DTypeOpt = None,
+    json: Json = False,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", metavar="FILE", help="Write the JSON report to FILE."),
+    ] = None,
+    force: Annotated[bool, force_option("report")] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help="The confusion matrix as a .png/.svg/.pdf (the plot extra)."),
+    ] = None,
+):
+    """Measure a trained head on labelled class folders.
+
+    DIR (--data) holds one folder per class, each named by one of the head's labels (a subset of them is
+    fine). The report gives top-1 and top-5 accuracy, each class's precision and recall, and the confusion
+    matrix (rows: true class, columns: predicted, in the head's label order). Unreadable images are named on
+    stderr and skipped (exit code 3).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from ..tasks.evaluate import evaluate_folder
+    from ..tasks.metrics import check_plot, plot_confusion
+    from .train import class_table
+
+    if output is not None:
+        output = check_output(output, force, "-o")
+    if plot is not None:
+        plot = check_plot(check_output(plot, True, "--plot"))
+    net, processor = load(model, None, dtype)
+    columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), rate_column("images"))
+    with progress(*columns, TimeRemainingColumn()) as bar:
+        task = bar.add_task("images", total=None)
+        report = evaluate_folder(
+            net,
+            processor,
+            data,
+            batch_size,
+            lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    for _, reason in report.failures:
+        say(f"skipped {reason}")
+    total = report.images + report.failed
+    if report.images == 0:
+        raise all_failed(total)
+    text = json_module.dumps(report.to_dict(), indent=2, ensure_ascii=False)
+    if output is not None:
+        with atomic_file(output) as tmp:
+            tmp.write_text(text + "\n", encoding="utf-8")
+    if plot is not None:
+        plot_confusion(report.confusion, report.labels, plot, f"{Path(model).name} on {data}")
+    if json:
+        typer.echo(text)
+    else:
+        typer.echo(f"{report.model}: {report.images} images, {len(report.labels)} classes")
+        typer.echo(f"top-1 {report.top1:.2f}%\ntop-5 {report.top5:.2f}%")
+        typer.echo(class_table(report.per_class, f"on {data}"))
+    if report.failed:
+        raise partial(report.failed, total)

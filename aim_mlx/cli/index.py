@@ -159,9 +159,10 @@ def _report(summary, path: Path, json: bool) -> None:
     if json:
         typer.echo(json_module.dumps({**summary.to_dict(), "database": str(path), "model": summary.model}))
     else:
+        refreshed = f" ({summary.refreshed} re-read for dates and places)" if summary.refreshed else ""
         typer.echo(
             f"{plural(summary.new, 'new file')}, {summary.changed} changed ({summary.embedded} embedded, "
-            f"{summary.reused} reused), {summary.unchanged} unchanged, {summary.removed} removed, "
+            f"{summary.reused} reused), {summary.unchanged} unchanged{refreshed}, {summary.removed} removed, "
             f"{len(summary.failed)} failed; library {path}"
         )
     if summary.failed:

@@ -29,6 +29,7 @@ from . import (
     models,
     search,
     serve,
+    train,
 )
 from .common import EXIT_CODES_HELP, ExitCode, examples, interrupted, library_warnings, say
 
@@ -162,7 +163,13 @@ def add_group(name: str, help: str, *commands: tuple) -> None:
 
 add(embed.embed, embed.EXAMPLES)
 add(classify.classify, classify.EXAMPLES)
-add_group("eval", "Measure accuracy on a benchmark set.", ("imagenet", eval.imagenet, eval.EXAMPLES))
+add(train.train, train.EXAMPLES)
+add_group(
+    "eval",
+    "Measure accuracy on ImageNet or on labelled folders.",
+    ("imagenet", eval.imagenet, eval.EXAMPLES),
+    ("folder", eval.folder, eval.FOLDER_EXAMPLES),
+)
 add(index.index, index.EXAMPLES)
 add(search.search, search.EXAMPLES)
 add(duplicates.duplicates, duplicates.EXAMPLES)

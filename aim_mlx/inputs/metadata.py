@@ -7,14 +7,16 @@ the `video` extra). A header that cannot be read, or an extra that is missing, g
 error: decoding the file is what reports a broken one.
 
 `taken` is the wall-clock time where the photo was taken, without a timezone: EXIF's DateTimeOriginal (else
-DateTime) as the camera wrote it. A video's container usually holds UTC: Apple's local creation date is
-preferred where it is there, else the UTC time is given in this machine's timezone. A file's mtime is never
-passed off as a capture time.
+DateTimeDigitized) as the camera wrote it, and `offset` its OffsetTime tag (+HH:MM) where the file has one.
+IFD0's DateTime is when the file was last changed, not when it was taken: it is not used. A video's
+container usually holds UTC: Apple's local creation date is preferred where it is there, else the UTC time
+is given in this machine's timezone. A file's mtime is never passed off as a capture time.
 """
 
+import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
@@ -27,8 +29,10 @@ from .raw import RAW_SUFFIXES
 from .video import VIDEO_SUFFIXES, container_tags, creation_time
 
 _EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
-_MAKE, _MODEL, _DATETIME, _DATETIME_ORIGINAL = 271, 272, 306, 36867
+_MAKE, _MODEL = 0x010F, 0x0110
+_DATETIME_ORIGINAL, _DATETIME_DIGITIZED, _OFFSET_ORIGINAL, _OFFSET_DIGITIZED = 0x9003, 0x9004, 0x9011, 0x9012
 _GPS_LAT_REF, _GPS_LAT, _GPS_LON_REF, _GPS_LON = 1, 2, 3, 4
+_OFFSET = re.compile(r"[+-]\d\d:\d\d")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,11 @@ class Metadata:
     latitude: float | None = None  # degrees, north positive
     longitude: float | None = None  # degrees, east positive
     camera: str | None = None  # "Make Model", e.g. "Canon EOS R5" (the make once)
+    offset: str | None = None  # the EXIF OffsetTime of `taken`, "+02:00", where the file says
+
+    def taken_iso(self) -> str | None:
+        """`taken` in ISO 8601, with its offset where there is one: "2023-06-14T10:00:00+02:00"."""
+        return None if self.taken is None else self.taken.isoformat() + (self.offset or "")
 
 
 def read_metadata(path: str | os.PathLike) -> Metadata:
@@ -51,24 +60,33 @@ def read_metadata(path: str | os.PathLike) -> Metadata:
             return _from_raw(path)
         heif_available()
         with Image.open(path) as image:
-            return _from_exif(image.getexif())
+            return from_exif(image.getexif())
     except Exception:  # an unreadable header: decoding the file will say why
         return Metadata()
 
 
-def _from_exif(exif: Image.Exif) -> Metadata:
-    """From Pillow's EXIF: IFD0, its EXIF IFD and its GPS IFD."""
-    gps = exif.get_ifd(_GPS_IFD)
-    when = (
-        exif.get_ifd(_EXIF_IFD).get(_DATETIME_ORIGINAL) or exif.get(_DATETIME_ORIGINAL) or exif.get(_DATETIME)
-    )
-    return _build(
-        when,
+TIMES = (
+    (_DATETIME_ORIGINAL, _OFFSET_ORIGINAL),
+    (_DATETIME_DIGITIZED, _OFFSET_DIGITIZED),
+)  # in preference order
+
+
+def from_exif(exif: Image.Exif) -> Metadata:
+    """From Pillow's EXIF: IFD0 (make, model), its EXIF IFD (times and their offsets) and its GPS IFD."""
+    tags, gps = exif.get_ifd(_EXIF_IFD), exif.get_ifd(_GPS_IFD)
+    found = _build(
+        None,
         exif.get(_MAKE),
         exif.get(_MODEL),
         (gps.get(_GPS_LAT), gps.get(_GPS_LAT_REF)),
         (gps.get(_GPS_LON), gps.get(_GPS_LON_REF)),
     )
+    for time_tag, offset_tag in TIMES:
+        when = _exif_time(tags.get(time_tag) or exif.get(time_tag))  # some writers put it in IFD0
+        if when is not None:
+            zone = _text(tags.get(offset_tag))
+            return replace(found, taken=when, offset=zone if _OFFSET.fullmatch(zone) else None)
+    return found
 
 
 def _from_raw(path: Path) -> Metadata:
@@ -104,7 +122,7 @@ def _from_raw(path: Path) -> Metadata:
             thumb = raw.extract_thumb()
             if thumb.format == rawpy.ThumbFormat.JPEG:
                 with Image.open(BytesIO(thumb.data)) as jpeg:
-                    found = _from_exif(jpeg.getexif())
+                    found = from_exif(jpeg.getexif())
                     if found.taken is not None:
                         return found
         except rawpy.LibRawError:
@@ -130,30 +148,39 @@ def _from_video(path: Path) -> Metadata:
 
 def _build(when, make, model, lat, lon) -> Metadata:
     latitude, longitude = _degrees(*lat, negative="S"), _degrees(*lon, negative="W")
-    if latitude is None or longitude is None:
+    if latitude is None or longitude is None or not (abs(latitude) <= 90 and abs(longitude) <= 180):
         latitude = longitude = None
     return Metadata(_exif_time(when), latitude, longitude, _camera(make, model))
 
 
 def _exif_time(value) -> datetime | None:
     try:
-        return datetime.strptime(str(value).strip("\x00 "), "%Y:%m:%d %H:%M:%S")
+        return datetime.strptime(_text(value)[:19], "%Y:%m:%d %H:%M:%S")
     except ValueError:  # absent (None), blank or malformed ("0000:00:00 00:00:00")
         return None
 
 
 def _degrees(dms, ref, negative: str) -> float | None:
-    """EXIF's (degrees, minutes, seconds) rationals and its N/S or E/W reference as signed degrees."""
+    """EXIF's (degrees, minutes, seconds) rationals (some writers give fewer) and its N/S or E/W reference as
+    signed degrees."""
     try:
-        degrees, minutes, seconds = (float(v) for v in dms)
+        parts = [float(v) for v in (dms if isinstance(dms, tuple | list) else (dms,))]
+        value = sum(part / 60**i for i, part in enumerate(parts[:3]))
     except (TypeError, ValueError, ZeroDivisionError):
         return None
-    value = degrees + minutes / 60 + seconds / 3600
-    return -value if str(ref).strip("\x00 ").upper() == negative else value
+    if not parts or not math.isfinite(value):
+        return None
+    return -value if _text(ref).upper() == negative else value
 
 
 def _camera(make, model) -> str | None:
-    make, model = (str(v).strip("\x00 ") if v is not None else "" for v in (make, model))
+    make, model = _text(make), _text(model)
     if make and model.lower().startswith(make.split()[0].lower()):  # "Canon" + "Canon EOS R5"
         make = ""
     return " ".join(part for part in (make, model) if part) or None
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return "" if value is None else str(value).strip("\x00 ")

@@ -35,7 +35,12 @@ class Embedded:
 
 
 def iter_embeddings(
-    model, processor, paths: Iterable[Path], batch_size: int = 8, pool: str = "mean"
+    model,
+    processor,
+    paths: Iterable[Path],
+    batch_size: int = 8,
+    pool: str = "mean",
+    encode: Callable[[mx.array], mx.array] | None = None,
 ) -> Iterator[Embedded]:
     """One `Embedded` per input path, in input order, batch by batch as the model finishes them.
 
@@ -44,7 +49,8 @@ def iter_embeddings(
     native-resolution checkpoint meets a new image size. Memory stays bounded by a few batches, however many
     paths there are (`paths` may be a generator). A file that cannot be read is yielded with its `error`
     and skipped.
-    `pool`: "mean" gives `model.encode_image` (LiT: the image-text space), "none" the final token grid.
+    `pool`: "mean" gives `model.encode_image` (LiT: the image-text space), "none" the final token grid;
+    `encode` (pixels (B, H, W, 3) -> (B, ...)), when given, is what is computed instead (a probe's features).
     """
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
@@ -62,7 +68,9 @@ def iter_embeddings(
         out = None
         if pixels:
             x = mx.array(np.stack(pixels))  # (B, H, W, 3)
-            if pool == "mean":
+            if encode is not None:
+                out = encode(x)
+            elif pool == "mean":
                 out = model.encode_image(x)  # (B, D)
             else:
                 out = model.forward_intermediates(x, indices=[-1], norm=True)[0]  # (B, N, D)

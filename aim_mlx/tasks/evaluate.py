@@ -1,4 +1,5 @@
-"""ImageNet-1k accuracy over an ImageFolder-layout validation set: top-1 and top-5 for AIMv1 heads and LiT.
+"""ImageNet-1k accuracy over an ImageFolder-layout validation set: top-1 and top-5 for AIMv1 heads and LiT;
+and any trained head's accuracy on class folders named by its labels (`evaluate_folder`).
 
 The set is one folder per class, named by WordNet id (n01440764) or by class index (0-999); images inside
 may be nested. Fewer than 1000 class folders is a subset: predictions are still over all classes, and the
@@ -17,8 +18,11 @@ import numpy as np
 from ..checkpoints.variants import AIMV1_TOP1, aimv1_probe_layers, aimv1_size, find_variant
 from ..errors import ConfigError
 from ..inputs.images import find_images
-from ..registry import FAMILIES
-from .embed import iter_embeddings
+from ..registry import FAMILIES, OWN_LABELS
+from .embed import collect, counting, iter_embeddings
+from .features import find_classes
+from .heads import has_head, head_labels
+from .metrics import confusion_matrix, per_class, top_k_accuracy
 from .zeroshot import imagenet_classes, imagenet_wnids, text_classifier
 
 Progress = Callable[[int, int], None]  # (items done, items in all)
@@ -94,6 +98,11 @@ def method(model) -> str:
 
 def check_family(family: str, source: str) -> str:
     """How a model `family` classifies ImageNet: "head" or "zero-shot"; neither is a ConfigError."""
+    if FAMILIES[family].classes == OWN_LABELS:
+        raise ConfigError(
+            f"{source} is a head trained on its own classes, not ImageNet's; measure it with "
+            "aim-mlx eval folder"
+        )
     if FAMILIES[family].classes is not None:
         return "head"
     if FAMILIES[family].text:
@@ -186,4 +195,57 @@ def evaluate(
         subset=classes < CLASSES,
         published_top1=published_top1(model),
         failures=failures,
+    )
+
+
+@dataclass
+class FolderReport:
+    model: str
+    labels: list[str]
+    images: int  # evaluated, the failed ones not included
+    top1: float  # percent
+    top5: float
+    per_class: list[dict]  # label, precision, recall (percent), support
+    confusion: list[list[int]]  # rows: true class (the head's label order), columns: predicted
+    failed: int
+    seconds: float
+    images_per_s: float
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["failures"] = [{"path": path, "error": error} for path, error in self.failures]
+        return out
+
+
+def evaluate_folder(model, processor, root: Path, batch_size: int = 8, progress: Progress | None = None):
+    """A trained head (`aim-mlx train`'s, or AIMv1's) on class folders named by its labels: top-1, top-5,
+    per-class precision and recall, and the confusion matrix. A folder may hold a subset of the classes."""
+    if not has_head(model):
+        source = model.info.source if model.info is not None else "this model"
+        raise ConfigError(f"{source} has no trained head; eval folder takes a head folder from aim-mlx train")
+    labels = head_labels(model)
+    data = find_classes(root, labels, "--data")
+    truth = dict(zip(data.paths, data.targets, strict=True))
+    start = time.perf_counter()
+    items = iter_embeddings(model, processor, data.paths, batch_size)
+    result = collect(items, counting(progress, len(data.paths)))
+    seconds = time.perf_counter() - start
+    logits = np.zeros((0, len(labels)), np.float32)
+    if result.paths:
+        logits = np.asarray(model.logits(mx.array(np.stack(result.embeddings))).astype(mx.float32))
+    y = np.asarray([truth[p] for p in result.paths], dtype=np.int64)
+    matrix = confusion_matrix(y, logits.argmax(axis=1), len(labels))
+    return FolderReport(
+        model=model.info.source if model.info is not None else "",
+        labels=labels,
+        images=len(result.paths),
+        top1=top_k_accuracy(logits, y, 1),
+        top5=top_k_accuracy(logits, y, 5),
+        per_class=per_class(matrix, labels),
+        confusion=matrix.tolist(),
+        failed=len(result.failures),
+        seconds=seconds,
+        images_per_s=len(data.paths) / seconds if seconds else 0.0,
+        failures=[(str(p), e) for p, e in result.failures],
     )

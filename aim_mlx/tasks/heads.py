@@ -1,4 +1,5 @@
-"""Classification with a trained head (AIMv1's ImageNet-1k attention probe): labels, top-k over image files.
+"""Classification with a trained head (AIMv1's ImageNet-1k attention probe, or a probe `aim-mlx train` fitted,
+which carries its own labels): labels, top-k over image files.
 
 Zero-shot classification (a LiT model scoring text labels) is zeroshot.py; both give `Prediction`s.
 """
@@ -9,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ConfigError
-from ..registry import FAMILIES
+from ..registry import FAMILIES, OWN_LABELS
 from .embed import collect, counting, iter_embeddings
 from .zeroshot import Prediction, imagenet_classes, imagenet_wnids, top_k_softmax
 
@@ -28,7 +29,7 @@ def head_labels(model) -> list[str]:
     if name is None:
         source = model.info.source if model.info is not None else "this model"
         raise ConfigError(f"{source} has no classification head; give labels to classify zero-shot")
-    labels = LABEL_SETS[name]()
+    labels = list(model.labels) if name == OWN_LABELS else LABEL_SETS[name]()
     if len(labels) != model.dims["num_classes"]:
         raise ConfigError(
             f"the head scores {model.dims['num_classes']} classes, but its label set {name} has {len(labels)}"
@@ -40,9 +41,35 @@ def distinct_head_labels(model) -> list[str]:
     """`head_labels` with every name distinct, for a label -> probability table (a Core ML classifier): a
     name that repeats (CLIP's ImageNet names hold 'missile' and 'sunglasses' twice) carries its class id in
     each place, e.g. 'missile (n03773504)'."""
+    if FAMILIES[model.family].classes == OWN_LABELS:  # folder names: distinct already (tasks/train.py)
+        return head_labels(model)
     labels, ids = head_labels(model), LABEL_IDS[FAMILIES[model.family].classes]()
     repeated = {label for label in labels if labels.count(label) > 1}
     return [f"{label} ({i})" if label in repeated else label for label, i in zip(labels, ids, strict=True)]
+
+
+IMAGENET_HEAD_AND_LABELS = (
+    "{model} classifies into the ImageNet-1k classes of its trained head; drop --labels, --labels-file, "
+    "--imagenet and --template(s), which are for zero-shot (LiT) models"
+)
+
+
+def labels_conflict(model, name: str) -> str:
+    """The error for zero-shot labels given with a head: what each of the two ways classifies, and how."""
+    if FAMILIES[model.family].classes != OWN_LABELS:
+        return IMAGENET_HEAD_AND_LABELS.format(model=name)
+    labels = head_labels(model)
+    shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
+    base = model.base.info.source if model.base.info is not None else "its base model"
+    zero_shot = (
+        f"classify zero-shot with its base model: -m {base} --labels ..."
+        if FAMILIES[model.base.family].text
+        else "zero-shot labels need a LiT model (apple/aimv2-large-patch14-224-lit)"
+    )
+    return (
+        f"{name} is a trained head over its {len(labels)} classes ({shown}): drop --labels, --labels-file, "
+        f"--imagenet and --template(s) to classify into them, or {zero_shot}"
+    )
 
 
 def classify(model, pixels: mx.array, top_k: int = 5) -> list[Prediction]:

@@ -1,7 +1,9 @@
 """The photo library's database: SQLite in WAL mode, the system of record.
 
-- `files`: one row per indexed file (path, size, mtime, content hash, pixel size, EXIF capture time). A row
-  exists only once its vector does, for the model that indexed it: both are written in one transaction.
+- `files`: one row per indexed file (path, size, mtime, content hash, pixel size, and what its EXIF says:
+  capture time, GPS position, camera). A row exists only once its vector does, for the model that indexed
+  it: both are written in one transaction. `facts` is the version of scan.py's header reader that filled
+  the EXIF columns: a run re-reads the headers of unchanged files read by an older one, reusing vectors.
 - `models`: each model identity (`model.info.key`) that indexed something, with what `load()` needs to load
   it again. `vectors`: one embedding per (model, content hash), so a renamed, moved or copied photo reuses
   its vector, a second model adds rows beside the first, and search never mixes spaces.
@@ -22,7 +24,8 @@ import numpy as np
 
 from aim_mlx.errors import AimMlxError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+FACTS_VERSION = 1  # scan.header's; rows from schema 1 have 0 (they lack GPS and camera)
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE models (
@@ -40,8 +43,12 @@ CREATE TABLE files (
     hash TEXT NOT NULL,             -- SHA-256 of the file's bytes
     width INTEGER,                  -- upright (after EXIF rotation)
     height INTEGER,
-    taken TEXT,                     -- EXIF capture time, ISO 8601, when the file has one
+    taken TEXT,                     -- EXIF capture time, ISO 8601 (local time, +HH:MM when EXIF says)
     indexed_at REAL NOT NULL,
+    lat REAL,                       -- EXIF GPS position, decimal degrees
+    lon REAL,
+    camera TEXT,                    -- EXIF Make and Model
+    facts INTEGER NOT NULL DEFAULT 0,  -- FACTS_VERSION of the reader that filled taken..camera
     UNIQUE (model_id, path)
 );
 CREATE INDEX files_hash ON files (hash);
@@ -59,7 +66,11 @@ CREATE TABLE failures (
     at REAL NOT NULL
 );
 """
-MIGRATIONS: dict[int, str] = {}  # version v -> the SQL that takes a database from v to v + 1
+# version v -> the SQL that takes a database from v to v + 1
+MIGRATIONS: dict[int, str] = {
+    1: "ALTER TABLE files ADD COLUMN lat REAL; ALTER TABLE files ADD COLUMN lon REAL; "
+    "ALTER TABLE files ADD COLUMN camera TEXT; ALTER TABLE files ADD COLUMN facts INTEGER NOT NULL DEFAULT 0",
+}
 
 
 class LibraryError(AimMlxError):
@@ -77,6 +88,9 @@ class FileFacts:
     width: int | None = None
     height: int | None = None
     taken: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    camera: str | None = None
 
 
 class Library:
@@ -98,32 +112,35 @@ class Library:
             raise _database_error(self.path, exc) from None
 
     @classmethod
-    def reader(cls, path: str | Path, timeout: float = 10.0) -> "Library":
+    def reader(cls, path: str | Path, timeout: float = 10.0, migrate: bool = True) -> "Library":
         """A read-only connection (a server's): it never waits for an index run's write lock, as opening
         with `Library()` (which may migrate) would, and may be used from another thread than its creator's
-        as long as one thread uses it at a time."""
+        as long as one thread uses it at a time. A library of an older schema is brought forward first
+        (once, under the write lock), unless `migrate` is False (a dry run, which reads it as it is)."""
         self = cls.__new__(cls)
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise LibraryError(f"{self.path}: no library here yet; run `aim-mlx index FOLDER` first")
+        version = self._open_reader(timeout)
+        if migrate and version is not None and version < SCHEMA_VERSION:
+            self.conn.close()
+            Library(self.path, create=False, timeout=timeout).close()
+            version = self._open_reader(timeout)
+        if version is None:
+            raise LibraryError(f"{self.path} is an empty database, not an aim-mlx library")
+        if version > SCHEMA_VERSION:
+            raise _newer(self.path, version)
+        return self
+
+    def _open_reader(self, timeout: float) -> int | None:
         try:
             uri = f"{self.path.resolve().as_uri()}?mode=ro"
             self.conn = sqlite3.connect(
                 uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False
             )
-            version = self._version()
+            return self._version()
         except sqlite3.DatabaseError as exc:
             raise _database_error(self.path, exc) from None
-        if version is None:
-            raise LibraryError(f"{self.path} is an empty database, not an aim-mlx library")
-        if version > SCHEMA_VERSION:
-            raise _newer(self.path, version)
-        if version < SCHEMA_VERSION:
-            raise LibraryError(
-                f"{self.path} has schema {version}, this aim-mlx reads {SCHEMA_VERSION}; run `aim-mlx index` "
-                "once to bring it forward"
-            )
-        return self
 
     def close(self) -> None:
         self.conn.close()
@@ -192,10 +209,14 @@ class Library:
 
     # files and vectors
 
-    def known_files(self, model_id: int) -> dict[str, tuple[int, int, str]]:
-        """path -> (size, mtime_ns, hash) of every file `model_id` indexed."""
-        rows = self.conn.execute("SELECT path, size, mtime_ns, hash FROM files WHERE model_id=?", (model_id,))
-        return {p: (s, m, h) for p, s, m, h in rows}
+    def known_files(self, model_id: int) -> dict[str, tuple[int, int, str, int]]:
+        """path -> (size, mtime_ns, hash, facts version) of every file `model_id` indexed."""
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(files)")}
+        facts = "facts" if "facts" in columns else "0"  # schema 1, read by a dry run as it is
+        rows = self.conn.execute(
+            f"SELECT path, size, mtime_ns, hash, {facts} FROM files WHERE model_id=?", (model_id,)
+        )
+        return {p: (s, m, h, v) for p, s, m, h, v in rows}
 
     def known_hashes(self, model_id: int) -> set[str]:
         return {h for (h,) in self.conn.execute("SELECT hash FROM vectors WHERE model_id=?", (model_id,))}
@@ -215,7 +236,7 @@ class Library:
             )
         self.conn.execute(
             "INSERT OR REPLACE INTO files (path, model_id, size, mtime_ns, hash, width, height, taken, "
-            "indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "indexed_at, lat, lon, camera, facts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 facts.path,
                 model_id,
@@ -226,9 +247,31 @@ class Library:
                 facts.height,
                 facts.taken,
                 time.time(),
+                facts.lat,
+                facts.lon,
+                facts.camera,
+                FACTS_VERSION,
             ),
         )
         self.conn.execute("DELETE FROM failures WHERE path=?", (facts.path,))
+
+    def refresh(self, model_id: int, facts: FileFacts) -> None:
+        """Replace an unchanged file's header facts (its hash and vector stay); inside a transaction."""
+        self.conn.execute(
+            "UPDATE files SET width=?, height=?, taken=?, lat=?, lon=?, camera=?, facts=? "
+            "WHERE model_id=? AND path=?",
+            (
+                facts.width,
+                facts.height,
+                facts.taken,
+                facts.lat,
+                facts.lon,
+                facts.camera,
+                FACTS_VERSION,
+                model_id,
+                facts.path,
+            ),
+        )
 
     def fail(self, path: str, reason: str, size: int | None = None, mtime_ns: int | None = None) -> None:
         """Record why a file could not be indexed; inside a transaction."""
@@ -259,15 +302,26 @@ class Library:
 
     def vectors(self, model_id: int) -> tuple[np.ndarray, list[str], np.ndarray]:
         """(file ids, paths, (n, D) float32 vectors) of every file `model_id` indexed, in id order."""
+        return self.search_rows(model_id)[:3]
+
+    def search_rows(self, model_id: int) -> tuple[np.ndarray, list[str], np.ndarray, dict]:
+        """`vectors` and, in the same order and from the same snapshot, the facts filters use: a dict of
+        taken (list of ISO strings or None), lat, lon (float64 arrays, NaN where unknown), camera (list)."""
         rows = self.conn.execute(
-            "SELECT f.id, f.path, v.vector FROM files f JOIN vectors v "
+            "SELECT f.id, f.path, v.vector, f.taken, f.lat, f.lon, f.camera FROM files f JOIN vectors v "
             "ON v.model_id = f.model_id AND v.hash = f.hash WHERE f.model_id=? ORDER BY f.id",
             (model_id,),
         ).fetchall()
         dim = self.conn.execute("SELECT dim FROM models WHERE id=?", (model_id,)).fetchone()[0]
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
-        return ids, [r[1] for r in rows], matrix
+        facts = {
+            "taken": [r[3] for r in rows],
+            "lat": np.array([np.nan if r[4] is None else r[4] for r in rows], dtype=np.float64),
+            "lon": np.array([np.nan if r[5] is None else r[5] for r in rows], dtype=np.float64),
+            "camera": [r[6] for r in rows],
+        }
+        return ids, [r[1] for r in rows], matrix, facts
 
     def export_npz(self, model_id: int, output: str | Path) -> int:
         """Write `model_id`'s vectors, paths and ids to .npz (whole or not at all); returns the count."""

@@ -2,7 +2,8 @@
 
 `update` is the whole run (`dry_run` says what it would do); `plan` and `index` are its two steps. A run
 walks the folders and compares each file with the database (path, size, mtime):
-- unchanged: not opened;
+- unchanged: not opened, unless an older aim-mlx read its header: then the header alone is read again
+  (capture time, place, camera), with no hash and no model;
 - new or changed: hashed (and its header read) on worker threads; a hash the model has already embedded
   (a rename, a move, a copy, an edit undone) reuses that vector; any other is embedded through
   aim_mlx.tasks.embed.iter_embeddings, which decodes ahead on its own threads while the model runs;
@@ -26,8 +27,8 @@ from aim_mlx.loading import load as load_checkpoint
 from aim_mlx.tasks import distributed
 from aim_mlx.tasks.embed import iter_embeddings
 
-from .db import FileFacts, Library
-from .scan import facts, walk
+from .db import FACTS_VERSION, FileFacts, Library
+from .scan import facts, header, walk
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Plan:
 
     todo: list[tuple[Path, os.stat_result, str]] = field(default_factory=list)  # (path, stat, new|changed)
     unchanged: int = 0
+    stale: list[Path] = field(default_factory=list)  # unchanged, their header read by an older aim-mlx
     gone: list[str] = field(default_factory=list)
     missing: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): named but unreadable
 
@@ -46,6 +48,7 @@ class Plan:
             "changed": kinds.count("changed"),
             "unchanged": self.unchanged,
             "removed": len(self.gone),
+            "refresh": len(self.stale),
         }
 
 
@@ -58,10 +61,11 @@ class Summary:
     embedded: int = 0  # of new + changed, how many ran through the model
     reused: int = 0  # ... and how many reused a known vector (same content)
     removed: int = 0
+    refreshed: int = 0  # unchanged files whose header facts were read again
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
     def to_dict(self) -> dict:
-        fields = ("new", "changed", "unchanged", "embedded", "reused", "removed")
+        fields = ("new", "changed", "unchanged", "embedded", "reused", "removed", "refreshed")
         failed = [{"path": p, "error": e} for p, e in self.failed]
         return {**{k: getattr(self, k) for k in fields}, "failed": failed}
 
@@ -110,7 +114,11 @@ def update(
     if group is not None:
         distributed.start(group, None if nothing else {"batch_size": batch_size, "pool": "mean"})
     if nothing:
-        return Summary(model=found.source, unchanged=todo.unchanged)
+        summary = Summary(model=found.source, unchanged=todo.unchanged)
+        if todo.stale:
+            with Library(db_path) as library:
+                summary.refreshed = refresh(library, known, todo.stale)
+        return summary
     net, processor = load_model()
     with Library(db_path) as library:
         model_id = library.model_id(net.info)
@@ -147,7 +155,7 @@ def dry_run(roots: list[str | os.PathLike], db_path: str | os.PathLike, model: s
         return None
     _check_roots(roots)
     if Path(db_path).exists():
-        with Library.reader(db_path) as library:
+        with Library.reader(db_path, migrate=False) as library:  # a dry run writes nothing
             folder = Path(model).expanduser()
             source = str(folder.resolve()) if folder.is_dir() else model
             ids = [m["id"] for m in library.models() if m["info"]["source"] == source]
@@ -187,6 +195,8 @@ def plan(library: Library, model_id: int, roots: Iterable[str | os.PathLike]) ->
             result.todo.append((path, stat, "new"))
         elif row[:2] == (stat.st_size, stat.st_mtime_ns) and row[2] in hashes:
             result.unchanged += 1
+            if row[3] < FACTS_VERSION:
+                result.stale.append(path)
         else:
             result.todo.append((path, stat, "changed"))
     for path in known:
@@ -301,7 +311,24 @@ def index(
         library.remove(model_id, todo.gone)
         summary.removed = len(todo.gone)
     library.prune(model_id)
+    summary.refreshed = refresh(library, model_id, todo.stale)
     return summary
+
+
+def refresh(library: Library, model_id: int, paths: list[Path], batch: int = 256) -> int:
+    """Read the headers of unchanged files again (their hash and vector stay) and record what they say,
+    `batch` files a transaction, so that a run killed here keeps what it did. Returns how many were read."""
+
+    def read(path: Path) -> FileFacts:
+        return header(FileFacts(str(path), 0, 0, ""))  # only the path is read; refresh writes no size or hash
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(paths), batch):
+            found = list(pool.map(read, paths[start : start + batch]))
+            with library.transaction():
+                for item in found:
+                    library.refresh(model_id, item)
+    return len(paths)
 
 
 def _hashed(todo: list, workers: int = 4, lookahead: int = 32):

@@ -16,14 +16,13 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from PIL import Image
 
 from aim_mlx.extras import missing, optional
 from aim_mlx.inputs.images import image_suffixes
-from aim_mlx.inputs.metadata import read_metadata
+from aim_mlx.inputs.metadata import from_exif, read_metadata
 from aim_mlx.inputs.raw import RAW_SUFFIXES, raw_size
 from aim_mlx.inputs.video import VIDEO_SUFFIXES, video_size
 from aim_mlx.log import logger
@@ -35,7 +34,7 @@ BUNDLES = {".app", ".photoslibrary", ".aplibrary", ".bundle", ".framework", ".pk
 # The developed image a RAW is paired with, and the still a Live Photo's .mov belongs to, in preference order
 PAIRED = (".jpg", ".jpeg", ".heic", ".heif", ".hif")
 LIVE_PHOTOS = (".heic", ".heif", ".jpg", ".jpeg")
-_EXIF_IFD, _DATETIME_ORIGINAL, _DATETIME = 0x8769, 36867, 306
+_ORIENTATION = 0x0112  # EXIF, IFD0
 
 
 @dataclass(frozen=True)
@@ -152,33 +151,32 @@ def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def facts(path: Path, stat: os.stat_result) -> FileFacts:
-    """The file's hash, upright pixel size and capture time (read_metadata's `taken`, as ISO 8601), from
-    headers (a video's size from its first frame). Unreadable headers leave the size and time empty; the
-    model's reading of the file reports the error."""
-    found = FileFacts(str(path), stat.st_size, stat.st_mtime_ns, sha256(path))
+    """The file's hash and what its header says (see `header`)."""
+    return header(FileFacts(str(path), stat.st_size, stat.st_mtime_ns, sha256(path)))
+
+
+def header(found: FileFacts) -> FileFacts:
+    """`found` with the file's upright pixel size, capture time, GPS position and camera filled in (headers
+    only: no pixels are decoded, but for a video's size, from its first frame; a RAW's and a video's through
+    LibRaw or FFmpeg). The facts are inputs.metadata's: what the file does not say stays None, and the
+    capture time is never the file's mtime. Unreadable headers leave everything empty; the model's reading
+    of the file reports the error."""
+    path = Path(found.path)
     suffix = path.suffix.lower()
-    if suffix in RAW_SUFFIXES or suffix in VIDEO_SUFFIXES:  # not Pillow's: LibRaw's or FFmpeg's
+    if suffix in RAW_SUFFIXES or suffix in VIDEO_SUFFIXES:  # not Pillow's
         size = raw_size(path) if suffix in RAW_SUFFIXES else video_size(path)
-        taken = read_metadata(path).taken
-        found.width, found.height = size or (None, None)
-        found.taken = taken.isoformat() if taken else None
-        return found
-    try:
-        with Image.open(path) as image:
-            exif = image.getexif()
-            width, height = image.size
-            if exif.get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that rotate by 90 degrees
-                width, height = height, width
-            found.width, found.height = width, height
-            found.taken = _capture_time(exif)
-    except Exception:  # a header Pillow cannot parse: decoding the file will say why
-        pass
+        meta = read_metadata(path)
+    else:
+        try:
+            with Image.open(path) as image:
+                exif = image.getexif()
+                width, height = image.size
+                if exif.get(_ORIENTATION) in (5, 6, 7, 8):  # EXIF orientations that rotate by 90 degrees
+                    width, height = height, width
+                size, meta = (width, height), from_exif(exif)
+        except Exception:  # a header Pillow cannot parse: decoding the file will say why
+            return found
+    found.width, found.height = size or (None, None)
+    found.taken, found.camera = meta.taken_iso(), meta.camera
+    found.lat, found.lon = meta.latitude, meta.longitude
     return found
-
-
-def _capture_time(exif: Image.Exif) -> str | None:
-    raw = exif.get_ifd(_EXIF_IFD).get(_DATETIME_ORIGINAL) or exif.get(_DATETIME)
-    try:
-        return datetime.strptime(str(raw).strip("\x00 "), "%Y:%m:%d %H:%M:%S").isoformat()
-    except ValueError:
-        return None

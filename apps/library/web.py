@@ -1,7 +1,10 @@
 """The library's web app (`aim-mlx serve`): one page and the JSON API it uses, on Starlette.
 
-- `GET /api/search?q=TEXT&k=K`, `POST /api/search/image` (the image file's bytes as the body),
-  `GET /api/similar/{id}`, `GET /api/duplicates?threshold=COS`, `GET /api/photo/{id}`, `GET /api/status`;
+- `GET /api/search?q=TEXT&k=K`, `POST /api/search/image?q=TEXT` (the image file's bytes as the body),
+  `GET /api/similar/{id}?q=TEXT`, `GET /api/duplicates?threshold=COS`, `GET /api/photo/{id}`,
+  `GET /api/status`. The searches take the CLI's filters as parameters (after, before, in (repeatable),
+  camera, near, within, min_score) and TEXT in search.parse_text's syntax (`a dog -people +2:id:12`);
+  image files are never named in a request, only uploaded;
 - `GET /thumb/{id}`: a JPEG thumbnail, made once and kept in aim-mlx's cache folder under the photo's content
   hash and the thumbnail size; `GET /photo/{id}`: the photo itself (as JPEG when browsers cannot show its
   format, e.g. HEIC).
@@ -44,7 +47,16 @@ from aim_mlx.inputs.images import load_image
 
 from .db import Library
 from .duplicates import DEFAULT_THRESHOLD, groups
-from .search import Vectors, choose_model, image_query, load_model, text_query
+from .search import (
+    FilterError,
+    Filters,
+    Term,
+    Vectors,
+    choose_model,
+    load_model,
+    parse_text,
+    query_vector,
+)
 
 STATIC = Path(__file__).with_name("static")
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")  # Host header names (Starlette keeps [ ] or not)
@@ -52,6 +64,7 @@ MAX_UPLOAD = 20 * 1024 * 1024  # bytes; a phone's photo is 2-12 MB
 MAX_K = 200
 THUMB_SIZE = 384  # px, the longer side: sharp in a grid cell on a 2x screen
 WEB_FORMATS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".avif", ".bmp"}  # served as they are
+PARAMS = {"folders": "in"}  # Filters' fields named otherwise in a request
 HEADERS = [
     (b"content-security-policy", b"default-src 'self'; img-src 'self' blob:; frame-ancestors 'none'"),
     (b"x-content-type-options", b"nosniff"),
@@ -85,18 +98,25 @@ class Service:
             "text": self.model.info.text,
         }
 
-    def by_text(self, text: str, k: int) -> list[dict]:
-        vector = text_query(self.model, text)  # a vision-only model: one line naming the LiT checkpoint
-        return self.hits(self.current().top_k(vector, k))
-
-    def by_image(self, path: Path, k: int) -> list[dict]:
-        return self.hits(self.current().top_k(image_query(self.model, self.processor, path), k))
-
-    def similar(self, file_id: int, k: int) -> list[dict]:
+    def search(self, terms: list[Term], k: int, filters: Filters | None = None) -> list[dict]:
+        """The best k of the photos `filters` pass for a query of `terms` (see search.query_vector); photos
+        given as + id:N terms are left out."""
         vectors = self.current()
-        if file_id not in vectors.row:
-            raise HTTPException(404, f"no indexed photo has id {file_id}")
-        return self.hits(vectors.top_k(vectors.vector(file_id), k, exclude=file_id))
+        for term in terms:
+            if term.kind == "photo" and term.value not in vectors.row:
+                raise HTTPException(404, f"no indexed photo has id {term.value}")
+        vector = query_vector(terms, vectors, self.model, self.processor)
+        exclude = [t.value for t in terms if t.kind == "photo" and t.weight > 0]
+        return self.hits(vectors.top_k(vector, k, exclude, filters))
+
+    def by_text(self, text: str, k: int, filters: Filters | None = None) -> list[dict]:
+        return self.search(parse_text(text), k, filters)  # a vision-only model: one line naming LiT
+
+    def by_image(self, path: Path, k: int, filters: Filters | None = None, text: str = "") -> list[dict]:
+        return self.search([Term("image", str(path)), *parse_text(text)], k, filters)
+
+    def similar(self, file_id: int, k: int, filters: Filters | None = None, text: str = "") -> list[dict]:
+        return self.search([Term("photo", file_id), *parse_text(text)], k, filters)
 
     def duplicates(self, threshold: float) -> list[dict]:
         """Duplicate groups, computed once per threshold until the library changes (they cost O(n^2))."""
@@ -147,14 +167,15 @@ def as_jpeg(path: str) -> bytes:
     return out.getvalue()
 
 
-def embed_upload(service: Service, data: bytes, k: int) -> list[dict]:
-    """Search with uploaded image bytes: written to a private temporary file so that load_image's checks (and
-    its messages, with "the upload" for the file's name) apply to it as to any file."""
+def embed_upload(service: Service, data: bytes, k: int, filters: Filters, text: str) -> list[dict]:
+    """Search with uploaded image bytes (and `text`'s terms): written to a private temporary file so that
+    load_image's checks (and its messages, with "the upload" for the file's name) apply to it as to any
+    file."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder, "upload")
         path.write_bytes(data)
         try:
-            return service.by_image(path, k)
+            return service.by_image(path, k, filters, text)
         except ImageError as exc:
             raise HTTPException(400, str(exc).replace(str(path), "the upload")) from None
 
@@ -180,15 +201,18 @@ def create_app(db: str | Path, model: str | None = None, hosts=LOOPBACK) -> Star
         text = request.query_params.get("q", "").strip()
         if not text:
             raise HTTPException(400, "no query; pass ?q=TEXT")
-        return JSONResponse({"results": await run(service.by_text, text, top(request))})
+        k, chosen = top(request), filters(request)
+        return JSONResponse({"results": await run(service.by_text, text, k, chosen)})
 
     async def search_image(request: Request):
-        k = top(request)
+        k, chosen, text = top(request), filters(request), request.query_params.get("q", "")
         data = await upload(request)
-        return JSONResponse({"results": await run(embed_upload, service, data, k)})
+        return JSONResponse({"results": await run(embed_upload, service, data, k, chosen, text)})
 
     async def similar(request: Request):
-        return JSONResponse({"results": await run(service.similar, request.path_params["id"], top(request))})
+        k, chosen, text = top(request), filters(request), request.query_params.get("q", "")
+        found = await run(service.similar, request.path_params["id"], k, chosen, text)
+        return JSONResponse({"results": found})
 
     async def duplicates(request: Request):
         threshold = number(request, "threshold", DEFAULT_THRESHOLD, -1.0, 1.0)
@@ -196,7 +220,7 @@ def create_app(db: str | Path, model: str | None = None, hosts=LOOPBACK) -> Star
 
     async def photo_info(request: Request):
         row = await run(service.photo, request.path_params["id"])
-        keys = ("id", "path", "size", "width", "height", "taken", "indexed_at")
+        keys = ("id", "path", "size", "width", "height", "taken", "lat", "lon", "camera", "indexed_at")
         return JSONResponse({**{key: row[key] for key in keys}, "name": Path(row["path"]).name})
 
     async def thumb(request: Request):
@@ -217,7 +241,10 @@ def create_app(db: str | Path, model: str | None = None, hosts=LOOPBACK) -> Star
 
     async def error(request: Request, exc: Exception):
         code = exc.status_code if isinstance(exc, HTTPException) else 400
-        message = exc.detail if isinstance(exc, HTTPException) else " ".join(str(exc).split())
+        if isinstance(exc, FilterError):
+            message = f"{PARAMS.get(exc.name, exc.name)}: {exc.reason}"
+        else:
+            message = exc.detail if isinstance(exc, HTTPException) else " ".join(str(exc).split())
         return JSONResponse({"error": message}, status_code=code)
 
     @asynccontextmanager
@@ -248,6 +275,13 @@ def create_app(db: str | Path, model: str | None = None, hosts=LOOPBACK) -> Star
     )
     app.state.service = service
     return app
+
+
+def filters(request: Request) -> Filters:
+    """The search filters a request's parameters ask for (see Filters.parse)."""
+    params = request.query_params
+    names = ("after", "before", "camera", "near", "within", "min_score")
+    return Filters.parse(folders=params.getlist("in"), **{name: params.get(name) for name in names})
 
 
 def top(request: Request) -> int:

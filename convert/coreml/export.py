@@ -48,6 +48,7 @@ from aim_mlx.tasks.heads import distinct_head_labels
 
 from . import aimv1 as coreml_aimv1
 from . import lit as coreml_lit
+from . import probe as coreml_probe
 from . import vision as coreml_vision
 from .check import check_head_classifier, check_lit, check_package
 from .compress import COMPRESSIONS, compress_model
@@ -178,8 +179,11 @@ def export_coreml(
     raw = read_config(folder)
     lit = family_of(raw).text
     aimv1 = family_of(raw).name == "aimv1"
+    probe = family_of(raw).on_base  # a head from aim-mlx train, on its base model
     if aimv1:  # before the weights are read
         _check_aimv1_options(model, AIMv1Config.from_dict(raw), image_size, outputs, labels)
+    if probe:
+        _check_probe_options(model, image_size, outputs, labels)
     if output is not None and lit and output.suffix == ".mlpackage":
         raise ConfigError(
             f"{output}: the LiT checkpoint exports a folder (image and text packages, tokenizer, lit.json); "
@@ -190,15 +194,19 @@ def export_coreml(
     if labels is not None and not lit:
         raise ConfigError(f"{model} has no text tower: label embeddings need the LiT (zero-shot) checkpoint")
     net, processor = load(model, revision=revision, dtype="float32")
-    vision = net.config.vision if lit else net.config
-    size = vision.image_size if aimv1 else _image_size(vision, image_size)
-    # A folder written by `aim-mlx convert` records where it came from.
-    source = raw.get("source_model") or model
+    vision = net.config.vision if lit else net.base.config if probe else net.config
+    if probe:
+        head_weights = coreml_probe.probe_weights(net)  # refuses a base it cannot build, before more work
+    size = vision.image_size if aimv1 or probe else _image_size(vision, image_size)
+    # A folder written by `aim-mlx convert` records where it came from; a head, its base model.
+    source = net.base.info.source if probe else raw.get("source_model") or model
     variant = None if Path(source).expanduser().is_dir() else find_variant(source)
     # The name needs the loaded config: a native folder in Apple's layout says so only by its weights.
     native = vision.is_native and not aimv1  # AIMv1's sin-cos positions, but one size: its head's
     name = model_name(variant.repo_id if variant else source, size if native else None)
-    if aimv1:
+    if probe:  # named after the head folder: birds-head -> BirdsHeadClassifier
+        name = model_name(Path(model).expanduser().resolve().name)
+    if aimv1 or probe:
         name += "Classifier"
     if output is None:  # checked now, after loading, since the name comes from the checkpoint
         output = Path(name if lit else f"{name}.mlpackage")
@@ -211,7 +219,9 @@ def export_coreml(
     # Numbers stay numbers here (lit.json); Core ML's user-defined metadata holds strings (see _strings).
     facts = {
         "source_model": variant.repo_id if variant else source,
-        "source_revision": raw.get("source_revision") or _source_revision(folder),
+        "source_revision": net.base.info.revision or "local"
+        if probe
+        else raw.get("source_revision") or _source_revision(folder),
         "license": variant.license if variant else "see the source checkpoint",
         "image_mean": [float(v) for v in image_processor.image_mean],
         "image_std": [float(v) for v in image_processor.image_std],
@@ -226,6 +236,13 @@ def export_coreml(
         facts["model_family"] = "AIMv1"
         facts["resize_shortest_edge"] = int(image_processor.size["shortest_edge"])
         facts["probe_layers"] = [int(i) for i in vision.probe_layers]
+    if probe:
+        facts["head"] = str(Path(model).expanduser().resolve().name)
+        facts["probe"] = net.config.probe
+        if isinstance(image_processor.size, dict) and "shortest_edge" in image_processor.size:
+            facts["resize_shortest_edge"] = int(image_processor.size["shortest_edge"])
+        if net.config.blocks is not None:
+            facts["probe_layers"] = [int(i) for i in net.config.blocks]
 
     try:
         with atomic_folder(output, replace=force) as staging:
@@ -236,8 +253,12 @@ def export_coreml(
                 # coremltools saves only to a path named *.mlpackage: the package is saved inside the staging
                 # folder, checked there, then its contents move up so that the staging folder is the package.
                 package = staging / output.name
-                if aimv1:
-                    _save(_aimv1_model(net, image_processor, options, facts), package)
+                if aimv1 or probe:
+                    if aimv1:
+                        mlmodel = _aimv1_model(net, image_processor, options, facts)
+                    else:
+                        mlmodel = _probe_model(net, head_weights, image_processor, options, facts)
+                    _save(mlmodel, package)
                     report = check_head_classifier(package, net) if check else None
                 else:
                     _save(_vision_model(net, image_processor, size, options, facts), package)
@@ -316,6 +337,49 @@ def _aimv1_model(net, image_processor, options: dict, facts: dict):
     mlmodel.short_description = (
         f"AIMv1 ImageNet-1k classifier ({facts['source_model']}): a {size}x{size} image to one of "
         f"{len(labels)} classes (attention probe over the mean of blocks {blocks}, 0-based)."
+    )
+    return mlmodel
+
+
+def _check_probe_options(model: str, image_size, outputs: str, labels) -> None:
+    """Refuse the options that do not apply to a trained head's classifier, before anything is loaded."""
+    if labels is not None:
+        raise ConfigError(f"{model} is a trained head: its labels are its own classes; drop --labels")
+    if outputs != "pooled":
+        raise ConfigError(
+            f"{model} exports as a classifier (labels and probabilities); drop --outputs {outputs}"
+        )
+    if image_size is not None:
+        raise ConfigError(
+            f"--image-size {image_size}: a head exports at its base model's size; drop --image-size"
+        )
+
+
+def _probe_model(net, weights, image_processor, options: dict, facts: dict):
+    """A trained head's Core ML classifier: its softmax over its labels, on its base's trunk."""
+    base_w, head_w = weights
+    config, vision = net.config, net.base.config
+    size = vision.image_size
+    pool = coreml_probe.probe_probabilities(head_w, config, (size // vision.patch_size) ** 2, net.head.bn.eps)
+    program = coreml_vision.build_program(
+        {**base_w, **head_w},
+        vision,
+        size,
+        image_processor.image_mean,
+        image_processor.image_std,
+        image_processor.rescale_factor,
+        options["input_kind"],
+        False,
+        _opset(options),
+        pool=pool,
+        probe_layers=None if config.blocks is None else tuple(config.blocks),
+    )
+    labels = distinct_head_labels(net)
+    mlmodel = classifier_model(program, labels, options, size, facts)
+    over = "the final tokens" if config.blocks is None else f"the mean of blocks {config.blocks}"
+    mlmodel.short_description = (
+        f"Image classifier trained with aim-mlx on {facts['source_model']}: a {size}x{size} image to one of "
+        f"{len(labels)} classes ({config.probe} probe over {over})."
     )
     return mlmodel
 

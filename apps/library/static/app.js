@@ -3,7 +3,8 @@
 
 const $ = (id) => document.getElementById(id);
 const grid = $("results");
-const state = { controller: null, seq: 0, photo: null, timer: 0 };
+// image: a picked or dropped image searched with the text; like: the photo of "more like this".
+const state = { controller: null, seq: 0, photo: null, timer: 0, image: null, like: null };
 // Each search's times in ms from sending the request: the answer (fetchMs), the grid painted (paintMs),
 // every thumbnail decoded (imagesMs). The browser test reads them.
 window.aimTimings = [];
@@ -72,26 +73,59 @@ async function search(label, url, options = {}) {
   window.aimTimings.push(timing);
 }
 
+// The filters' parameters (the API's names) and the text, for a search's URL.
+function params(text) {
+  const query = new URLSearchParams();
+  if (text) query.set("q", text);
+  for (const input of $("filters").querySelectorAll("input")) {
+    if (input.value.trim()) query.set(input.name, input.value.trim());
+  }
+  return query;
+}
+
 function searchText() {
   const text = $("q").value.trim();
+  state.like = null;
   history.replaceState(null, "", text ? `#q=${encodeURIComponent(text)}` : "#");
+  if (state.image) {
+    searchImage(state.image);
+    return;
+  }
   if (!text) {
     state.controller?.abort();
     grid.replaceChildren();
     say("");
     return;
   }
-  search(`for “${text}”`, `/api/search?q=${encodeURIComponent(text)}`);
+  search(`for “${text}”`, `/api/search?${params(text)}`);
 }
 
+// An image with whatever text is typed: both are terms of one query (the text may hold -terms).
 function searchImage(file) {
   if (!file) return;
-  $("q").value = "";
-  search(`like ${file.name}`, "/api/search/image", {
+  state.image = file;
+  state.like = null;
+  $("image-name").textContent = file.name;
+  $("image-term").hidden = false;
+  const text = $("q").value.trim();
+  search(`like ${file.name}${text ? ` and “${text}”` : ""}`, `/api/search/image?${params(text)}`, {
     method: "POST",
     body: file,
     headers: { "Content-Type": file.type || "application/octet-stream" },
   });
+}
+
+function clearImage() {
+  state.image = null;
+  $("image-term").hidden = true;
+  $("file").value = "";
+  searchText();
+}
+
+// The current search again, as the filters changed.
+function searchAgain() {
+  if (state.like) similar(state.like);
+  else searchText();
 }
 
 async function view(id) {
@@ -109,7 +143,9 @@ async function view(id) {
   $("full-path").textContent = photo.path;
   const taken = photo.taken ? `Taken ${photo.taken.replace("T", " ")}` : "No capture date";
   const size = photo.width ? ` · ${photo.width} × ${photo.height}` : "";
-  $("full-facts").textContent = taken + size;
+  const camera = photo.camera ? ` · ${photo.camera}` : "";
+  const place = photo.lat !== null && photo.lat !== undefined ? ` · ${photo.lat.toFixed(5)}, ${photo.lon.toFixed(5)}` : "";
+  $("full-facts").textContent = taken + size + camera + place;
   if (!$("viewer").open) $("viewer").showModal();
 }
 
@@ -117,8 +153,15 @@ function moreLikeThis() {
   const photo = state.photo;
   $("viewer").close();
   $("q").value = "";
+  state.image = null;
+  $("image-term").hidden = true;
   history.replaceState(null, "", `#like=${photo.id}`);
-  search(`like ${photo.name}`, `/api/similar/${photo.id}`);
+  similar(photo);
+}
+
+function similar(photo) {
+  state.like = photo;
+  search(`like ${photo.name}`, `/api/similar/${photo.id}?${params("")}`);
 }
 
 async function showDuplicates() {
@@ -164,6 +207,13 @@ async function start() {
     state.timer = setTimeout(searchText, 200);
   });
   $("file").addEventListener("change", (event) => searchImage(event.target.files[0]));
+  $("image-clear").addEventListener("click", clearImage);
+  $("filters").addEventListener("submit", (event) => event.preventDefault());
+  $("filters").addEventListener("input", () => {
+    clearTimeout(state.timer);
+    state.timer = setTimeout(searchAgain, 300);
+  });
+  $("filters").addEventListener("reset", () => setTimeout(searchAgain));  // after the fields are cleared
   $("show-duplicates").addEventListener("click", showDuplicates);
   $("more").addEventListener("click", moreLikeThis);
   $("close").addEventListener("click", () => $("viewer").close());
