@@ -20,6 +20,7 @@ OPTIONAL = {
     "uvicorn": ("uvicorn", "library"),
     "usearch": ("usearch", "library"),  # the photo library's fast first pass
     "pillow_heif": ("pillow-heif", "library"),  # HEIC photos
+    "watchfiles": ("watchfiles", "library"),  # aim-mlx index --watch
     "rawpy": ("rawpy", "raw"),  # RAW photos (LibRaw): inputs/raw.py
     "exifread": ("exifread", "raw"),  # RAW photos' EXIF: inputs/metadata.py
     "av": ("av", "video"),  # videos' frames (PyAV, FFmpeg in the wheel): inputs/video.py

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from ..checkpoints.variants import DEFAULT_TEXT_MODEL
+from ..errors import ConfigError
 from .common import (
     BatchSize,
     Db,
@@ -29,6 +30,7 @@ EXAMPLES = [
     "aim-mlx index ~/Pictures",
     "aim-mlx index ~/Pictures /Volumes/Photos --dry-run",
     "aim-mlx index ~/Pictures --db ~/photos.sqlite --json",
+    "aim-mlx index ~/Pictures --watch",
     "mlx.launch --hosts mac1,mac2 -- aim-mlx index /Volumes/Photos",
 ]
 
@@ -44,6 +46,26 @@ def index(
         bool, typer.Option("--dry-run", help="Say what would be done; change nothing.")
     ] = False,
     json: Json = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="After indexing, follow the folders' changes until Ctrl-C: each burst of changes is one "
+            "batch, each file indexed once it is whole.",
+        ),
+    ] = False,
+    debounce_ms: Annotated[
+        int,
+        typer.Option(
+            min=0, metavar="MS", help="--watch: a batch starts once no change has come for this long."
+        ),
+    ] = 1000,
+    settle_ms: Annotated[
+        int,
+        typer.Option(
+            min=0, metavar="MS", help="--watch: a file is read once its size has held for this long."
+        ),
+    ] = 1000,
 ):
     """Index photos for search: embed every image under FOLDERS once.
 
@@ -60,6 +82,12 @@ def index(
     from aim_mlx.apps.library import index as library_index
 
     path = library_path(db)
+    if watch and dry_run:
+        raise ConfigError("--watch and --dry-run: choose one")
+    if watch:
+        return _watch(
+            folders or [], path, model, revision, value(dtype), batch_size, debounce_ms, settle_ms, json
+        )
     if dry_run:
         todo = library_index.dry_run(folders or [], path, model)
         if todo is not None:  # None: another rank of an mlx.launch job
@@ -78,6 +106,51 @@ def index(
         ) from None
     if summary is not None:  # None: another rank of an mlx.launch job, which rank 0 reports for
         _report(summary, path, json)
+
+
+def _watch(folders, path: Path, model: str, revision, dtype, batch_size, debounce_ms, settle_ms, json):
+    """Index, then a line (or a JSON line) per batch until Ctrl-C, which says what the watcher did."""
+    from aim_mlx.apps.library import watch as library_watch
+
+    def on_batch(summary, changed) -> None:
+        for _, reason in summary.failed:
+            say(f"skipped {reason}")
+        where = ", ".join(map(str, changed))
+        if json:
+            line = {**summary.to_dict(), "database": str(path), "model": summary.model, "folders": changed}
+            typer.echo(json_module.dumps(line, default=str))
+        else:
+            typer.echo(f"{_counts(summary.to_dict())} in {where}")
+
+    try:
+        library_watch.watch(
+            folders,
+            path,
+            model,
+            revision,
+            dtype,
+            batch_size,
+            debounce_ms / 1000,
+            settle_ms / 1000,
+            on_batch=on_batch,
+            load=load,
+        )
+    except library_watch.Interrupted as exc:
+        batches = exc.totals.batches
+        during = f", and {plural(exc.done, 'file')} of the batch under way" if exc.done else ""
+        raise interrupted(
+            f"after {batches} batch{'' if batches == 1 else 'es'} ({_counts(exc.totals.to_dict())}{during}); "
+            f"library {path}",
+            kept=True,
+        ) from None
+
+
+def _counts(counts: dict) -> str:
+    failed = counts["failed"] if isinstance(counts["failed"], int) else len(counts["failed"])
+    return (
+        f"{plural(counts['new'], 'new file')}, {counts['changed']} changed ({counts['embedded']} embedded, "
+        f"{counts['reused']} reused), {counts['removed']} removed, {failed} failed"
+    )
 
 
 def _report(summary, path: Path, json: bool) -> None:
