@@ -70,7 +70,8 @@ def index(
     """Index photos for search: embed every image under FOLDERS once.
 
     FOLDERS are folders (walked recursively, skipping hidden folders and macOS bundles unless named) or
-    image files. A re-run only touches what changed: unchanged files are not opened, renamed, moved or
+    image files. RAW photos (the raw extra) and videos (the video extra: a few frames each) are indexed
+    too; a RAW+JPEG pair and a Live Photo's .mov count as their photo. A re-run only touches what changed: unchanged files are not opened, renamed, moved or
     copied photos reuse their vectors, edited ones are embedded again, deleted ones leave the library.
     Unreadable files are recorded with the reason and skipped (exit code 3). Interrupted or killed, the
     library keeps everything finished; run the command again to do the rest. Started by `mlx.launch` on
