@@ -71,8 +71,9 @@ def index(
 
     FOLDERS are folders (walked recursively, skipping hidden folders and macOS bundles unless named) or
     image files. RAW photos (the raw extra) and videos (the video extra: a few frames each) are indexed
-    too; a RAW+JPEG pair and a Live Photo's .mov count as their photo. A re-run only touches what changed: unchanged files are not opened, renamed, moved or
-    copied photos reuse their vectors, edited ones are embedded again, deleted ones leave the library.
+    too; a RAW+JPEG pair and a Live Photo's .mov count as their photo. A re-run only touches what
+    changed: unchanged files are not opened, renamed, moved or copied photos reuse their vectors, edited
+    ones are embedded again, deleted ones leave the library.
     Unreadable files are recorded with the reason and skipped (exit code 3). Interrupted or killed, the
     library keeps everything finished; run the command again to do the rest. Started by `mlx.launch` on
     several ranks (or machines), the ranks share the embedding and rank 0 alone writes the library; each
