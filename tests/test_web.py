@@ -454,6 +454,42 @@ def test_the_page_in_chromium_search_view_more_like_this_duplicates(browser, ser
         )
         save_small(browser.get_screenshot_as_png(), os.environ["AIM_MLX_SCREENSHOT"], int(bottom) + 16)
 
+    # Keys: Down from the box into the grid, arrows across and down a row, Enter opens, Esc closes, Esc again
+    # leaves the grid. A row holds as many 10rem (150 px) cells, .5rem gaps between, as the grid's width fits.
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    def press(*keys):
+        ActionChains(browser).send_keys(*keys).perform()
+
+    def focused():
+        return browser.execute_script(
+            "return [...document.querySelectorAll('#results .card')].indexOf(document.activeElement)"
+        )
+
+    width = browser.execute_script("return document.getElementById('results').getBoundingClientRect().width")
+    columns = int((width + 7.5) // 157.5)
+    assert 2 <= columns < 9
+    press(Keys.ARROW_DOWN)
+    assert focused() == 0
+    press(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT, Keys.ARROW_LEFT)
+    assert focused() == 1
+    press(Keys.ARROW_DOWN)
+    assert focused() == 1 + columns
+    assert browser.execute_script("return document.activeElement.matches(':focus-visible')")
+    press(Keys.ARROW_DOWN)  # no row below: the focus stays
+    assert focused() == (1 + columns if 1 + 2 * columns >= 9 else 1 + 2 * columns)
+    at = focused()
+    press(Keys.ENTER)
+    wait(browser, "document.getElementById('viewer').open")
+    assert browser.find_element(By.ID, "full-path").text == cards[at].get_attribute("title")
+    press(Keys.ESCAPE)
+    wait(browser, "!document.getElementById('viewer').open")
+    assert focused() == at  # the dialog gives the focus back to the card it opened from
+    press(Keys.ESCAPE)
+    assert focused() == -1 and browser.execute_script("return document.activeElement === document.body")
+    assert searches and browser.execute_script(f"return {searches}") == 1  # no key searched again
+
     first = cards[0].get_attribute("title")
     cards[0].click()
     wait(

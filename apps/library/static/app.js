@@ -218,7 +218,36 @@ async function showDuplicates() {
   }
 }
 
+// Arrow keys move the focus through a grid of cards (a row's length as laid out now); Enter opens the
+// focused card (a button's own Enter); Esc closes the viewer (the dialog's own), else leaves the grid.
+function onKey(event) {
+  const focused = document.activeElement;
+  if (event.key === "Escape" && !$("viewer").open && focused?.classList.contains("card")) {
+    focused.blur();
+    return;
+  }
+  const step = { ArrowLeft: -1, ArrowRight: 1, ArrowUp: "up", ArrowDown: "down" }[event.key];
+  if (!step || $("viewer").open || event.altKey || event.ctrlKey || event.metaKey) return;
+  if (focused === $("q") && step === "down") {  // from the search box into the results
+    const first = grid.hidden ? $("duplicates").querySelector(".card") : grid.querySelector(".card");
+    if (first) {
+      event.preventDefault();
+      first.focus();
+    }
+    return;
+  }
+  if (!focused?.classList.contains("card")) return;
+  const cards = [...focused.closest(".grid").querySelectorAll(".card")];
+  const columns = cards.filter((c) => c.offsetTop === cards[0].offsetTop).length;
+  const index = cards.indexOf(focused);
+  const next = index + (step === "up" ? -columns : step === "down" ? columns : step);
+  event.preventDefault();
+  if (cards[next]) cards[next].focus();
+  else if (next < 0 && step === "up" && focused.closest("#results")) $("q").focus();  // back up to the box
+}
+
 async function start() {
+  addEventListener("keydown", onKey);
   $("search").addEventListener("submit", (event) => {
     event.preventDefault();
     clearTimeout(state.timer);
