@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from io import BytesIO
 from types import SimpleNamespace
 
@@ -502,10 +503,21 @@ def test_the_page_in_chromium_search_view_more_like_this_duplicates(browser, ser
     wait(browser, f"{searches} === 2")
     titles = [c.get_attribute("title") for c in browser.find_elements(By.CSS_SELECTOR, "#results .card")]
     assert len(titles) == 8 and first not in titles
-    assert browser.find_element(By.ID, "status").text.startswith(f"8 photos like {os.path.basename(first)}")
+    # "More like this" keeps the text: the photo's id term and the text's, as the API answers them.
+    status = browser.find_element(By.ID, "status").text
+    assert status.startswith(f"8 photos like {os.path.basename(first)} and “a cat on a sofa”")
+    assert browser.find_element(By.ID, "image-name").text == f"photo {os.path.basename(first)}"
+    like = int(browser.execute_script("return new URLSearchParams(location.hash.slice(1)).get('like')"))
+    both = api_get(server, f"/api/similar/{like}?q=a+cat+on+a+sofa")
+    alone = api_get(server, f"/api/similar/{like}")
+    assert titles == [h["path"] for h in both] != [h["path"] for h in alone]
+    browser.find_element(By.ID, "q").send_keys(" -coins")  # more text: the photo stays a term
+    wait(browser, f"{searches} === 3")
+    titles = [c.get_attribute("title") for c in browser.find_elements(By.CSS_SELECTOR, "#results .card")]
+    assert titles == [h["path"] for h in api_get(server, f"/api/similar/{like}?q=a+cat+on+a+sofa+-coins")]
 
     browser.find_element(By.ID, "file").send_keys(str(library.photos / "rocket.jpg"))  # pick an image
-    wait(browser, f"{searches} === 3")
+    wait(browser, f"{searches} === 4")
     assert browser.find_element(By.CSS_SELECTOR, "#results .card").get_attribute("title") == str(
         library.photos / "rocket.jpg"
     )
@@ -521,7 +533,7 @@ def test_the_page_in_chromium_search_view_more_like_this_duplicates(browser, ser
     browser.set_window_size(390, 844)  # a phone
     browser.find_element(By.ID, "q").clear()
     browser.find_element(By.ID, "q").send_keys("coins")
-    wait(browser, f"{searches} === 4")
+    wait(browser, f"{searches} === 5")
     assert browser.execute_script("return document.documentElement.scrollWidth <= innerWidth")
     browser.save_screenshot(str(tmp_path / "phone.png"))
     browser.set_window_size(1280, 860)
@@ -529,18 +541,23 @@ def test_the_page_in_chromium_search_view_more_like_this_duplicates(browser, ser
     # The image picked stays a term beside the text until its x clears it.
     assert browser.find_element(By.ID, "status").text.startswith("9 photos like rocket.jpg and “coins”")
     browser.find_element(By.ID, "image-clear").click()
-    wait(browser, f"{searches} === 5")
+    wait(browser, f"{searches} === 6")
     assert browser.find_element(By.ID, "status").text.startswith("9 photos for “coins”")
     assert not browser.find_element(By.ID, "image-term").is_displayed()
 
     # A folder filter searches again, among that folder's photos only; Clear lifts it.
     browser.find_element(By.ID, "in").send_keys(str(library.photos / "trip"))
-    wait(browser, f"{searches} === 6")
+    wait(browser, f"{searches} === 7")
     titles = [c.get_attribute("title") for c in browser.find_elements(By.CSS_SELECTOR, "#results .card")]
     assert titles == [str(library.photos / "trip" / "coffee copy.jpg")]
     browser.find_element(By.CSS_SELECTOR, "#filters button[type=reset]").click()
-    wait(browser, f"{searches} === 7")
+    wait(browser, f"{searches} === 8")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#results .card")) == 9
+
+
+def api_get(server, path):
+    with urllib.request.urlopen(server + path, timeout=30) as response:
+        return json.load(response)["results"]
 
 
 def save_small(png: bytes, path: str, bottom: int) -> None:

@@ -3,7 +3,8 @@
 
 const $ = (id) => document.getElementById(id);
 const grid = $("results");
-// image: a picked or dropped image searched with the text; like: the photo of "more like this".
+// image: a picked or dropped image, or like: the photo of "more like this"; either is a term searched
+// with the text until its × clears it.
 const state = { controller: null, seq: 0, photo: null, timer: 0, image: null, like: null };
 // Each search's times in ms from sending the request: the answer (fetchMs), the grid painted (paintMs),
 // every thumbnail decoded (imagesMs). The browser test reads them.
@@ -95,8 +96,14 @@ function params(text) {
 
 function searchText() {
   const text = $("q").value.trim();
-  state.like = null;
-  history.replaceState(null, "", text ? `#q=${encodeURIComponent(text)}` : "#");
+  const hash = new URLSearchParams();
+  if (state.like) hash.set("like", state.like.id);
+  if (text) hash.set("q", text);
+  history.replaceState(null, "", `#${hash}`);
+  if (state.like) {
+    similar(state.like);
+    return;
+  }
   if (state.image) {
     searchImage(state.image);
     return;
@@ -115,7 +122,7 @@ function searchImage(file) {
   if (!file) return;
   state.image = file;
   state.like = null;
-  $("image-name").textContent = file.name;
+  $("image-name").textContent = `image ${file.name}`;
   $("image-term").hidden = false;
   const text = $("q").value.trim();
   search(`like ${file.name}${text ? ` and “${text}”` : ""}`, `/api/search/image?${params(text)}`, {
@@ -125,17 +132,12 @@ function searchImage(file) {
   });
 }
 
-function clearImage() {
+function clearTerm() {
   state.image = null;
+  state.like = null;
   $("image-term").hidden = true;
   $("file").value = "";
   searchText();
-}
-
-// The current search again, as the filters changed.
-function searchAgain() {
-  if (state.like) similar(state.like);
-  else searchText();
 }
 
 async function view(id) {
@@ -171,19 +173,20 @@ async function view(id) {
   if (!$("viewer").open) $("viewer").showModal();
 }
 
+// The photo in the viewer becomes the query's id term, beside the text typed (the API's ?q= terms).
 function moreLikeThis() {
-  const photo = state.photo;
   $("viewer").close();
-  $("q").value = "";
   state.image = null;
-  $("image-term").hidden = true;
-  history.replaceState(null, "", `#like=${photo.id}`);
-  similar(photo);
+  $("file").value = "";
+  state.like = state.photo;
+  $("image-name").textContent = `photo ${state.photo.name}`;
+  $("image-term").hidden = false;
+  searchText();
 }
 
 function similar(photo) {
-  state.like = photo;
-  search(`like ${photo.name}`, `/api/similar/${photo.id}?${params("")}`);
+  const text = $("q").value.trim();
+  search(`like ${photo.name}${text ? ` and “${text}”` : ""}`, `/api/similar/${photo.id}?${params(text)}`);
 }
 
 async function showDuplicates() {
@@ -258,13 +261,13 @@ async function start() {
     state.timer = setTimeout(searchText, 200);
   });
   $("file").addEventListener("change", (event) => searchImage(event.target.files[0]));
-  $("image-clear").addEventListener("click", clearImage);
+  $("image-clear").addEventListener("click", clearTerm);
   $("filters").addEventListener("submit", (event) => event.preventDefault());
   $("filters").addEventListener("input", () => {
     clearTimeout(state.timer);
-    state.timer = setTimeout(searchAgain, 300);
+    state.timer = setTimeout(searchText, 300);
   });
-  $("filters").addEventListener("reset", () => setTimeout(searchAgain));  // after the fields are cleared
+  $("filters").addEventListener("reset", () => setTimeout(searchText));  // after the fields are cleared
   $("show-duplicates").addEventListener("click", showDuplicates);
   $("more").addEventListener("click", moreLikeThis);
   $("close").addEventListener("click", () => $("viewer").close());
@@ -292,11 +295,11 @@ async function start() {
     say(error.message, true);
   }
   const hash = new URLSearchParams(location.hash.slice(1));
-  if (hash.get("q")) {
-    $("q").value = hash.get("q");
-    searchText();
-  } else if (hash.get("like")) {
+  if (hash.get("q")) $("q").value = hash.get("q");
+  if (hash.get("like")) {
     view(Number(hash.get("like"))).then(() => state.photo && moreLikeThis());
+  } else if (hash.get("q")) {
+    searchText();
   }
 }
 
