@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from io import BytesIO
 from types import SimpleNamespace
 
@@ -359,17 +360,17 @@ def test_serve_says_what_is_wrong_in_one_line(tmp_path, monkeypatch):
 # End to end: a real `aim-mlx serve` and a real browser.
 
 
-@pytest.fixture(scope="module")
-def server(library, tmp_path_factory):
-    """`aim-mlx serve --port 0` in a subprocess: its URL once it listens; stopped after the module's tests."""
-    env = {**os.environ, "AIM_MLX_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    command = [sys.executable, "-m", "aim_mlx", "serve", "--db", str(library.db), "--port", "0"]
+@contextmanager
+def serving(db, cache, photos):
+    """`aim-mlx serve --port 0` on `db` in a subprocess: its URL once it says it serves `photos` photos."""
+    env = {**os.environ, "AIM_MLX_CACHE": str(cache)}
+    command = [sys.executable, "-m", "aim_mlx", "serve", "--db", str(db), "--port", "0"]
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
     try:
         line = lines.get(timeout=120)
-        assert line.startswith("serving 9 photos at http://127.0.0.1:"), line
+        assert line.startswith(f"serving {photos} photos at http://127.0.0.1:"), line
         yield line.split(" at ")[1].split()[0].rstrip("/")
     finally:
         process.terminate()
@@ -378,6 +379,13 @@ def server(library, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(library, tmp_path_factory):
+    """The module's library served; stopped after the module's tests."""
+    with serving(library.db, tmp_path_factory.mktemp("cache"), 9) as url:
+        yield url
 
 
 @pytest.mark.parametrize(
@@ -553,6 +561,59 @@ def test_the_page_in_chromium_search_view_more_like_this_duplicates(browser, ser
     browser.find_element(By.CSS_SELECTOR, "#filters button[type=reset]").click()
     wait(browser, f"{searches} === 8")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#results .card")) == 9
+
+
+def test_the_page_in_chromium_sorts_by_date_under_day_headings(browser, library, tmp_path):
+    """Sorted by date: newest first, a heading per capture day, photos with no date last under "no date"; the
+    arrow keys follow the short rows."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    photos = tmp_path / "Pictures"
+    save_photos(photos, ["chelsea"])  # no EXIF date
+    for name, taken in [
+        ("coffee", "2023:06:14 08:00:00"),
+        ("rocket", "2023:06:14 19:30:00"),
+        ("astronaut", "2021:01:02 10:00:00"),
+    ]:
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[36867] = taken  # DateTimeOriginal
+        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(photos / f"{name}.jpg", exif=exif)
+    db = tmp_path / "library.sqlite"
+    assert cli("index", photos, "--db", db, "-m", library.lit).exit_code == 0
+    with serving(db, tmp_path / "cache", 4) as url:
+        browser.get(url + "/")
+        wait(browser, "document.getElementById('status').textContent.includes('photos, indexed with')")
+        browser.find_element(By.ID, "q").send_keys("a photo")
+        wait(browser, "window.aimTimings.length === 1")
+        by_score = [
+            c.get_attribute("title") for c in browser.find_elements(By.CSS_SELECTOR, "#results .card")
+        ]
+        assert by_score == [h["path"] for h in api_get(url, "/api/search?q=a+photo")]
+        Select(browser.find_element(By.ID, "sort")).select_by_value("date")
+        shown = browser.execute_script(
+            "return [...document.getElementById('results').children].map(e => e.title || e.textContent)"
+        )
+        assert shown == [
+            "2023-06-14",
+            str(photos / "rocket.jpg"),
+            str(photos / "coffee.jpg"),
+            "2021-01-02",
+            str(photos / "astronaut.jpg"),
+            "no date",
+            str(photos / "chelsea.jpg"),
+        ]
+        focused = "document.activeElement.title"
+        browser.find_element(By.ID, "q").click()
+        ActionChains(browser).send_keys(Keys.ARROW_DOWN, Keys.ARROW_RIGHT).perform()
+        assert browser.execute_script(f"return {focused}") == str(photos / "coffee.jpg")
+        ActionChains(browser).send_keys(Keys.ARROW_DOWN).perform()  # the next row holds one photo
+        assert browser.execute_script(f"return {focused}") == str(photos / "astronaut.jpg")
+        Select(browser.find_element(By.ID, "sort")).select_by_value("score")
+        titles = [c.get_attribute("title") for c in browser.find_elements(By.CSS_SELECTOR, "#results .card")]
+        assert titles == by_score and not browser.find_elements(By.CSS_SELECTOR, "#results h2")
 
 
 def api_get(server, path):

@@ -5,7 +5,7 @@ const $ = (id) => document.getElementById(id);
 const grid = $("results");
 // image: a picked or dropped image, or like: the photo of "more like this"; either is a term searched
 // with the text until its × clears it.
-const state = { controller: null, seq: 0, photo: null, timer: 0, image: null, like: null };
+const state = { controller: null, seq: 0, photo: null, timer: 0, image: null, like: null, results: [] };
 // Each search's times in ms from sending the request: the answer (fetchMs), the grid painted (paintMs),
 // every thumbnail decoded (imagesMs). The browser test reads them.
 window.aimTimings = [];
@@ -51,6 +51,29 @@ function clock(seconds) {
   return `${minutes}:${(seconds - 60 * minutes).toFixed(1).padStart(4, "0")}`;
 }
 
+// The results in the grid: by score as the server ranked them, or by capture date (newest first) under a
+// heading per day, photos with no date last. The day is the date of `taken`, the camera's local time.
+function render() {
+  if ($("sort").value !== "date") {
+    grid.replaceChildren(...state.results.map((hit) => card(hit, caption(hit))));
+    return;
+  }
+  const dated = state.results.filter((hit) => hit.taken).sort((a, b) => (a.taken < b.taken ? 1 : -1));
+  const days = [];
+  for (const hit of [...dated, ...state.results.filter((hit) => !hit.taken)]) {
+    const day = hit.taken ? hit.taken.slice(0, 10) : "no date";
+    if (days.at(-1)?.day !== day) days.push({ day, hits: [] });
+    days.at(-1).hits.push(hit);
+  }
+  grid.replaceChildren(
+    ...days.flatMap(({ day, hits }) => {
+      const title = document.createElement("h2");
+      title.textContent = day;
+      return [title, ...hits.map((hit) => card(hit, caption(hit)))];
+    }),
+  );
+}
+
 function showResults() {
   $("duplicates").hidden = true;
   grid.hidden = false;
@@ -74,7 +97,8 @@ async function search(label, url, options = {}) {
   }
   if (seq !== state.seq) return;
   const timing = { label, fetchMs: performance.now() - start };
-  grid.replaceChildren(...body.results.map((hit) => card(hit, caption(hit))));
+  state.results = body.results;
+  render();
   await painted();
   timing.paintMs = performance.now() - start;
   const count = body.results.length;
@@ -110,6 +134,7 @@ function searchText() {
   }
   if (!text) {
     state.controller?.abort();
+    state.results = [];
     grid.replaceChildren();
     say("");
     return;
@@ -241,15 +266,25 @@ function onKey(event) {
   }
   if (!focused?.classList.contains("card")) return;
   const cards = [...focused.closest(".grid").querySelectorAll(".card")];
-  const columns = cards.filter((c) => c.offsetTop === cards[0].offsetTop).length;
-  const index = cards.indexOf(focused);
-  const next = index + (step === "up" ? -columns : step === "down" ? columns : step);
   event.preventDefault();
-  if (cards[next]) cards[next].focus();
-  else if (next < 0 && step === "up" && focused.closest("#results")) $("q").focus();  // back up to the box
+  const next = typeof step === "number" ? cards[cards.indexOf(focused) + step] : below(cards, focused, step);
+  if (next) next.focus();
+  else if (step === "up" && focused.closest("#results")) $("q").focus();  // back up to the box
+}
+
+// The card in the nearest row above or below `focused` (rows may be short under day headings), the one
+// closest to it across.
+function below(cards, focused, step) {
+  const top = focused.offsetTop;
+  const beyond = cards.filter((c) => (step === "down" ? c.offsetTop > top : c.offsetTop < top));
+  if (!beyond.length) return null;
+  const row = (step === "down" ? Math.min : Math.max)(...beyond.map((c) => c.offsetTop));
+  const across = (c) => Math.abs(c.offsetLeft - focused.offsetLeft);
+  return beyond.filter((c) => c.offsetTop === row).sort((a, b) => across(a) - across(b))[0];
 }
 
 async function start() {
+  $("sort").addEventListener("change", render);
   addEventListener("keydown", onKey);
   $("search").addEventListener("submit", (event) => {
     event.preventDefault();
