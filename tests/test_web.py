@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
+from contextlib import contextmanager
 from io import BytesIO
 from types import SimpleNamespace
 
@@ -358,17 +360,17 @@ def test_serve_says_what_is_wrong_in_one_line(tmp_path, monkeypatch):
 # End to end: a real `aim-mlx serve` and a real browser.
 
 
-@pytest.fixture(scope="module")
-def server(library, tmp_path_factory):
-    """`aim-mlx serve --port 0` in a subprocess: its URL once it listens; stopped after the module's tests."""
-    env = {**os.environ, "AIM_MLX_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    command = [sys.executable, "-m", "aim_mlx", "serve", "--db", str(library.db), "--port", "0"]
+@contextmanager
+def serving(db, cache, photos):
+    """`aim-mlx serve --port 0` on `db` in a subprocess: its URL once it says it serves `photos` photos."""
+    env = {**os.environ, "AIM_MLX_CACHE": str(cache)}
+    command = [sys.executable, "-m", "aim_mlx", "serve", "--db", str(db), "--port", "0"]
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
     try:
         line = lines.get(timeout=120)
-        assert line.startswith("serving 9 photos at http://127.0.0.1:"), line
+        assert line.startswith(f"serving {photos} photos at http://127.0.0.1:"), line
         yield line.split(" at ")[1].split()[0].rstrip("/")
     finally:
         process.terminate()
@@ -377,6 +379,13 @@ def server(library, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(library, tmp_path_factory):
+    """The module's library served; stopped after the module's tests."""
+    with serving(library.db, tmp_path_factory.mktemp("cache"), 9) as url:
+        yield url
 
 
 @pytest.mark.parametrize(
@@ -454,6 +463,42 @@ def test_the_page_in_chromium_search_view_more_like_this_duplicates(browser, ser
         )
         save_small(browser.get_screenshot_as_png(), os.environ["AIM_MLX_SCREENSHOT"], int(bottom) + 16)
 
+    # Keys: Down from the box into the grid, arrows across and down a row, Enter opens, Esc closes, Esc again
+    # leaves the grid. A row holds as many 10rem (150 px) cells, .5rem gaps between, as the grid's width fits.
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    def press(*keys):
+        ActionChains(browser).send_keys(*keys).perform()
+
+    def focused():
+        return browser.execute_script(
+            "return [...document.querySelectorAll('#results .card')].indexOf(document.activeElement)"
+        )
+
+    width = browser.execute_script("return document.getElementById('results').getBoundingClientRect().width")
+    columns = int((width + 7.5) // 157.5)
+    assert 2 <= columns < 9
+    press(Keys.ARROW_DOWN)
+    assert focused() == 0
+    press(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT, Keys.ARROW_LEFT)
+    assert focused() == 1
+    press(Keys.ARROW_DOWN)
+    assert focused() == 1 + columns
+    assert browser.execute_script("return document.activeElement.matches(':focus-visible')")
+    press(Keys.ARROW_DOWN)  # no row below: the focus stays
+    assert focused() == (1 + columns if 1 + 2 * columns >= 9 else 1 + 2 * columns)
+    at = focused()
+    press(Keys.ENTER)
+    wait(browser, "document.getElementById('viewer').open")
+    assert browser.find_element(By.ID, "full-path").text == cards[at].get_attribute("title")
+    press(Keys.ESCAPE)
+    wait(browser, "!document.getElementById('viewer').open")
+    assert focused() == at  # the dialog gives the focus back to the card it opened from
+    press(Keys.ESCAPE)
+    assert focused() == -1 and browser.execute_script("return document.activeElement === document.body")
+    assert searches and browser.execute_script(f"return {searches}") == 1  # no key searched again
+
     first = cards[0].get_attribute("title")
     cards[0].click()
     wait(
@@ -466,10 +511,21 @@ def test_the_page_in_chromium_search_view_more_like_this_duplicates(browser, ser
     wait(browser, f"{searches} === 2")
     titles = [c.get_attribute("title") for c in browser.find_elements(By.CSS_SELECTOR, "#results .card")]
     assert len(titles) == 8 and first not in titles
-    assert browser.find_element(By.ID, "status").text.startswith(f"8 photos like {os.path.basename(first)}")
+    # "More like this" keeps the text: the photo's id term and the text's, as the API answers them.
+    status = browser.find_element(By.ID, "status").text
+    assert status.startswith(f"8 photos like {os.path.basename(first)} and “a cat on a sofa”")
+    assert browser.find_element(By.ID, "image-name").text == f"photo {os.path.basename(first)}"
+    like = int(browser.execute_script("return new URLSearchParams(location.hash.slice(1)).get('like')"))
+    both = api_get(server, f"/api/similar/{like}?q=a+cat+on+a+sofa")
+    alone = api_get(server, f"/api/similar/{like}")
+    assert titles == [h["path"] for h in both] != [h["path"] for h in alone]
+    browser.find_element(By.ID, "q").send_keys(" -coins")  # more text: the photo stays a term
+    wait(browser, f"{searches} === 3")
+    titles = [c.get_attribute("title") for c in browser.find_elements(By.CSS_SELECTOR, "#results .card")]
+    assert titles == [h["path"] for h in api_get(server, f"/api/similar/{like}?q=a+cat+on+a+sofa+-coins")]
 
     browser.find_element(By.ID, "file").send_keys(str(library.photos / "rocket.jpg"))  # pick an image
-    wait(browser, f"{searches} === 3")
+    wait(browser, f"{searches} === 4")
     assert browser.find_element(By.CSS_SELECTOR, "#results .card").get_attribute("title") == str(
         library.photos / "rocket.jpg"
     )
@@ -485,7 +541,7 @@ def test_the_page_in_chromium_search_view_more_like_this_duplicates(browser, ser
     browser.set_window_size(390, 844)  # a phone
     browser.find_element(By.ID, "q").clear()
     browser.find_element(By.ID, "q").send_keys("coins")
-    wait(browser, f"{searches} === 4")
+    wait(browser, f"{searches} === 5")
     assert browser.execute_script("return document.documentElement.scrollWidth <= innerWidth")
     browser.save_screenshot(str(tmp_path / "phone.png"))
     browser.set_window_size(1280, 860)
@@ -493,18 +549,76 @@ def test_the_page_in_chromium_search_view_more_like_this_duplicates(browser, ser
     # The image picked stays a term beside the text until its x clears it.
     assert browser.find_element(By.ID, "status").text.startswith("9 photos like rocket.jpg and “coins”")
     browser.find_element(By.ID, "image-clear").click()
-    wait(browser, f"{searches} === 5")
+    wait(browser, f"{searches} === 6")
     assert browser.find_element(By.ID, "status").text.startswith("9 photos for “coins”")
     assert not browser.find_element(By.ID, "image-term").is_displayed()
 
     # A folder filter searches again, among that folder's photos only; Clear lifts it.
     browser.find_element(By.ID, "in").send_keys(str(library.photos / "trip"))
-    wait(browser, f"{searches} === 6")
+    wait(browser, f"{searches} === 7")
     titles = [c.get_attribute("title") for c in browser.find_elements(By.CSS_SELECTOR, "#results .card")]
     assert titles == [str(library.photos / "trip" / "coffee copy.jpg")]
     browser.find_element(By.CSS_SELECTOR, "#filters button[type=reset]").click()
-    wait(browser, f"{searches} === 7")
+    wait(browser, f"{searches} === 8")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#results .card")) == 9
+
+
+def test_the_page_in_chromium_sorts_by_date_under_day_headings(browser, library, tmp_path):
+    """Sorted by date: newest first, a heading per capture day, photos with no date last under "no date"; the
+    arrow keys follow the short rows."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    photos = tmp_path / "Pictures"
+    save_photos(photos, ["chelsea"])  # no EXIF date
+    for name, taken in [
+        ("coffee", "2023:06:14 08:00:00"),
+        ("rocket", "2023:06:14 19:30:00"),
+        ("astronaut", "2021:01:02 10:00:00"),
+    ]:
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[36867] = taken  # DateTimeOriginal
+        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(photos / f"{name}.jpg", exif=exif)
+    db = tmp_path / "library.sqlite"
+    assert cli("index", photos, "--db", db, "-m", library.lit).exit_code == 0
+    with serving(db, tmp_path / "cache", 4) as url:
+        browser.get(url + "/")
+        wait(browser, "document.getElementById('status').textContent.includes('photos, indexed with')")
+        browser.find_element(By.ID, "q").send_keys("a photo")
+        wait(browser, "window.aimTimings.length === 1")
+        by_score = [
+            c.get_attribute("title") for c in browser.find_elements(By.CSS_SELECTOR, "#results .card")
+        ]
+        assert by_score == [h["path"] for h in api_get(url, "/api/search?q=a+photo")]
+        Select(browser.find_element(By.ID, "sort")).select_by_value("date")
+        shown = browser.execute_script(
+            "return [...document.getElementById('results').children].map(e => e.title || e.textContent)"
+        )
+        assert shown == [
+            "2023-06-14",
+            str(photos / "rocket.jpg"),
+            str(photos / "coffee.jpg"),
+            "2021-01-02",
+            str(photos / "astronaut.jpg"),
+            "no date",
+            str(photos / "chelsea.jpg"),
+        ]
+        focused = "document.activeElement.title"
+        browser.find_element(By.ID, "q").click()
+        ActionChains(browser).send_keys(Keys.ARROW_DOWN, Keys.ARROW_RIGHT).perform()
+        assert browser.execute_script(f"return {focused}") == str(photos / "coffee.jpg")
+        ActionChains(browser).send_keys(Keys.ARROW_DOWN).perform()  # the next row holds one photo
+        assert browser.execute_script(f"return {focused}") == str(photos / "astronaut.jpg")
+        Select(browser.find_element(By.ID, "sort")).select_by_value("score")
+        titles = [c.get_attribute("title") for c in browser.find_elements(By.CSS_SELECTOR, "#results .card")]
+        assert titles == by_score and not browser.find_elements(By.CSS_SELECTOR, "#results h2")
+
+
+def api_get(server, path):
+    with urllib.request.urlopen(server + path, timeout=30) as response:
+        return json.load(response)["results"]
 
 
 def save_small(png: bytes, path: str, bottom: int) -> None:

@@ -3,8 +3,9 @@
 
 const $ = (id) => document.getElementById(id);
 const grid = $("results");
-// image: a picked or dropped image searched with the text; like: the photo of "more like this".
-const state = { controller: null, seq: 0, photo: null, timer: 0, image: null, like: null };
+// image: a picked or dropped image, or like: the photo of "more like this"; either is a term searched
+// with the text until its × clears it.
+const state = { controller: null, seq: 0, photo: null, timer: 0, image: null, like: null, results: [] };
 // Each search's times in ms from sending the request: the answer (fetchMs), the grid painted (paintMs),
 // every thumbnail decoded (imagesMs). The browser test reads them.
 window.aimTimings = [];
@@ -50,6 +51,29 @@ function clock(seconds) {
   return `${minutes}:${(seconds - 60 * minutes).toFixed(1).padStart(4, "0")}`;
 }
 
+// The results in the grid: by score as the server ranked them, or by capture date (newest first) under a
+// heading per day, photos with no date last. The day is the date of `taken`, the camera's local time.
+function render() {
+  if ($("sort").value !== "date") {
+    grid.replaceChildren(...state.results.map((hit) => card(hit, caption(hit))));
+    return;
+  }
+  const dated = state.results.filter((hit) => hit.taken).sort((a, b) => (a.taken < b.taken ? 1 : -1));
+  const days = [];
+  for (const hit of [...dated, ...state.results.filter((hit) => !hit.taken)]) {
+    const day = hit.taken ? hit.taken.slice(0, 10) : "no date";
+    if (days.at(-1)?.day !== day) days.push({ day, hits: [] });
+    days.at(-1).hits.push(hit);
+  }
+  grid.replaceChildren(
+    ...days.flatMap(({ day, hits }) => {
+      const title = document.createElement("h2");
+      title.textContent = day;
+      return [title, ...hits.map((hit) => card(hit, caption(hit)))];
+    }),
+  );
+}
+
 function showResults() {
   $("duplicates").hidden = true;
   grid.hidden = false;
@@ -73,7 +97,8 @@ async function search(label, url, options = {}) {
   }
   if (seq !== state.seq) return;
   const timing = { label, fetchMs: performance.now() - start };
-  grid.replaceChildren(...body.results.map((hit) => card(hit, caption(hit))));
+  state.results = body.results;
+  render();
   await painted();
   timing.paintMs = performance.now() - start;
   const count = body.results.length;
@@ -95,14 +120,21 @@ function params(text) {
 
 function searchText() {
   const text = $("q").value.trim();
-  state.like = null;
-  history.replaceState(null, "", text ? `#q=${encodeURIComponent(text)}` : "#");
+  const hash = new URLSearchParams();
+  if (state.like) hash.set("like", state.like.id);
+  if (text) hash.set("q", text);
+  history.replaceState(null, "", `#${hash}`);
+  if (state.like) {
+    similar(state.like);
+    return;
+  }
   if (state.image) {
     searchImage(state.image);
     return;
   }
   if (!text) {
     state.controller?.abort();
+    state.results = [];
     grid.replaceChildren();
     say("");
     return;
@@ -115,7 +147,7 @@ function searchImage(file) {
   if (!file) return;
   state.image = file;
   state.like = null;
-  $("image-name").textContent = file.name;
+  $("image-name").textContent = `image ${file.name}`;
   $("image-term").hidden = false;
   const text = $("q").value.trim();
   search(`like ${file.name}${text ? ` and “${text}”` : ""}`, `/api/search/image?${params(text)}`, {
@@ -125,17 +157,12 @@ function searchImage(file) {
   });
 }
 
-function clearImage() {
+function clearTerm() {
   state.image = null;
+  state.like = null;
   $("image-term").hidden = true;
   $("file").value = "";
   searchText();
-}
-
-// The current search again, as the filters changed.
-function searchAgain() {
-  if (state.like) similar(state.like);
-  else searchText();
 }
 
 async function view(id) {
@@ -171,19 +198,20 @@ async function view(id) {
   if (!$("viewer").open) $("viewer").showModal();
 }
 
+// The photo in the viewer becomes the query's id term, beside the text typed (the API's ?q= terms).
 function moreLikeThis() {
-  const photo = state.photo;
   $("viewer").close();
-  $("q").value = "";
   state.image = null;
-  $("image-term").hidden = true;
-  history.replaceState(null, "", `#like=${photo.id}`);
-  similar(photo);
+  $("file").value = "";
+  state.like = state.photo;
+  $("image-name").textContent = `photo ${state.photo.name}`;
+  $("image-term").hidden = false;
+  searchText();
 }
 
 function similar(photo) {
-  state.like = photo;
-  search(`like ${photo.name}`, `/api/similar/${photo.id}?${params("")}`);
+  const text = $("q").value.trim();
+  search(`like ${photo.name}${text ? ` and “${text}”` : ""}`, `/api/similar/${photo.id}?${params(text)}`);
 }
 
 async function showDuplicates() {
@@ -218,7 +246,46 @@ async function showDuplicates() {
   }
 }
 
+// Arrow keys move the focus through a grid of cards (a row's length as laid out now); Enter opens the
+// focused card (a button's own Enter); Esc closes the viewer (the dialog's own), else leaves the grid.
+function onKey(event) {
+  const focused = document.activeElement;
+  if (event.key === "Escape" && !$("viewer").open && focused?.classList.contains("card")) {
+    focused.blur();
+    return;
+  }
+  const step = { ArrowLeft: -1, ArrowRight: 1, ArrowUp: "up", ArrowDown: "down" }[event.key];
+  if (!step || $("viewer").open || event.altKey || event.ctrlKey || event.metaKey) return;
+  if (focused === $("q") && step === "down") {  // from the search box into the results
+    const first = grid.hidden ? $("duplicates").querySelector(".card") : grid.querySelector(".card");
+    if (first) {
+      event.preventDefault();
+      first.focus();
+    }
+    return;
+  }
+  if (!focused?.classList.contains("card")) return;
+  const cards = [...focused.closest(".grid").querySelectorAll(".card")];
+  event.preventDefault();
+  const next = typeof step === "number" ? cards[cards.indexOf(focused) + step] : below(cards, focused, step);
+  if (next) next.focus();
+  else if (step === "up" && focused.closest("#results")) $("q").focus();  // back up to the box
+}
+
+// The card in the nearest row above or below `focused` (rows may be short under day headings), the one
+// closest to it across.
+function below(cards, focused, step) {
+  const top = focused.offsetTop;
+  const beyond = cards.filter((c) => (step === "down" ? c.offsetTop > top : c.offsetTop < top));
+  if (!beyond.length) return null;
+  const row = (step === "down" ? Math.min : Math.max)(...beyond.map((c) => c.offsetTop));
+  const across = (c) => Math.abs(c.offsetLeft - focused.offsetLeft);
+  return beyond.filter((c) => c.offsetTop === row).sort((a, b) => across(a) - across(b))[0];
+}
+
 async function start() {
+  $("sort").addEventListener("change", render);
+  addEventListener("keydown", onKey);
   $("search").addEventListener("submit", (event) => {
     event.preventDefault();
     clearTimeout(state.timer);
@@ -229,13 +296,13 @@ async function start() {
     state.timer = setTimeout(searchText, 200);
   });
   $("file").addEventListener("change", (event) => searchImage(event.target.files[0]));
-  $("image-clear").addEventListener("click", clearImage);
+  $("image-clear").addEventListener("click", clearTerm);
   $("filters").addEventListener("submit", (event) => event.preventDefault());
   $("filters").addEventListener("input", () => {
     clearTimeout(state.timer);
-    state.timer = setTimeout(searchAgain, 300);
+    state.timer = setTimeout(searchText, 300);
   });
-  $("filters").addEventListener("reset", () => setTimeout(searchAgain));  // after the fields are cleared
+  $("filters").addEventListener("reset", () => setTimeout(searchText));  // after the fields are cleared
   $("show-duplicates").addEventListener("click", showDuplicates);
   $("more").addEventListener("click", moreLikeThis);
   $("close").addEventListener("click", () => $("viewer").close());
@@ -263,11 +330,11 @@ async function start() {
     say(error.message, true);
   }
   const hash = new URLSearchParams(location.hash.slice(1));
-  if (hash.get("q")) {
-    $("q").value = hash.get("q");
-    searchText();
-  } else if (hash.get("like")) {
+  if (hash.get("q")) $("q").value = hash.get("q");
+  if (hash.get("like")) {
     view(Number(hash.get("like"))).then(() => state.photo && moreLikeThis());
+  } else if (hash.get("q")) {
+    searchText();
   }
 }
 
