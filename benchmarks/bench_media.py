@@ -240,6 +240,8 @@ def main():
     parser.add_argument("--scene-seconds", type=int, default=10)
     parser.add_argument("--watch-files", type=int, default=4)
     args = parser.parse_args()
+    from PIL import Image
+
     import aim_mlx
     from aim_mlx.tasks.bench.timing import header, machine
 
@@ -251,7 +253,8 @@ def main():
         tmp = Path(tmp)
         folder = model_folder(tmp, args.size)
         model, processor = aim_mlx.load(str(folder))
-        np.asarray(model.encode_image(processor([photo("camera")] * 8)))  # warm-up, before any timing
+        warm = [Image.fromarray(photo("camera"))] * 8
+        np.asarray(model.encode_image(processor(warm)))  # warm-up, before any timing
         if "raw" in parts:
             width, height = (int(v) for v in args.sensor.split("x"))
             out["raw"] = bench_raw(tmp, model, processor, args.raw_files, (width, height))
