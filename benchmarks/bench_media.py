@@ -8,8 +8,9 @@ decoding the files rather than the model's; `--size large` is AIMv2-L/14 (24 blo
 
 - raw:   DNGs of a camera-like 6000x4000 sensor (tests/media.py's write_dng: scikit-image photos upscaled,
          mosaicked to RGGB), with a full-size embedded JPEG preview and without one (the half-size demosaic),
-         against the same photos as JPEGs (the preview's own bytes). Per file: load_image's decode time
-         (median); per folder: `index` images/s (apps/library/index.py, batch 8, a fresh library).
+         against the same photos as JPEGs (the preview's own bytes). Per file (medians): load_image's decode
+         time, and what index does besides (scan.py's sha256 of the file, and its header: size, EXIF);
+         per folder: `index` images/s (apps/library/index.py, batch 8, a fresh library).
 - video: a 60 s 1280x720 H.264 clip (PyAV, tests/media.py's write_video) of six photos, a scene every 10 s.
          Frames chosen per minute of video (video_frames' time alone), and `index`'s seconds per minute.
 - watch: watch() (apps/library/watch.py, on a thread) over a folder; each new JPEG is written in chunks and
@@ -63,6 +64,8 @@ def timed_index(folder: Path, model, processor, db: Path) -> tuple[float, object
 
 
 def bench_raw(tmp: Path, model, processor, files: int, size: tuple[int, int]) -> dict:
+    from aim_mlx.apps.library.db import FileFacts
+    from aim_mlx.apps.library.scan import header, sha256
     from media import jpeg_bytes, write_dng
 
     from aim_mlx.inputs.images import load_image
@@ -84,17 +87,25 @@ def bench_raw(tmp: Path, model, processor, files: int, size: tuple[int, int]) ->
     for kind, folder in folders.items():
         paths = sorted(folder.iterdir())
         load_image(paths[0])  # warm-up (libraries' first calls)
-        decode, shapes = [], set()
+        decode, hashing, headers, shapes = [], [], [], set()
         for path in paths:
             t = time.perf_counter()
             image = load_image(path)
             image.load()
             decode.append(time.perf_counter() - t)
             shapes.add(image.size)
+            t = time.perf_counter()
+            found = FileFacts(str(path), 0, 0, sha256(path))
+            hashing.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            header(found)
+            headers.append(time.perf_counter() - t)
         seconds, summary = timed_index(folder, model, processor, tmp / f"{kind}.sqlite")
         assert summary.embedded == files and not summary.failed, (kind, summary)
         out[kind] = {
             "decode_ms_p50": 1e3 * float(np.median(decode)),
+            "hash_ms_p50": 1e3 * float(np.median(hashing)),
+            "header_ms_p50": 1e3 * float(np.median(headers)),
             "decoded_size": sorted(shapes),
             "file_mb": sum(p.stat().st_size for p in paths) / files / 1e6,
             "index_images_per_s": files / seconds,
