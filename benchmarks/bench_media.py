@@ -10,7 +10,7 @@ decoding the files rather than the model's; `--size large` is AIMv2-L/14 (24 blo
          mosaicked to RGGB), with a full-size embedded JPEG preview and without one (the half-size demosaic),
          against the same photos as JPEGs (the preview's own bytes). Per file (medians): load_image's decode
          time, and what index does besides (scan.py's sha256 of the file, and its header: size, EXIF);
-         per folder: `index` images/s (apps/library/index.py, batch 8, a fresh library).
+         per folder: `index` images/s (index.py, batch 8, a fresh library; --rounds in turns, median).
 - video: a 60 s 1280x720 H.264 clip (PyAV, tests/media.py's write_video) of six photos, a scene every 10 s.
          Frames chosen per minute of video (video_frames' time alone), and `index`'s seconds per minute.
 - watch: watch() (apps/library/watch.py, on a thread) over a folder; each new JPEG is written in chunks and
@@ -63,7 +63,7 @@ def timed_index(folder: Path, model, processor, db: Path) -> tuple[float, object
     return time.perf_counter() - start, summary
 
 
-def bench_raw(tmp: Path, model, processor, files: int, size: tuple[int, int]) -> dict:
+def bench_raw(tmp: Path, model, processor, files: int, size: tuple[int, int], rounds: int) -> dict:
     from aim_mlx.apps.library.db import FileFacts
     from aim_mlx.apps.library.scan import header, sha256
     from media import jpeg_bytes, write_dng
@@ -100,16 +100,22 @@ def bench_raw(tmp: Path, model, processor, files: int, size: tuple[int, int]) ->
             t = time.perf_counter()
             header(found)
             headers.append(time.perf_counter() - t)
-        seconds, summary = timed_index(folder, model, processor, tmp / f"{kind}.sqlite")
-        assert summary.embedded == files and not summary.failed, (kind, summary)
         out[kind] = {
             "decode_ms_p50": 1e3 * float(np.median(decode)),
             "hash_ms_p50": 1e3 * float(np.median(hashing)),
             "header_ms_p50": 1e3 * float(np.median(headers)),
             "decoded_size": sorted(shapes),
             "file_mb": sum(p.stat().st_size for p in paths) / files / 1e6,
-            "index_images_per_s": files / seconds,
         }
+    rates = {kind: [] for kind in kinds}
+    for r in range(rounds):  # the folders in turns, the order reversed each round: noise falls on all alike
+        for kind in kinds if r % 2 == 0 else kinds[::-1]:
+            seconds, summary = timed_index(folders[kind], model, processor, tmp / f"{kind}{r}.sqlite")
+            assert summary.embedded == files and not summary.failed, (kind, summary)
+            rates[kind].append(files / seconds)
+    for kind in kinds:
+        out[kind]["index_images_per_s"] = float(np.median(rates[kind]))
+        out[kind]["index_all"] = [round(x, 3) for x in rates[kind]]
         print(json.dumps({kind: out[kind]}), flush=True)
     # the preview is what a camera shows: the JPEG's own pixels; without one, a half-size demosaic
     assert out["dng+preview"]["decoded_size"] == out["jpeg"]["decoded_size"] == [size]
@@ -246,6 +252,7 @@ def main():
     parser.add_argument("--parts", default="raw,video,watch")
     parser.add_argument("--size", default="small", choices=["tiny", "small", "large"])
     parser.add_argument("--raw-files", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3, help="raw: rounds of index over the folders")
     parser.add_argument("--sensor", default="6000x4000", help="raw: the DNGs' width x height")
     parser.add_argument("--video-seconds", type=int, default=60)
     parser.add_argument("--scene-seconds", type=int, default=10)
@@ -268,7 +275,7 @@ def main():
         np.asarray(model.encode_image(processor(warm)))  # warm-up, before any timing
         if "raw" in parts:
             width, height = (int(v) for v in args.sensor.split("x"))
-            out["raw"] = bench_raw(tmp, model, processor, args.raw_files, (width, height))
+            out["raw"] = bench_raw(tmp, model, processor, args.raw_files, (width, height), args.rounds)
         if "video" in parts:
             out["video"] = bench_video(tmp, model, processor, args.video_seconds, args.scene_seconds)
         if "watch" in parts:
