@@ -29,6 +29,9 @@ from .common import (
     value,
 )
 
+ReportFile = Annotated[
+    Path | None, typer.Option("--output", "-o", metavar="FILE", help="Write the JSON report to FILE.")
+]
 EXAMPLES = [
     "aim-mlx eval imagenet --data ~/imagenet/val -m apple/aim-600M",
     "aim-mlx eval imagenet --data val --templates imagenet --json",
@@ -66,10 +69,7 @@ def imagenet(
     batch_size: BatchSize = 8,
     probe: ProbeOpt = None,
     json: Json = False,
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", metavar="FILE", help="Write the JSON report to FILE."),
-    ] = None,
+    output: ReportFile = None,
     force: Annotated[bool, force_option("report")] = False,
 ):
     """Measure ImageNet-1k top-1 and top-5 accuracy.
@@ -192,10 +192,7 @@ def folder(
     batch_size: BatchSize = 8,
     dtype: DTypeOpt = None,
     json: Json = False,
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", metavar="FILE", help="Write the JSON report to FILE."),
-    ] = None,
+    output: ReportFile = None,
     force: Annotated[bool, force_option("report")] = False,
     plot: Annotated[
         Path | None,
