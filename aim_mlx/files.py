@@ -115,3 +115,15 @@ def _swap_in(new: Path, path: Path, replace: bool) -> None:
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """A matplotlib figure written to `path` whole or not at all (the temporary name keeps the suffix, which
+    picks the format), then closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)

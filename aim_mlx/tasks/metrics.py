@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..extras import require
-from ..files import atomic_file
+from ..files import save_figure
 
 
 def confusion_matrix(truth, predicted, classes: int) -> np.ndarray:
@@ -72,8 +72,4 @@ def plot_confusion(matrix, labels: list[str], path: Path, title: str = "") -> No
             )
     ax.set_title(title)
     fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:  # the temporary name keeps the suffix, which picks the format
-            fig.savefig(tmp)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from ...errors import ConfigError
 from ...extras import require
-from ...files import atomic_file
+from ...files import save_figure
 
 
 def torch_ratios(rows: list[dict]) -> list[dict]:
@@ -93,8 +93,4 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:  # the temporary name keeps the suffix, which picks the format
-            fig.savefig(tmp)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
