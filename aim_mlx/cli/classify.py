@@ -86,14 +86,14 @@ def classify(
     """
     from ..checkpoints.variants import find_variant
     from ..registry import FAMILIES
-    from ..tasks.heads import IMAGENET_HEAD_AND_LABELS, has_head
+    from ..tasks.heads import CLI_LABEL_OPTIONS, IMAGENET_HEAD_AND_LABELS, has_head
 
     label_options = (labels, labels_file, imagenet or None, template, templates)
     zero_shot = any(option is not None for option in label_options)
     variant = None if Path(model).expanduser().is_dir() else find_variant(model)
     head = variant is not None and FAMILIES[variant.family].classes is not None
     if head and zero_shot:
-        raise ConfigError(IMAGENET_HEAD_AND_LABELS.format(model=model))
+        raise ConfigError(IMAGENET_HEAD_AND_LABELS.format(model=model, options=CLI_LABEL_OPTIONS))
     # Known to be zero-shot (labels given, or a known id without a head): check the labels before loading.
     asked = _labels(*label_options) if not head and (zero_shot or variant) else None
     paths = image_paths(images)

@@ -48,16 +48,18 @@ def distinct_head_labels(model) -> list[str]:
     return [f"{label} ({i})" if label in repeated else label for label, i in zip(labels, ids, strict=True)]
 
 
+CLI_LABEL_OPTIONS = "--labels, --labels-file, --imagenet and --template(s)"
 IMAGENET_HEAD_AND_LABELS = (
-    "{model} classifies into the ImageNet-1k classes of its trained head; drop --labels, --labels-file, "
-    "--imagenet and --template(s), which are for zero-shot (LiT) models"
+    "{model} classifies into the ImageNet-1k classes of its trained head; drop {options}, which are for "
+    "zero-shot (LiT) models"
 )
 
 
-def labels_conflict(model, name: str) -> str:
-    """The error for zero-shot labels given with a head: what each of the two ways classifies, and how."""
+def labels_conflict(model, name: str, options: str = CLI_LABEL_OPTIONS) -> str:
+    """The error for zero-shot labels given with a head: what each of the two ways classifies, and how.
+    `options`: what the caller calls the zero-shot inputs (the CLI's flags, or an API's fields)."""
     if FAMILIES[model.family].classes != OWN_LABELS:
-        return IMAGENET_HEAD_AND_LABELS.format(model=name)
+        return IMAGENET_HEAD_AND_LABELS.format(model=name, options=options)
     labels = head_labels(model)
     shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
     base = model.base.info.source if model.base.info is not None else "its base model"
@@ -67,8 +69,8 @@ def labels_conflict(model, name: str) -> str:
         else "zero-shot labels need a LiT model (apple/aimv2-large-patch14-224-lit)"
     )
     return (
-        f"{name} is a trained head over its {len(labels)} classes ({shown}): drop --labels, --labels-file, "
-        f"--imagenet and --template(s) to classify into them, or {zero_shot}"
+        f"{name} is a trained head over its {len(labels)} classes ({shown}): drop {options} to classify "
+        f"into them, or {zero_shot}"
     )
 
 

@@ -109,7 +109,7 @@ def update(
 
     if distributed.follow(load_model):
         return None
-    _check_roots(roots)
+    check_roots(roots)
     found = origin(model, revision)
     with Library(db_path) as library:  # a re-run with nothing to do loads no model
         known = known_model(library, found, dtype or default_dtype())
@@ -158,7 +158,7 @@ def dry_run(roots: list[str | os.PathLike], db_path: str | os.PathLike, model: s
     could mean downloading it), or all new when it has none. None on a rank other than 0 of a job."""
     if distributed.follow(None):
         return None
-    _check_roots(roots)
+    check_roots(roots)
     if Path(db_path).exists():
         with Library.reader(db_path, migrate=False) as library:  # a dry run writes nothing
             folder = Path(model).expanduser()
@@ -173,7 +173,7 @@ def dry_run(roots: list[str | os.PathLike], db_path: str | os.PathLike, model: s
     )
 
 
-def _check_roots(roots) -> None:
+def check_roots(roots) -> None:
     if not roots:
         raise ConfigError("no folders given; pass the folders (or image files) to index")
     for root in roots:

@@ -91,7 +91,7 @@ def watch(
     watchfiles = require("watchfiles")
     if distributed.world() is not None:
         raise ConfigError("--watch runs in one process; start it without mlx.launch")
-    index._check_roots(roots)
+    index.check_roots(roots)
     roots = [Path(r).expanduser().resolve() for r in roots]
     for root in roots:
         if not root.is_dir():

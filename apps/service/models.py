@@ -118,10 +118,7 @@ class Held:
         from aim_mlx.tasks.zeroshot import DEFAULT_TEMPLATE, check_labels, check_templates, imagenet_templates
 
         if has_head(self.model):
-            message = labels_conflict(self.model, self.id).replace(
-                "--labels, --labels-file, --imagenet and --template(s)", '"labels" and "templates"'
-            )
-            raise ApiError(400, message, "labels")
+            raise ApiError(400, labels_conflict(self.model, self.id, '"labels" and "templates"'), "labels")
         try:
             require_text(self.model, "classify zero-shot")
         except ConfigError as exc:
