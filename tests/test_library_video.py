@@ -109,7 +109,7 @@ def test_reruns_skip_an_unchanged_video_reuse_a_renamed_one_and_forget_a_deleted
     def no_decoding(*args, **kwargs):
         raise AssertionError("a video was read again")
 
-    monkeypatch.setattr(index_module, "video_frames", no_decoding)
+    monkeypatch.setattr(index_module, "frame_times", no_decoding)
     result = cli("index", library.root, "--db", library.db, "-m", lit[1], "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -123,7 +123,7 @@ def test_reruns_skip_an_unchanged_video_reuse_a_renamed_one_and_forget_a_deleted
     with Library(library.db) as db:  # the old frames and their vectors are gone
         assert db.conn.execute("SELECT COUNT(*) FROM files WHERE video IS NOT NULL").fetchone()[0] == 3
         assert db.conn.execute("SELECT COUNT(*) FROM vectors").fetchone()[0] == len(STILLS) + 3
-    monkeypatch.setattr(index_module, "video_frames", no_decoding)
+    monkeypatch.setattr(index_module, "frame_times", no_decoding)
     moved = library.video.rename(library.root / "walk.mp4")
     result = cli("index", library.root, "--db", library.db, "-m", lit[1], "--json")
     summary = json.loads(result.stdout)

@@ -76,6 +76,12 @@ def video_frames(
     return [Frame(when, _upright(frame)) for when, frame in _chosen(path, max_frames, min_gap, threshold)]
 
 
+def frame_times(path: str | os.PathLike, max_frames: int = MAX_FRAMES) -> list[float]:
+    """The times of the frames video_frames chooses, without turning their pixels into images (for a caller
+    that reads each frame later by its name); raises ImageError as video_frames does."""
+    return [when for when, _ in _chosen(path, max_frames, MIN_GAP, THRESHOLD)]
+
+
 def _chosen(path, max_frames: int, min_gap: float, threshold: float) -> list[tuple[float, object]]:
     if max_frames < 1:
         raise ImageError(f"max_frames must be at least 1, got {max_frames}")
@@ -137,11 +143,11 @@ def expand_videos(paths: Iterable[Path], max_frames: int = MAX_FRAMES) -> Iterat
             yield path
             continue
         try:
-            chosen = _chosen(path, max_frames, MIN_GAP, THRESHOLD)  # video_frames' choice, not its pixels
+            times = frame_times(path, max_frames)
         except ImageError:
             yield path
             continue
-        yield from (frame_name(path, when) for when, _ in chosen)
+        yield from (frame_name(path, when) for when in times)
 
 
 def container_tags(path: str | os.PathLike) -> dict[str, str]:

@@ -9,7 +9,7 @@ walks the folders and compares each file with the database (path, size, mtime):
   aim_mlx.tasks.embed.iter_embeddings, which decodes ahead on its own threads while the model runs;
 - gone (under a folder walked, but not found): removed, with vectors no file uses any more.
 A video (with the video extra) is a file as a photo is, whose vectors are a few frames' (inputs/video.py's
-video_frames, MAX_FRAMES at most): the frames chosen are embedded by their names (`clip.mp4#t=1.000`), and
+frame_times, MAX_FRAMES at most): the frames chosen are embedded by their names (`clip.mp4#t=1.000`), and
 the video is recorded with all of them at once; a renamed or copied video reuses the frames already known.
 Writes are committed a batch at a time, each file with its vector in one transaction: a run killed at any
 moment leaves a valid database holding every batch committed, and the next run does the rest. Started by
@@ -25,7 +25,7 @@ from itertools import islice
 from pathlib import Path
 
 from aim_mlx.errors import ConfigError, ImageError
-from aim_mlx.inputs.video import MAX_FRAMES, frame_name, video_frames
+from aim_mlx.inputs.video import MAX_FRAMES, frame_name, frame_times
 from aim_mlx.loading import default_dtype, origin
 from aim_mlx.loading import load as load_checkpoint
 from aim_mlx.tasks import distributed
@@ -307,7 +307,7 @@ def index(
                 done("reused")
                 continue
             try:
-                times = sorted({round(f.time, 3) for f in video_frames(path, MAX_FRAMES)})
+                times = sorted({round(t, 3) for t in frame_times(path, MAX_FRAMES)})
             except ImageError as exc:
                 fail(str(path), str(exc), stat.st_size, stat.st_mtime_ns)
                 continue
